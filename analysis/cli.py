@@ -1,0 +1,146 @@
+"""The `selfref` command: one verb per pipeline stage, each reading params.yaml and writing via analysis.paths."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+from analysis import params as params_mod
+from analysis import paths
+from analysis.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+suite_app = typer.Typer(no_args_is_help=True, help="Choose the model suite.")
+prompts_app = typer.Typer(no_args_is_help=True, help="Check the prompt set.")
+app.add_typer(suite_app, name="suite")
+app.add_typer(prompts_app, name="prompts")
+log = logging.getLogger("selfref")
+
+
+def _prompts(params: dict):
+    from analysis.prompts import load_prompts
+
+    return load_prompts(paths.PROMPTS, int(params["prompts"]["min_per_category"]))
+
+
+@suite_app.command("use")
+def suite_use(name: str) -> None:
+    """Make NAME (demo, laptop, paper, ...) the active suite in params.yaml."""
+    checkpoints = params_mod.use_suite(name)
+    typer.echo(f"suite {name}: {', '.join(c.name for c in checkpoints)}")
+
+
+@suite_app.command("show")
+def suite_show() -> None:
+    """List the active suite's checkpoints."""
+    params = params_mod.load()
+    for ckpt in params_mod.active_checkpoints(params):
+        where = f"{ckpt.repo}@{ckpt.revision}" if ckpt.repo else "synthetic demo"
+        typer.echo(f"{ckpt.name}\t{where}")
+
+
+@prompts_app.command("check")
+def prompts_check(
+    tokenizers: bool = typer.Option(True, help="Also report token counts for every tokenizer already on disk."),
+) -> None:
+    """Validate data/prompts.csv; write data/prompts/summary.json only if it passes."""
+    from analysis.artefacts import write_json
+    from analysis.prompts import summary, token_lengths
+
+    params = params_mod.load()
+    prompts = _prompts(params)
+    info = summary(prompts, paths.PROMPTS)
+    typer.echo(f"{paths.PROMPTS.name}: {info['n_prompts']} prompts "
+               + ", ".join(f"{k} {v}" for k, v in info["per_category"].items()))
+    if tokenizers:
+        from transformers import AutoTokenizer
+
+        from analysis.checkpoints import read_manifest
+
+        for ckpt in params_mod.active_checkpoints(params):
+            if ckpt.variant != "base" or not paths.manifest(ckpt.name).exists():
+                continue
+            manifest = read_manifest(ckpt.name)
+            local = paths.demo_model_dir(ckpt.name) if manifest["source"] == "demo" else None
+            if local is None:
+                from huggingface_hub import snapshot_download
+
+                try:
+                    local = Path(snapshot_download(manifest["repo"], revision=manifest["revision"],
+                                                   allow_patterns=["tokenizer*", "special_tokens_map.json"],
+                                                   local_files_only=True))
+                except Exception:  # noqa: BLE001 - a tokenizer not yet cached is simply not reported
+                    continue
+            if not local.exists():
+                continue
+            tok = AutoTokenizer.from_pretrained(str(local))
+            counts = [len(tok(t)["input_ids"]) for t in prompts["text"]]
+            check = token_lengths(prompts, counts, ckpt.family, float(params["prompts"]["max_token_gap"]))
+            typer.echo(check.table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+            if check.warning:
+                typer.secho("warning: " + check.warning, fg="yellow", err=True)
+    write_json(info, paths.PROMPT_SUMMARY)
+
+
+@app.command()
+def pull(
+    checkpoint: str = typer.Argument(..., help="<family>-<variant> of the active suite"),
+    update: bool = typer.Option(False, help="Re-resolve the revision instead of re-using the pinned SHA."),
+) -> None:
+    """Download (hub) or generate (demo) a checkpoint and write data/models/<checkpoint>.json."""
+    from analysis import checkpoints
+
+    params = params_mod.load()
+    ckpt = params_mod.find_checkpoint(params, checkpoint)
+    if ckpt.source == "demo":
+        manifest = checkpoints.pull_demo(ckpt, list(_prompts(params)["text"]))
+    else:
+        manifest = checkpoints.pull_hub(ckpt, update=update)
+    typer.echo(f"{checkpoint}: {manifest['architecture']} {manifest['n_layers']} layers x {manifest['n_heads']} heads "
+               f"({manifest['n_kv_heads']} kv), {manifest['n_params']:,} parameters, revision {manifest['revision']}")
+
+
+@app.command()
+def extract(checkpoint: str = typer.Argument(..., help="<family>-<variant> of the active suite")) -> None:
+    """Attention entropy of every head for every prompt: data/entropy/<checkpoint>.parquet."""
+    from analysis import checkpoints
+    from analysis.artefacts import write_parquet
+    from analysis.inference import extract_checkpoint
+    from analysis.prompts import token_lengths
+
+    params = params_mod.load()
+    settings = params["extract"]
+    ckpt = params_mod.find_checkpoint(params, checkpoint)
+    prompts = _prompts(params)
+    texts = list(prompts["text"])
+    manifest = checkpoints.read_manifest(checkpoint)
+    local = checkpoints.local_dir(manifest, ckpt.demo, texts)
+    chat_dir = None
+    if settings.get("prompt_format") == "chat":
+        sibling = params_mod.find_checkpoint(params, f"{ckpt.family}-instruct")
+        chat_dir = checkpoints.local_dir(checkpoints.read_manifest(sibling.name), sibling.demo, texts)
+    frame = extract_checkpoint(local, prompts, checkpoint=checkpoint, family=ckpt.family, variant=ckpt.variant,
+                               settings=settings, chat_dir=chat_dir,
+                               expected_shape=(manifest["n_layers"], manifest["n_heads"]))
+    lengths = frame.drop_duplicates("prompt_id")
+    check = token_lengths(prompts, list(lengths["n_tokens"]), checkpoint, float(params["prompts"]["max_token_gap"]))
+    if check.warning:
+        typer.secho("warning: " + check.warning, fg="yellow", err=True)
+    write_parquet(frame, paths.entropy_table(checkpoint))
+    typer.echo(f"{checkpoint}: {len(frame):,} rows -> {paths.entropy_table(checkpoint).relative_to(paths.ROOT)}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except UserError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

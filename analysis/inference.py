@@ -1,0 +1,223 @@
+"""Forward passes through TransformerBridge with entropies taken inside the attention hooks.
+
+Full attention patterns never leave the hook: each layer's pattern is reduced to per-(prompt, head)
+entropies while the batch is on the device, so memory does not grow with the prompt set.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from analysis.entropy import COLUMNS, DEFINITIONS, pattern_entropies
+from analysis.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROMPT_FORMATS = ("raw", "chat")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """Token ids fed to the model and which of their positions count as queries."""
+
+    input_ids: list[int]
+    query_mask: list[bool]
+
+
+def pick_device(requested: str = "auto") -> str:
+    """cuda, then mps, then cpu, unless the user names one."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(requested: str, device: str) -> torch.dtype:
+    """float32 on CPU, bfloat16 on an accelerator, unless the user names one."""
+    if requested == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    if requested not in DTYPES:
+        raise UserError(f"params.yaml extract.dtype: unknown {requested!r}; use auto or one of {', '.join(DTYPES)}")
+    return DTYPES[requested]
+
+
+def encode(tokenizer: Any, text: str, prompt_format: str, chat_tokenizer: Any | None = None) -> EncodedPrompt:
+    """Tokenise one prompt exactly once, with the tokenizer's own special tokens and never two BOS."""
+    if prompt_format == "raw":
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+        mask = [True] * len(ids)
+    elif prompt_format == "chat":
+        template = chat_tokenizer or tokenizer
+        if not template.chat_template:
+            raise UserError("prompt_format chat: the family's instruct tokenizer has no chat template; "
+                            "use prompt_format raw")
+        rendered = template.apply_chat_template([{"role": "user", "content": text}],
+                                                add_generation_prompt=True, tokenize=False)
+        start = rendered.find(text)
+        if start < 0:
+            raise UserError(f"prompt_format chat: the chat template does not contain the prompt {text!r} verbatim")
+        end = start + len(text)
+        # The template writes its own BOS (if any), so the tokenizer must not add another.
+        enc = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [s < end and e > start for s, e in enc["offset_mapping"]]
+    else:
+        raise UserError(f"params.yaml extract.prompt_format: unknown {prompt_format!r}; use raw or chat")
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        raise UserError(f"prompt {text!r}: BOS token added twice; check the tokenizer's post-processor and template")
+    if sum(mask) < 1 or len(ids) < 2:
+        raise UserError(f"prompt {text!r}: too short after tokenisation ({len(ids)} tokens)")
+    return EncodedPrompt(ids, mask)
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length, so little compute is spent on padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def load_bridge(local_dir: Path, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
+                device_map: str | None = None) -> Any:
+    """TransformerBridge over a local Hugging Face folder (safetensors; remote code only if asked)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(
+        str(local_dir), device=None if device_map else device, dtype=dtype,
+        trust_remote_code=trust_remote_code, device_map=device_map,
+    )
+    bridge.eval()
+    return bridge
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, MemoryError) or (hasattr(torch, "OutOfMemoryError") and isinstance(err, torch.OutOfMemoryError))
+
+
+class EntropyRunner:
+    """Runs batches through a bridge and returns per-(prompt, layer, head) entropies."""
+
+    def __init__(self, bridge: Any, n_layers: int, n_heads: int, pad_id: int, device: str):
+        self.bridge, self.n_layers, self.n_heads, self.pad_id, self.device = bridge, n_layers, n_heads, pad_id, device
+
+    def _forward(self, prompts: list[EncodedPrompt]) -> dict[str, np.ndarray]:
+        width = max(len(p.input_ids) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(prompts), width), dtype=torch.long)
+        query = torch.zeros((len(prompts), width), dtype=torch.bool)
+        for row, p in enumerate(prompts):
+            ids[row, : len(p.input_ids)] = torch.tensor(p.input_ids)
+            attention[row, : len(p.input_ids)] = 1
+            query[row, : len(p.input_ids)] = torch.tensor(p.query_mask)
+        first = next(self.bridge.parameters()).device
+        ids, attention, query = ids.to(first), attention.to(first), query.to(first)
+        out = {d: np.full((len(prompts), self.n_layers, self.n_heads), np.nan) for d in DEFINITIONS}
+
+        def hook(pattern: torch.Tensor, hook: Any) -> None:
+            layer = int(hook.name.split(".")[1])
+            if pattern.shape[1] != self.n_heads:
+                raise UserError(f"layer {layer}: pattern has {pattern.shape[1]} heads, config says {self.n_heads}")
+            values = pattern_entropies(pattern, query.to(pattern.device))
+            for d in DEFINITIONS:
+                out[d][:, layer, :] = values[d].double().cpu().numpy()
+
+        hooks = [(f"blocks.{layer}.attn.hook_pattern", hook) for layer in range(self.n_layers)]
+        with torch.inference_mode():
+            self.bridge.run_with_hooks(ids, attention_mask=attention, fwd_hooks=hooks, return_type=None)
+        return out
+
+    def run(self, prompts: list[EncodedPrompt], batch_size: int, label: str = "") -> dict[str, np.ndarray]:
+        """Entropies [prompt, layer, head] per definition; a batch that runs out of memory is split and retried."""
+        result = {d: np.full((len(prompts), self.n_layers, self.n_heads), np.nan) for d in DEFINITIONS}
+        pending = length_sorted_batches([len(p.input_ids) for p in prompts], batch_size)
+        with tqdm(total=len(prompts), desc=label or "extract", unit="prompt") as bar:
+            while pending:
+                batch = pending.pop(0)
+                try:
+                    values = self._forward([prompts[i] for i in batch])
+                except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                    if not _is_oom(err):
+                        raise
+                    if len(batch) == 1:
+                        raise UserError(f"{label}: out of memory on a single prompt; use a smaller dtype, "
+                                        "device_map: auto, or a larger device") from err
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    half = len(batch) // 2
+                    log.warning("%s: out of memory on a batch of %d prompts; retrying as %d + %d",
+                                label, len(batch), half, len(batch) - half)
+                    pending[:0] = [batch[:half], batch[half:]]
+                    continue
+                for d in DEFINITIONS:
+                    result[d][batch] = values[d]
+                bar.update(len(batch))
+        return result
+
+
+def entropy_frame(prompts: pd.DataFrame, encoded: list[EncodedPrompt], values: dict[str, np.ndarray],
+                  checkpoint: str, family: str, variant: str, first_tokens: list[str],
+                  prompt_format: str) -> pd.DataFrame:
+    """The long table: one row per (prompt, layer, head), in prompt-file order."""
+    n_prompts, n_layers, n_heads = values["raw"].shape
+    per_cell = n_layers * n_heads
+    frame = pd.DataFrame({
+        "checkpoint": checkpoint,
+        "family": family,
+        "variant": variant,
+        "prompt_id": np.repeat(prompts["prompt_id"].to_numpy(), per_cell),
+        "category": np.repeat(prompts["category"].to_numpy(), per_cell),
+        "layer": np.tile(np.repeat(np.arange(n_layers), n_heads), n_prompts).astype("int32"),
+        "head": np.tile(np.arange(n_heads), n_prompts * n_layers).astype("int32"),
+        **{COLUMNS[d]: values[d].reshape(-1) for d in DEFINITIONS},
+        "n_tokens": np.repeat([len(e.input_ids) for e in encoded], per_cell).astype("int32"),
+        "n_query": np.repeat([sum(e.query_mask) for e in encoded], per_cell).astype("int32"),
+        "first_token": np.repeat(first_tokens, per_cell),
+        "prompt_format": prompt_format,
+    })
+    return frame
+
+
+def first_token_strings(tokenizer: Any, encoded: list[EncodedPrompt]) -> list[str]:
+    """The first token of each prompt as text, to show whether (and which) BOS was used."""
+    return [tokenizer.convert_ids_to_tokens(e.input_ids[0]) for e in encoded]
+
+
+def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str, family: str, variant: str,
+                       settings: dict[str, Any], chat_dir: Path | None = None,
+                       expected_shape: tuple[int, int] | None = None) -> pd.DataFrame:
+    """Entropy table of one checkpoint over the prompt set, with the `extract` settings of params.yaml."""
+    from transformers import AutoTokenizer
+
+    trust = bool(settings.get("trust_remote_code", False))
+    prompt_format = settings.get("prompt_format", "raw")
+    device = pick_device(settings.get("device", "auto"))
+    dtype = pick_dtype(settings.get("dtype", "auto"), device)
+    tokenizer = AutoTokenizer.from_pretrained(str(local_dir), trust_remote_code=trust)
+    chat_tokenizer = AutoTokenizer.from_pretrained(str(chat_dir), trust_remote_code=trust) if chat_dir else None
+    encoded = [encode(tokenizer, text, prompt_format, chat_tokenizer) for text in prompts["text"]]
+
+    bridge = load_bridge(local_dir, device, dtype, trust, settings.get("device_map"))
+    n_layers, n_heads = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
+    if expected_shape is not None and (n_layers, n_heads) != tuple(expected_shape):
+        raise UserError(f"{checkpoint}: loaded model has {n_layers} layers x {n_heads} heads, its manifest says "
+                        f"{expected_shape[0]} x {expected_shape[1]}; run `selfref pull {checkpoint}` again")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    runner = EntropyRunner(bridge, n_layers, n_heads, pad, device)
+    values = runner.run(encoded, int(settings.get("batch_size", 16)), label=checkpoint)
+    for d, array in values.items():
+        if not np.isfinite(array).all():
+            raise UserError(f"{checkpoint}: non-finite {d} entropies; try dtype float32")
+    return entropy_frame(prompts, encoded, values, checkpoint, family, variant,
+                         first_token_strings(tokenizer, encoded), prompt_format)

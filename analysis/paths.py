@@ -1,0 +1,51 @@
+"""Where every file of the project lives. Other modules ask here; none builds a path itself."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(os.environ.get("SELFREF_ROOT", Path(__file__).resolve().parent.parent))
+
+PARAMS = ROOT / "params.yaml"
+DATA = ROOT / "data"
+PROMPTS = DATA / "prompts.csv"
+PROMPT_SUMMARY = DATA / "prompts" / "summary.json"
+MANIFESTS = DATA / "models"
+ENTROPY = DATA / "entropy"
+STATS = DATA / "stats"
+LAYERS = STATS / "layers.parquet"
+DELTAS = STATS / "deltas.parquet"
+CROSS_FAMILY = STATS / "cross_family.parquet"
+HEADS = STATS / "heads.parquet"
+TOKEN_LENGTHS = STATS / "token_lengths.parquet"
+ROBUSTNESS = STATS / "robustness.parquet"
+LENGTH_CONTROL = STATS / "length_control.parquet"
+SPLIT_HALF = STATS / "split_half.parquet"
+METRICS = STATS / "metrics.json"
+PLOTS = STATS / "plots"
+
+# Synthetic demo checkpoints are regenerated from params, so they live outside git and DVC's cache.
+DEMO_MODELS = Path(os.environ.get("SELFREF_DEMO_MODELS", ROOT / "models" / "demo"))
+
+REPORT = ROOT / "report"
+REPORT_QMD = REPORT / "index.qmd"
+FIGURES = REPORT / "figures"
+REPORT_OUTPUT = REPORT / "_output"
+REPORT_HTML = REPORT_OUTPUT / "index.html"
+REPORT_PDF = REPORT_OUTPUT / "index.pdf"
+
+
+def manifest(checkpoint: str) -> Path:
+    """Tracked manifest of one checkpoint (`<family>-<variant>`)."""
+    return MANIFESTS / f"{checkpoint}.json"
+
+
+def entropy_table(checkpoint: str) -> Path:
+    """Per (prompt, layer, head) entropy table of one checkpoint."""
+    return ENTROPY / f"{checkpoint}.parquet"
+
+
+def demo_model_dir(checkpoint: str) -> Path:
+    """Local Hugging Face directory of a synthetic demo checkpoint."""
+    return DEMO_MODELS / checkpoint
