@@ -5,35 +5,40 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-ROOT = Path(os.environ.get("SELFREF_ROOT", Path(__file__).resolve().parent.parent))
+def use_root(root: Path) -> None:
+    """Point every path at another project root (tests, benchmarks); the default is this checkout."""
+    global ROOT, PARAMS, DATA, PROMPTS, PROMPT_SUMMARY, MANIFESTS, ENTROPY, STATS, LAYERS, DELTAS
+    global CROSS_FAMILY, HEADS, TOKEN_LENGTHS, ROBUSTNESS, LENGTH_CONTROL, SPLIT_HALF, METRICS, PLOTS
+    global DEMO_MODELS, REPORT, REPORT_QMD, FIGURES, REPORT_OUTPUT, REPORT_HTML, REPORT_PDF
+    ROOT = Path(root)
+    PARAMS = ROOT / "params.yaml"
+    DATA = ROOT / "data"
+    PROMPTS = DATA / "prompts.csv"
+    PROMPT_SUMMARY = DATA / "prompts" / "summary.json"
+    MANIFESTS = DATA / "models"
+    ENTROPY = DATA / "entropy"
+    STATS = DATA / "stats"
+    LAYERS = STATS / "layers.parquet"
+    DELTAS = STATS / "deltas.parquet"
+    CROSS_FAMILY = STATS / "cross_family.parquet"
+    HEADS = STATS / "heads.parquet"
+    TOKEN_LENGTHS = STATS / "token_lengths.parquet"
+    ROBUSTNESS = STATS / "robustness.parquet"
+    LENGTH_CONTROL = STATS / "length_control.parquet"
+    SPLIT_HALF = STATS / "split_half.parquet"
+    METRICS = STATS / "metrics.json"
+    PLOTS = STATS / "plots"
+    # Synthetic demo checkpoints are regenerated from params, so they live outside git and DVC's cache.
+    DEMO_MODELS = Path(os.environ.get("SELFREF_DEMO_MODELS", ROOT / "models" / "demo"))
+    REPORT = ROOT / "report"
+    REPORT_QMD = REPORT / "index.qmd"
+    FIGURES = REPORT / "figures"
+    REPORT_OUTPUT = REPORT / "_output"
+    REPORT_HTML = REPORT_OUTPUT / "index.html"
+    REPORT_PDF = REPORT_OUTPUT / "index.pdf"
 
-PARAMS = ROOT / "params.yaml"
-DATA = ROOT / "data"
-PROMPTS = DATA / "prompts.csv"
-PROMPT_SUMMARY = DATA / "prompts" / "summary.json"
-MANIFESTS = DATA / "models"
-ENTROPY = DATA / "entropy"
-STATS = DATA / "stats"
-LAYERS = STATS / "layers.parquet"
-DELTAS = STATS / "deltas.parquet"
-CROSS_FAMILY = STATS / "cross_family.parquet"
-HEADS = STATS / "heads.parquet"
-TOKEN_LENGTHS = STATS / "token_lengths.parquet"
-ROBUSTNESS = STATS / "robustness.parquet"
-LENGTH_CONTROL = STATS / "length_control.parquet"
-SPLIT_HALF = STATS / "split_half.parquet"
-METRICS = STATS / "metrics.json"
-PLOTS = STATS / "plots"
 
-# Synthetic demo checkpoints are regenerated from params, so they live outside git and DVC's cache.
-DEMO_MODELS = Path(os.environ.get("SELFREF_DEMO_MODELS", ROOT / "models" / "demo"))
-
-REPORT = ROOT / "report"
-REPORT_QMD = REPORT / "index.qmd"
-FIGURES = REPORT / "figures"
-REPORT_OUTPUT = REPORT / "_output"
-REPORT_HTML = REPORT_OUTPUT / "index.html"
-REPORT_PDF = REPORT_OUTPUT / "index.pdf"
+use_root(Path(os.environ.get("SELFREF_ROOT", Path(__file__).resolve().parent.parent)))
 
 
 def manifest(checkpoint: str) -> Path:

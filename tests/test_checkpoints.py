@@ -1,0 +1,131 @@
+"""`selfref pull` against a locally built Hugging Face cache (offline), and demo generation."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from analysis import checkpoints
+from analysis.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+SHA_1 = "1" * 40
+SHA_2 = "2" * 40
+SECRET = "hf_selfrefTestTokenNeverWritten"
+
+
+def _add_snapshot(cache: Path, repo: str, sha: str, source: Path) -> None:
+    """Lay out one snapshot the way huggingface_hub's cache does, and point refs/main at it."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, folder / "snapshots" / sha)
+    (folder / "refs" / "main").write_text(sha)
+
+
+@pytest.fixture
+def hub_project(tmp_path, demo_dir):
+    """A project whose active suite points at two repos present only in a local offline cache."""
+    root = tmp_path / "proj"
+    (root / "data").mkdir(parents=True)
+    shutil.copy(REPO / "data" / "prompts.csv", root / "data" / "prompts.csv")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["suites"]["local"] = {"families": {"tiny": {
+        "base": {"repo": "selfref-test/tiny", "revision": "main"},
+        "instruct": {"repo": "selfref-test/tiny-instruct", "revision": "main"},
+    }}}
+    params["suite"] = "local"
+    params["checkpoints"] = [{"name": f"tiny-{v}", "family": "tiny", "variant": v} for v in ("base", "instruct")]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cache = tmp_path / "hub"
+    _add_snapshot(cache, "selfref-test/tiny", SHA_1, demo_dir("demo_llama", "base"))
+    _add_snapshot(cache, "selfref-test/tiny-instruct", SHA_1, demo_dir("demo_llama", "instruct"))
+    return root, cache
+
+
+def _selfref(root: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SELFREF_ROOT": str(root), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "HF_TOKEN": SECRET}
+    return subprocess.run([sys.executable, "-m", "analysis.cli", *args], cwd=root, env=env,
+                          capture_output=True, text=True)
+
+
+def test_pull_writes_a_pinned_manifest_and_reuses_its_sha(hub_project, demo_dir):
+    root, cache = hub_project
+    result = _selfref(root, cache, "pull", "tiny-base")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((root / "data" / "models" / "tiny-base.json").read_text())
+    assert manifest["revision"] == SHA_1 and manifest["repo"] == "selfref-test/tiny"
+    assert (manifest["n_layers"], manifest["n_heads"], manifest["n_kv_heads"]) == (6, 8, 2)
+    assert manifest["n_params"] > 0
+    weights = [f for f in manifest["files"] if f["path"].endswith(".safetensors")]
+    assert weights and all(len(f["sha256"]) == 64 and f["size"] > 0 for f in weights)
+
+    # A newer commit appears on main: the pinned SHA is kept until the user asks for --update.
+    _add_snapshot(cache, "selfref-test/tiny", SHA_2, demo_dir("demo_llama", "base"))
+    assert _selfref(root, cache, "pull", "tiny-base").returncode == 0
+    assert json.loads((root / "data" / "models" / "tiny-base.json").read_text())["revision"] == SHA_1
+    assert _selfref(root, cache, "pull", "tiny-base", "--update").returncode == 0
+    assert json.loads((root / "data" / "models" / "tiny-base.json").read_text())["revision"] == SHA_2
+
+
+def test_token_never_written(hub_project):
+    root, cache = hub_project
+    result = _selfref(root, cache, "pull", "tiny-instruct")
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    for file in root.rglob("*"):
+        if file.is_file():
+            assert SECRET.encode() not in file.read_bytes(), file
+
+
+def test_missing_repo_is_a_clear_error_and_writes_nothing(hub_project):
+    root, cache = hub_project
+    shutil.rmtree(cache / "models--selfref-test--tiny-instruct")
+    result = _selfref(root, cache, "pull", "tiny-instruct")
+    assert result.returncode == 2
+    assert "tiny-instruct" in result.stderr and "selfref-test/tiny-instruct" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (root / "data" / "models" / "tiny-instruct.json").exists()
+
+
+def test_unknown_checkpoint_names_the_known_ones(hub_project):
+    root, cache = hub_project
+    result = _selfref(root, cache, "pull", "tiny-chat")
+    assert result.returncode == 2 and "tiny-base" in result.stderr
+
+
+def test_demo_pull_is_deterministic(project, prompts):
+    from analysis import params as params_mod
+
+    ckpt = params_mod.find_checkpoint(params_mod.load(), "demo_null-instruct")
+    first = checkpoints.pull_demo(ckpt, list(prompts["text"]))
+    second = checkpoints.pull_demo(ckpt, list(prompts["text"]))
+    assert first == second
+    assert first["revision"].startswith("demo-") and first["planted"] == []
+    assert first["has_chat_template"] and first["bos_token"] == "<|bos|>"
+
+
+def test_local_dir_regenerates_a_missing_demo_checkpoint(project, prompts):
+    from analysis import params as params_mod
+    from analysis import paths
+
+    ckpt = params_mod.find_checkpoint(params_mod.load(), "demo_null-base")
+    manifest = checkpoints.pull_demo(ckpt, list(prompts["text"]))
+    shutil.rmtree(paths.demo_model_dir(ckpt.name))
+    local = checkpoints.local_dir(manifest, ckpt.demo, list(prompts["text"]))
+    assert (local / "config.json").exists()
+    with pytest.raises(UserError, match="demo spec differs"):
+        shutil.rmtree(local)
+        checkpoints.local_dir(manifest, {**ckpt.demo, "seed": 1}, list(prompts["text"]))
+
+
+def test_describe_rejects_a_folder_without_safetensors(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 2}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(UserError, match="only safetensors"):
+        checkpoints.describe(tmp_path)

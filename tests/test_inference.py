@@ -1,0 +1,123 @@
+"""Extraction through TransformerBridge against an independent computation with Hugging Face eager attention."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from analysis.errors import UserError
+from analysis.inference import encode, extract_checkpoint, length_sorted_batches
+
+SETTINGS = {"batch_size": 7, "device": "cpu", "dtype": "auto", "prompt_format": "raw"}
+CHECKPOINTS = [("demo_llama", "base"), ("demo_mistral", "base"), ("demo_qwen", "instruct")]
+
+
+def reference_entropies(local_dir, texts) -> dict[str, np.ndarray]:
+    """One prompt at a time through transformers' eager attention; entropies in float64 numpy loops."""
+    tok = AutoTokenizer.from_pretrained(local_dir)
+    model = AutoModelForCausalLM.from_pretrained(local_dir, attn_implementation="eager").eval()
+    out = {"raw": [], "no_bos": [], "normalised": []}
+    for text in texts:
+        ids = tok(text, return_tensors="pt")
+        with torch.no_grad():
+            attn = model(**ids, output_attentions=True).attentions
+        rows = {k: [] for k in out}
+        for layer in attn:
+            p = layer[0].double().numpy()  # [heads, q, k]
+            n = p.shape[-1]
+            raw, nob, norm = [], [], []
+            for h in range(p.shape[0]):
+                ent = [-sum(x * np.log(x) for x in p[h, q, : q + 1] if x > 0) for q in range(n)]
+                raw.append(np.mean(ent))
+                norm.append(np.mean([ent[q] / np.log(q + 1) for q in range(1, n)]))
+                rest = []
+                for q in range(1, n):
+                    r = p[h, q, 1: q + 1] / p[h, q, 1: q + 1].sum()
+                    rest.append(-sum(x * np.log(x) for x in r if x > 0))
+                nob.append(np.mean(rest))
+            rows["raw"].append(raw)
+            rows["no_bos"].append(nob)
+            rows["normalised"].append(norm)
+        for k in out:
+            out[k].append(rows[k])
+    return {k: np.array(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("family,variant", CHECKPOINTS)
+def test_entropies_match_transformers_eager(demo_dir, prompt_subset, family, variant):
+    local = demo_dir(family, variant)
+    frame = extract_checkpoint(local, prompt_subset, checkpoint=f"{family}-{variant}", family=family,
+                               variant=variant, settings=SETTINGS)
+    ref = reference_entropies(local, list(prompt_subset["text"]))
+    n_prompts, n_layers, n_heads = ref["raw"].shape
+    ordered = frame.set_index(["prompt_id", "layer", "head"]).sort_index()
+    for d, column in (("raw", "entropy"), ("no_bos", "entropy_no_bos"), ("normalised", "entropy_normalised")):
+        for i, pid in enumerate(prompt_subset["prompt_id"]):
+            got = ordered.loc[pid, column].to_numpy().reshape(n_layers, n_heads)
+            np.testing.assert_allclose(got, ref[d][i], atol=1e-5, rtol=0)
+
+
+def test_every_layer_head_prompt_present_and_finite(demo_dir, prompt_subset):
+    local = demo_dir("demo_mistral", "base")
+    frame = extract_checkpoint(local, prompt_subset, checkpoint="m-base", family="m", variant="base",
+                               settings=SETTINGS, expected_shape=(6, 8))
+    assert len(frame) == len(prompt_subset) * 6 * 8
+    assert not frame.duplicated(["prompt_id", "layer", "head"]).any()
+    assert set(frame["head"]) == set(range(8)) and set(frame["layer"]) == set(range(6))
+    assert np.isfinite(frame[["entropy", "entropy_no_bos", "entropy_normalised"]]).all().all()
+    assert (frame["first_token"] == "<|bos|>").all()
+
+
+def test_batched_with_padding_equals_one_at_a_time(demo_dir, prompt_subset):
+    local = demo_dir("demo_llama", "base")
+    kwargs = dict(checkpoint="l-base", family="l", variant="base")
+    one = extract_checkpoint(local, prompt_subset, settings={**SETTINGS, "batch_size": 1}, **kwargs)
+    many = extract_checkpoint(local, prompt_subset, settings={**SETTINGS, "batch_size": 9}, **kwargs)
+    assert one["n_tokens"].nunique() > 1, "the subset must have prompts of different lengths to test padding"
+    pd.testing.assert_frame_equal(one.drop(columns=["entropy", "entropy_no_bos", "entropy_normalised"]),
+                                  many.drop(columns=["entropy", "entropy_no_bos", "entropy_normalised"]))
+    for column in ("entropy", "entropy_no_bos", "entropy_normalised"):
+        np.testing.assert_allclose(one[column], many[column], atol=1e-6)
+
+
+def test_shape_mismatch_with_manifest_is_an_error(demo_dir, prompt_subset):
+    with pytest.raises(UserError, match="manifest says"):
+        extract_checkpoint(demo_dir("demo_llama", "base"), prompt_subset, checkpoint="x", family="x",
+                           variant="base", settings=SETTINGS, expected_shape=(6, 28))
+
+
+def test_chat_format_counts_only_the_users_text(demo_dir):
+    tok = AutoTokenizer.from_pretrained(demo_dir("demo_llama", "instruct"))
+    text = "What is your name?"
+    raw = encode(tok, text, "raw")
+    chat = encode(tok, text, "chat")
+    assert chat.input_ids.count(tok.bos_token_id) == 1 and chat.input_ids[0] == tok.bos_token_id
+    counted = [i for i, m in zip(chat.input_ids, chat.query_mask) if m]
+    assert tok.decode(counted).strip() == text
+    assert sum(chat.query_mask) == len(raw.input_ids) - 1  # the raw prompt's tokens less its BOS
+    assert len(chat.input_ids) > len(raw.input_ids)
+
+
+def test_chat_format_extracts_and_stays_finite(demo_dir, prompt_subset):
+    local = demo_dir("demo_qwen", "base")
+    frame = extract_checkpoint(local, prompt_subset, checkpoint="q-base", family="q", variant="base",
+                               settings={**SETTINGS, "prompt_format": "chat"},
+                               chat_dir=demo_dir("demo_qwen", "instruct"))
+    assert (frame["prompt_format"] == "chat").all()
+    assert (frame["n_query"] < frame["n_tokens"]).all()
+    assert np.isfinite(frame["entropy"]).all()
+
+
+def test_double_bos_is_refused(demo_dir):
+    tok = AutoTokenizer.from_pretrained(demo_dir("demo_llama", "base"))
+    with pytest.raises(UserError, match="BOS token added twice"):
+        encode(tok, tok.bos_token + "What is your name?", "raw")
+
+
+def test_length_sorted_batches_cover_every_prompt_once():
+    lengths = [5, 3, 9, 3, 7, 5, 1]
+    batches = length_sorted_batches(lengths, 3)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(len(lengths)))
+    assert [lengths[i] for i in flat] == sorted(lengths)
