@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,9 @@ def suite_checkpoints(params: dict[str, Any], suite: str) -> list[Checkpoint]:
     families = suites[suite].get("families") or {}
     out = []
     for family, variants in families.items():
+        if not re.fullmatch(r"[A-Za-z0-9_]+", str(family)):
+            raise UserError(f"params.yaml suites.{suite}: family name {family!r} may use only letters, digits and _ "
+                            "(it becomes part of DVC stage names and params keys)")
         missing = [v for v in VARIANTS if v not in (variants or {})]
         if missing:
             raise UserError(f"params.yaml suites.{suite}.{family}: missing {', '.join(missing)} checkpoint")
@@ -74,9 +78,9 @@ def suite_checkpoints(params: dict[str, Any], suite: str) -> list[Checkpoint]:
     return out
 
 
-def checkpoint_entries(checkpoints: list[Checkpoint]) -> list[dict[str, str]]:
-    """The `checkpoints:` list that dvc.yaml iterates over."""
-    return [{"name": c.name, "family": c.family, "variant": c.variant} for c in checkpoints]
+def checkpoint_entries(checkpoints: list[Checkpoint]) -> dict[str, dict[str, str]]:
+    """The `checkpoints:` mapping that dvc.yaml iterates over (stage names `extract@<checkpoint>`)."""
+    return {c.name: {"family": c.family, "variant": c.variant} for c in checkpoints}
 
 
 def active_checkpoints(params: dict[str, Any]) -> list[Checkpoint]:
@@ -107,7 +111,7 @@ def families(checkpoints: list[Checkpoint]) -> list[str]:
 def use_suite(name: str, path: Path | None = None) -> list[Checkpoint]:
     """Make `name` the active suite: rewrite `suite` and `checkpoints` in params.yaml, keeping comments."""
     from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.comments import CommentedMap
 
     path = path or paths.PARAMS
     checkpoints = suite_checkpoints(load(path), name)
@@ -117,12 +121,12 @@ def use_suite(name: str, path: Path | None = None) -> list[Checkpoint]:
     with open(path, encoding="utf-8") as fh:
         doc = yml.load(fh)
     doc["suite"] = name
-    seq = CommentedSeq()
-    for entry in checkpoint_entries(checkpoints):
+    entries = CommentedMap()
+    for name, entry in checkpoint_entries(checkpoints).items():
         item = CommentedMap(entry)
         item.fa.set_flow_style()
-        seq.append(item)
-    doc["checkpoints"] = seq
+        entries[name] = item
+    doc["checkpoints"] = entries
     tmp = path.with_suffix(".yaml.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         yml.dump(doc, fh)

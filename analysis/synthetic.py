@@ -44,7 +44,7 @@ CHAT_TEMPLATE = (
 )
 CONST_DIM, SELF_DIM = 0, 1
 FOCUS_SCORE = 4.0  # attention logit a self-focus head gives a self-referent key, before normalisation drift
-VOCAB_SIZE = 640
+VOCAB_SIZE = 4096
 QK_SCALE = 4.0  # random query/key weights scaled up so random heads attend unevenly, as trained heads do
 
 # A little general text beside the prompts, so the tokenizer learns ordinary English merges too.

@@ -39,7 +39,7 @@ def hub_project(tmp_path, demo_dir):
         "instruct": {"repo": "selfref-test/tiny-instruct", "revision": "main"},
     }}}
     params["suite"] = "local"
-    params["checkpoints"] = [{"name": f"tiny-{v}", "family": "tiny", "variant": v} for v in ("base", "instruct")]
+    params["checkpoints"] = {f"tiny-{v}": {"family": "tiny", "variant": v} for v in ("base", "instruct")}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cache = tmp_path / "hub"
     _add_snapshot(cache, "selfref-test/tiny", SHA_1, demo_dir("demo_llama", "base"))
