@@ -104,8 +104,12 @@ def pull(
 
 
 @app.command()
-def extract(checkpoint: str = typer.Argument(..., help="<family>-<variant> of the active suite")) -> None:
-    """Attention entropy of every head for every prompt: data/entropy/<checkpoint>.parquet."""
+def extract(
+    checkpoint: str = typer.Argument(..., help="<family>-<variant> of the active suite"),
+    prompt_format: str = typer.Option("raw", "--format", help="raw: the prompt alone; chat: inside the family's "
+                                      "instruct chat template, entropy over the user's text only"),
+) -> None:
+    """Attention entropy of every head for every prompt: data/entropy/<format>/<checkpoint>.parquet."""
     from analysis import checkpoints
     from analysis.artefacts import write_parquet
     from analysis.inference import extract_checkpoint
@@ -119,18 +123,19 @@ def extract(checkpoint: str = typer.Argument(..., help="<family>-<variant> of th
     manifest = checkpoints.read_manifest(checkpoint)
     local = checkpoints.local_dir(manifest, ckpt.demo, texts)
     chat_dir = None
-    if settings.get("prompt_format") == "chat":
+    if prompt_format == "chat":
         sibling = params_mod.find_checkpoint(params, f"{ckpt.family}-instruct")
         chat_dir = checkpoints.local_dir(checkpoints.read_manifest(sibling.name), sibling.demo, texts)
     frame = extract_checkpoint(local, prompts, checkpoint=checkpoint, family=ckpt.family, variant=ckpt.variant,
-                               settings=settings, chat_dir=chat_dir,
+                               settings=settings, prompt_format=prompt_format, chat_dir=chat_dir,
                                expected_shape=(manifest["n_layers"], manifest["n_heads"]))
     lengths = frame.drop_duplicates("prompt_id")
     check = token_lengths(prompts, list(lengths["n_tokens"]), checkpoint, float(params["prompts"]["max_token_gap"]))
     if check.warning:
         typer.secho("warning: " + check.warning, fg="yellow", err=True)
-    write_parquet(frame, paths.entropy_table(checkpoint))
-    typer.echo(f"{checkpoint}: {len(frame):,} rows -> {paths.entropy_table(checkpoint).relative_to(paths.ROOT)}")
+    target = paths.entropy_table(checkpoint, prompt_format)
+    write_parquet(frame, target)
+    typer.echo(f"{checkpoint}: {len(frame):,} rows -> {target.relative_to(paths.ROOT)}")
 
 
 def main() -> None:

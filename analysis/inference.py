@@ -195,13 +195,12 @@ def first_token_strings(tokenizer: Any, encoded: list[EncodedPrompt]) -> list[st
 
 
 def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str, family: str, variant: str,
-                       settings: dict[str, Any], chat_dir: Path | None = None,
+                       settings: dict[str, Any], prompt_format: str = "raw", chat_dir: Path | None = None,
                        expected_shape: tuple[int, int] | None = None) -> pd.DataFrame:
     """Entropy table of one checkpoint over the prompt set, with the `extract` settings of params.yaml."""
     from transformers import AutoTokenizer
 
     trust = bool(settings.get("trust_remote_code", False))
-    prompt_format = settings.get("prompt_format", "raw")
     device = pick_device(settings.get("device", "auto"))
     dtype = pick_dtype(settings.get("dtype", "auto"), device)
     tokenizer = AutoTokenizer.from_pretrained(str(local_dir), trust_remote_code=trust)

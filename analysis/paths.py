@@ -46,9 +46,9 @@ def manifest(checkpoint: str) -> Path:
     return MANIFESTS / f"{checkpoint}.json"
 
 
-def entropy_table(checkpoint: str) -> Path:
-    """Per (prompt, layer, head) entropy table of one checkpoint."""
-    return ENTROPY / f"{checkpoint}.parquet"
+def entropy_table(checkpoint: str, prompt_format: str = "raw") -> Path:
+    """Per (prompt, layer, head) entropy table of one checkpoint with prompts in one format (raw or chat)."""
+    return ENTROPY / prompt_format / f"{checkpoint}.parquet"
 
 
 def demo_model_dir(checkpoint: str) -> Path:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from analysis.errors import UserError
 from analysis.inference import encode, extract_checkpoint, length_sorted_batches
 
-SETTINGS = {"batch_size": 7, "device": "cpu", "dtype": "auto", "prompt_format": "raw"}
+SETTINGS = {"batch_size": 7, "device": "cpu", "dtype": "auto"}
 CHECKPOINTS = [("demo_llama", "base"), ("demo_mistral", "base"), ("demo_qwen", "instruct")]
 
 
@@ -102,7 +102,7 @@ def test_chat_format_counts_only_the_users_text(demo_dir):
 def test_chat_format_extracts_and_stays_finite(demo_dir, prompt_subset):
     local = demo_dir("demo_qwen", "base")
     frame = extract_checkpoint(local, prompt_subset, checkpoint="q-base", family="q", variant="base",
-                               settings={**SETTINGS, "prompt_format": "chat"},
+                               settings=SETTINGS, prompt_format="chat",
                                chat_dir=demo_dir("demo_qwen", "instruct"))
     assert (frame["prompt_format"] == "chat").all()
     assert (frame["n_query"] < frame["n_tokens"]).all()

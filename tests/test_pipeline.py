@@ -31,13 +31,13 @@ def test_interrupted_extract_leaves_no_partial_file_and_reruns(project, monkeypa
 
     monkeypatch.setattr(EntropyRunner, "_forward", dying)
     with pytest.raises(KeyboardInterrupt):
-        cli.extract("demo_null-base")
-    target = paths.entropy_table("demo_null-base")
+        cli.extract("demo_null-base", "raw")
+    target = paths.entropy_table("demo_null-base", "raw")
     leftovers = list(target.parent.glob("*")) if target.parent.exists() else []
     assert leftovers == [], "an interrupted extract must leave neither the table nor a temporary file"
 
     monkeypatch.setattr(EntropyRunner, "_forward", original)
-    cli.extract("demo_null-base")
+    cli.extract("demo_null-base", "raw")
     assert target.exists()
 
 
@@ -58,12 +58,13 @@ def test_dvc_repro_from_a_clean_clone_reproduces_the_locked_artefacts(tmp_path):
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
            "SELFREF_DEMO_MODELS": str(tmp_path / "models"), "SELFREF_ROOT": str(clone)}
     env.pop("HF_TOKEN", None)
-    _run(["dvc", "repro", "--force", "extract"], clone, env)
+    _run(["dvc", "repro", "--force", "extract", "extract_chat"], clone, env)
     for name in ("demo_llama-base", "demo_qwen-instruct", "demo_null-instruct"):
-        assert (clone / "data" / "entropy" / f"{name}.parquet").exists()
+        for fmt in ("raw", "chat"):
+            assert (clone / "data" / "entropy" / fmt / f"{name}.parquet").exists()
     # Same code, same params, same prompts: the lock file's hashes of every output are unchanged.
     diff = subprocess.run(["git", "diff", "--stat", "--", "dvc.lock", "data/models"], cwd=clone,
                           capture_output=True, text=True)
     assert diff.stdout.strip() == "", diff.stdout
-    status = _run(["dvc", "status", "extract"], clone, env)
+    status = _run(["dvc", "status", "extract", "extract_chat"], clone, env)
     assert "up to date" in status.stdout
