@@ -1,0 +1,139 @@
+"""The report's charts, built with Altair from data/stats and saved as Vega-Lite JSON, SVG and PNG.
+
+Vega-Lite JSON is what the HTML report embeds (interactive, with tooltips); SVG and PNG, rendered
+offline by vl-convert, are what the PDF and `dvc plots` show. Every chart reads only tracked tables.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import vl_convert as vlc
+
+from analysis.artefacts import atomic_path
+from analysis.prompts import CATEGORIES
+
+CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
+CLASS_COLOURS = alt.Scale(domain=["compression", "preservation", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
+WIDTH = 220
+
+
+def _headline(frame: pd.DataFrame, definition: str, prompt_format: str) -> pd.DataFrame:
+    return frame[(frame["definition"] == definition) & (frame["format"] == prompt_format)]
+
+
+def layer_entropy(layers: pd.DataFrame) -> alt.Chart:
+    """Mean entropy per category and layer with 95% bands, base and instruct side by side, per family."""
+    rows = []
+    for c in CATEGORIES:
+        part = layers[["family", "variant", "layer", f"h_{c}", f"h_{c}_lo", f"h_{c}_hi"]].copy()
+        part.columns = ["family", "variant", "layer", "entropy", "lo", "hi"]
+        rows.append(part.assign(category=c))
+    data = pd.concat(rows, ignore_index=True)
+    base = alt.Chart(data).encode(
+        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
+        color=alt.Color("category:N", scale=CATEGORY_COLOURS, title="category"),
+    )
+    band = base.mark_area(opacity=0.18).encode(y=alt.Y("lo:Q", title="mean entropy (nats)", scale=alt.Scale(zero=False)),
+                                               y2="hi:Q")
+    line = base.mark_line(point=True).encode(
+        y="entropy:Q",
+        tooltip=["family", "variant", "category", "layer", alt.Tooltip("entropy:Q", format=".4f"),
+                 alt.Tooltip("lo:Q", format=".4f"), alt.Tooltip("hi:Q", format=".4f")],
+    )
+    return (band + line).properties(width=WIDTH, height=150).facet(
+        row=alt.Row("family:N", title=None), column=alt.Column("variant:N", title=None)
+    ).resolve_scale(y="independent")
+
+
+def delta_profiles(deltas: pd.DataFrame) -> alt.Chart:
+    """ΔRFC and ΔRSI per layer with bootstrap CIs; layers with FDR-significant ΔRFC coloured by class."""
+    rows = []
+    for metric, label in (("delta_rfc", "ΔRFC"), ("delta_rsi", "ΔRSI")):
+        part = deltas[["family", "layer", "layer_class", "q_value", metric, f"{metric}_lo", f"{metric}_hi"]].copy()
+        part.columns = ["family", "layer", "layer_class", "q_value", "value", "lo", "hi"]
+        rows.append(part.assign(metric=label))
+    data = pd.concat(rows, ignore_index=True)
+    base = alt.Chart(data).encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)))
+    rule = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="black", strokeDash=[3, 3]).encode(y="zero:Q")
+    bars = base.mark_errorbar().encode(y=alt.Y("lo:Q", title="instruct − base"), y2="hi:Q")
+    points = base.mark_point(filled=True, size=45).encode(
+        y="value:Q",
+        color=alt.Color("layer_class:N", scale=CLASS_COLOURS, title="ΔRFC test (FDR)"),
+        tooltip=["family", "metric", "layer", alt.Tooltip("value:Q", format=".4f"), alt.Tooltip("lo:Q", format=".4f"),
+                 alt.Tooltip("hi:Q", format=".4f"), alt.Tooltip("q_value:Q", format=".3g"), "layer_class"],
+    )
+    return (rule + bars + points).properties(width=WIDTH, height=150).facet(
+        row=alt.Row("metric:N", title=None), column=alt.Column("family:N", title=None)
+    ).resolve_scale(y="independent")
+
+
+def depth_profiles(deltas: pd.DataFrame) -> alt.Chart:
+    """Every family's ΔRFC profile on relative depth (layer + 0.5) / n_layers, in one chart."""
+    chart = alt.Chart(deltas).mark_line(point=True).encode(
+        x=alt.X("depth:Q", title="relative depth", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("delta_rfc:Q", title="ΔRFC (instruct − base)"),
+        color=alt.Color("family:N", title="family"),
+        tooltip=["family", "layer", alt.Tooltip("depth:Q", format=".2f"), alt.Tooltip("delta_rfc:Q", format=".4f"),
+                 "layer_class"],
+    )
+    rule = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="black", strokeDash=[3, 3]).encode(y="zero:Q")
+    return (rule + chart).properties(width=480, height=240)
+
+
+def head_scores(heads: pd.DataFrame) -> alt.Chart:
+    """Layer x head heatmap of the candidate-head score per family; top-k heads outlined."""
+    base = alt.Chart(heads).encode(x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"))
+    cells = base.mark_rect().encode(
+        color=alt.Color("score:Q", scale=alt.Scale(scheme="viridis"), title="head score"),
+        tooltip=["family", "layer", "head", alt.Tooltip("score:Q", format=".3f"), "rank",
+                 alt.Tooltip("did:Q", format=".4f"), alt.Tooltip("q_value:Q", format=".3g")],
+    )
+    top = base.transform_filter(alt.datum.top_k).mark_point(shape="square", size=120, color="white", strokeWidth=2)
+    return (cells + top).properties(width=WIDTH, height=160).facet(column=alt.Column("family:N", title=None)
+                                                                    ).resolve_scale(x="independent", y="independent")
+
+
+def prompt_lengths(lengths: pd.DataFrame) -> alt.Chart:
+    """Prompt counts and mean token length per category, for each family's tokenizer."""
+    bars = alt.Chart(lengths).mark_bar().encode(
+        x=alt.X("category:N", title=None, sort=list(CATEGORIES)),
+        y=alt.Y("mean:Q", title="mean tokens per prompt"),
+        color=alt.Color("category:N", scale=CATEGORY_COLOURS, legend=None),
+        tooltip=["family", "format", "category", alt.Tooltip("count:Q", title="prompts"),
+                 alt.Tooltip("mean:Q", format=".2f"), "min", "max"],
+    )
+    errs = alt.Chart(lengths).mark_errorbar().encode(x=alt.X("category:N", sort=list(CATEGORIES)),
+                                                       y="min:Q", y2="max:Q")
+    return (bars + errs).properties(width=150, height=140).facet(
+        column=alt.Column("family:N", title=None), row=alt.Row("format:N", title=None))
+
+
+def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
+    """Write `<name>.vl.json`, `.svg` and `.png` atomically; returns their paths."""
+    spec = chart.to_dict()
+    out = {"json": folder / f"{name}.vl.json", "svg": folder / f"{name}.svg", "png": folder / f"{name}.png"}
+    with atomic_path(out["json"]) as tmp:
+        tmp.write_text(json.dumps(spec, indent=1, sort_keys=True), encoding="utf-8")
+    with atomic_path(out["svg"]) as tmp:
+        tmp.write_text(vlc.vegalite_to_svg(spec), encoding="utf-8")
+    with atomic_path(out["png"]) as tmp:
+        tmp.write_bytes(vlc.vegalite_to_png(spec, scale=2))
+    return out
+
+
+def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, lengths: pd.DataFrame,
+              folder: Path, definition: str, prompt_format: str) -> dict[str, dict[str, Path]]:
+    """Every chart of the report for the headline definition and prompt format."""
+    alt.data_transformers.disable_max_rows()
+    charts = {
+        "layer_entropy": layer_entropy(_headline(layers, definition, prompt_format)),
+        "delta_profiles": delta_profiles(_headline(deltas, definition, prompt_format)),
+        "depth_profiles": depth_profiles(_headline(deltas, definition, prompt_format)),
+        "head_scores": head_scores(_headline(heads, definition, prompt_format)),
+        "prompt_lengths": prompt_lengths(lengths),
+    }
+    return {name: save(chart, folder, name) for name, chart in charts.items()}

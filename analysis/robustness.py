@@ -1,0 +1,112 @@
+"""Does a conclusion survive the analysis choices? Length-controlled change and split-half reliability.
+
+- Length control: per layer, a mixed model of prompt entropy on category x variant with the prompt's
+  token count (and its interaction with variant) as covariates and a random intercept per prompt.
+  The self_referent x instruct interaction is the length-adjusted change of H_self - H_neutral.
+- Split-half: the prompts of each category are split at random into halves many times; the ΔRFC
+  profile of one half is correlated with the other's. The mean correlation, stepped up to the full
+  prompt set with Spearman-Brown, says how much of a profile is signal rather than prompt sampling.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import statsmodels.formula.api as smf
+from statsmodels.stats.multitest import multipletests
+
+SELF, NEUTRAL = "self_referent", "neutral"
+FORMULA = ("entropy ~ C(category, Treatment('neutral')) * C(variant, Treatment('base'))"
+           " + n_tokens * C(variant, Treatment('base'))")
+INTERACTION = "C(category, Treatment('neutral'))[T.self_referent]:C(variant, Treatment('base'))[T.instruct]"
+
+
+def prompt_layer_entropy(entropy: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Mean over heads: one row per (family, variant, prompt, layer) with category and token count."""
+    keys = ["family", "variant", "prompt_id", "category", "n_tokens", "layer"]
+    return (entropy.groupby(keys, observed=True)[column].mean().rename("entropy").reset_index())
+
+
+def _interaction(frame: pd.DataFrame) -> tuple[float, float, float]:
+    """Length-adjusted self x instruct interaction (estimate, standard error, p) for one layer."""
+    wide = frame.pivot_table(index="prompt_id", columns="variant", values="entropy")
+    if np.allclose(wide["instruct"], wide["base"], rtol=0, atol=1e-12):
+        return 0.0, 0.0, 1.0  # instruct attends exactly as base: the model has nothing to estimate
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = smf.mixedlm(FORMULA, frame, groups=frame["prompt_id"]).fit(reml=True)
+    return float(fit.params[INTERACTION]), float(fit.bse[INTERACTION]), float(fit.pvalues[INTERACTION])
+
+
+def length_control(entropy: pd.DataFrame, column: str, deltas: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Per family and layer: the length-adjusted change beside ΔRFC, and whether their conclusions differ.
+
+    `deltas` holds the family's `layer`, `delta_rfc`, `layer_class` for the same definition and format.
+    A positive interaction means self_referent entropy rose relative to neutral: compression on the
+    RFC scale. `adjusted_delta_rfc` divides minus the interaction by the base H_neutral of the layer.
+    """
+    data = prompt_layer_entropy(entropy[entropy["category"].isin([SELF, NEUTRAL])], column)
+    rows = []
+    for (family, layer), frame in data.groupby(["family", "layer"], sort=True):
+        estimate, se, p = _interaction(frame)
+        h_neutral = frame.loc[(frame["variant"] == "base") & (frame["category"] == NEUTRAL), "entropy"].mean()
+        rows.append({"family": family, "layer": int(layer), "interaction": estimate, "interaction_se": se,
+                     "p_value": p, "adjusted_delta_rfc": -estimate / h_neutral if h_neutral > 0 else np.nan})
+    out = pd.DataFrame(rows)
+    out["q_value"] = np.nan
+    for family, idx in out.groupby("family").groups.items():
+        out.loc[idx, "q_value"] = multipletests(out.loc[idx, "p_value"], method="fdr_bh")[1]
+    significant = out["q_value"] < alpha
+    out["adjusted_class"] = np.where(significant & (out["interaction"] > 0), "compression",
+                                     np.where(significant & (out["interaction"] < 0), "preservation", "no_change"))
+    out = out.merge(deltas[["family", "layer", "delta_rfc", "layer_class"]], on=["family", "layer"], how="left")
+    out["disagrees"] = out["adjusted_class"] != out["layer_class"]
+    return out
+
+
+def _profiles(matrix_base: np.ndarray, matrix_instruct: np.ndarray, self_idx: np.ndarray,
+              neutral_idx: np.ndarray) -> np.ndarray:
+    """ΔRFC profiles for many prompt subsets at once: idx arrays are [splits, n] prompt indices."""
+    def rfc(m: np.ndarray) -> np.ndarray:
+        return 1.0 - m[self_idx].mean(axis=1) / m[neutral_idx].mean(axis=1)
+    return rfc(matrix_instruct) - rfc(matrix_base)
+
+
+def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of matching rows; a row with a constant profile carries no signal and counts as 0."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    denom = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(axis=1) / denom
+    return np.where(denom > 1e-15, r, 0.0)
+
+
+def split_half(entropy: pd.DataFrame, column: str, n_splits: int, seed: int) -> pd.DataFrame:
+    """Per family: mean split-half correlation of the ΔRFC profile and its Spearman-Brown step-up."""
+    data = prompt_layer_entropy(entropy[entropy["category"].isin([SELF, NEUTRAL])], column)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for family, frame in data.groupby("family", sort=True):
+        wide = frame.pivot_table(index=["variant", "prompt_id", "category"], columns="layer", values="entropy")
+        base, instruct = wide.loc["base"], wide.loc["instruct"].reindex(wide.loc["base"].index)
+        categories = base.index.get_level_values("category")
+        self_pos = np.flatnonzero(categories == SELF)
+        neutral_pos = np.flatnonzero(categories == NEUTRAL)
+
+        def halves(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            perm = rng.permuted(np.tile(pos, (n_splits, 1)), axis=1)
+            half = len(pos) // 2
+            return perm[:, :half], perm[:, half: 2 * half]
+
+        s_a, s_b = halves(self_pos)
+        n_a, n_b = halves(neutral_pos)
+        b, i = base.to_numpy(), instruct.to_numpy()
+        r = _rowwise_pearson(_profiles(b, i, s_a, n_a), _profiles(b, i, s_b, n_b))
+        mean_r = float(r.mean())
+        rows.append({"family": family, "n_layers": b.shape[1], "n_splits": n_splits, "split_half_r": mean_r,
+                     "split_half_r_sd": float(r.std(ddof=1)),
+                     "spearman_brown": 2 * mean_r / (1 + mean_r) if mean_r > -1 else np.nan})
+    return pd.DataFrame(rows)
