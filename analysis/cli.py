@@ -138,6 +138,103 @@ def extract(
     typer.echo(f"{checkpoint}: {len(frame):,} rows -> {target.relative_to(paths.ROOT)}")
 
 
+def _entropy(checkpoints: list, prompt_format: str):
+    import pandas as pd
+
+    frames = []
+    for ckpt in checkpoints:
+        path = paths.entropy_table(ckpt.name, prompt_format)
+        if not path.exists():
+            raise UserError(f"{path.relative_to(paths.ROOT)}: missing; run `selfref extract {ckpt.name} "
+                            f"--format {prompt_format}` (or `dvc repro`)")
+        frames.append(pd.read_parquet(path))
+    return pd.concat(frames, ignore_index=True)
+
+
+@app.command()
+def stats() -> None:
+    """Layer, cross-family and head statistics for every entropy definition and prompt format: data/stats/."""
+    import pandas as pd
+
+    from analysis import robustness
+    from analysis.artefacts import write_json, write_parquet
+    from analysis.metrics import build_statistics
+    from analysis.prompts import CATEGORIES
+
+    params = params_mod.load()
+    settings = params["stats"]
+    checkpoints = params_mod.active_checkpoints(params)
+    headline_format = settings["headline_format"]
+    column = {"raw": "entropy", "no_bos": "entropy_no_bos", "normalised": "entropy_normalised"}
+    tables: dict[str, list] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
+    summaries, lengths = [], []
+    for prompt_format in ("raw", "chat"):
+        entropy = _entropy(checkpoints, prompt_format)
+        result = build_statistics(entropy, settings)
+        for key in tables:
+            tables[key].append(result[key].assign(format=prompt_format))
+        summaries.append(robustness.family_summaries(result, settings, prompt_format))
+        per_prompt = entropy[entropy["variant"] == "base"].drop_duplicates(["family", "prompt_id"])
+        lengths.append(per_prompt.groupby(["family", "category"])["n_tokens"].agg(["count", "mean", "std", "min", "max"])
+                       .reset_index().assign(format=prompt_format))
+        if prompt_format == headline_format:
+            metrics = result["metrics"]
+            definition = settings["headline_definition"]
+            headline_entropy, headline_deltas = entropy, result["deltas"]
+    deltas = headline_deltas[headline_deltas["definition"] == settings["headline_definition"]]
+    length = robustness.length_control(headline_entropy, column[definition], deltas, float(settings["alpha"]))
+    split = robustness.split_half(headline_entropy, column[definition], int(settings["split_half_splits"]),
+                                  int(settings["seed"]))
+    table = robustness.robustness_table(pd.concat(summaries, ignore_index=True), definition, headline_format)
+    metrics["robustness"] = robustness.metrics_entries(table, split, length)
+
+    for key, frames in tables.items():
+        write_parquet(pd.concat(frames, ignore_index=True), getattr(paths, key.upper()))
+    lengths_frame = pd.concat(lengths, ignore_index=True)
+    lengths_frame["category"] = pd.Categorical(lengths_frame["category"], categories=list(CATEGORIES))
+    write_parquet(lengths_frame.sort_values(["format", "family", "category"]), paths.TOKEN_LENGTHS)
+    write_parquet(table, paths.ROBUSTNESS)
+    write_parquet(length, paths.LENGTH_CONTROL)
+    write_parquet(split, paths.SPLIT_HALF)
+    headline = pd.concat(tables["deltas"], ignore_index=True)
+    headline = headline[(headline["definition"] == definition) & (headline["format"] == headline_format)]
+    plot = headline[["family", "layer", "depth", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "layer_class"]]
+    from analysis.artefacts import atomic_path
+
+    paths.PLOTS.mkdir(parents=True, exist_ok=True)
+    with atomic_path(paths.PLOTS / "delta_rfc.csv") as tmp:
+        plot.to_csv(tmp, index=False, float_format="%.6g")
+    write_json(metrics, paths.METRICS)
+    for family, values in metrics["families"].items():
+        typer.echo(f"{family}: mean ΔRFC {values['mean_delta_rfc']:+.4f} "
+                   f"[{values['mean_delta_rfc_lo']:+.4f}, {values['mean_delta_rfc_hi']:+.4f}], "
+                   f"compression in {values['share_compression']:.0%} of layers")
+
+
+@app.command()
+def figures() -> None:
+    """Charts of the report from data/stats: report/figures/<name>.vl.json, .svg, .png."""
+    import pandas as pd
+
+    from analysis import figures as figures_mod
+
+    params = params_mod.load()
+    s = params["stats"]
+    built = figures_mod.build_all(pd.read_parquet(paths.LAYERS), pd.read_parquet(paths.DELTAS),
+                                  pd.read_parquet(paths.HEADS), pd.read_parquet(paths.TOKEN_LENGTHS),
+                                  paths.FIGURES, s["headline_definition"], s["headline_format"])
+    typer.echo(f"{len(built)} charts -> {paths.FIGURES.relative_to(paths.ROOT)}/")
+
+
+@app.command()
+def report(renderer: str = typer.Option("auto", help="auto (quarto if installed), quarto, or fallback")) -> None:
+    """Render report/index.qmd to report/_output/index.html and index.pdf."""
+    from analysis.rendering import render_report
+
+    result = render_report(paths.REPORT_QMD, paths.REPORT_OUTPUT, renderer=renderer)
+    typer.echo(f"rendered with {result.renderer}: {result.html} and {result.pdf}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -1,0 +1,159 @@
+"""What the report needs from tracked artefacts: numbers with their source, tables, and provenance.
+
+Every number the report states goes through `Numbers.show`, which prints it as a span carrying the
+metrics.json key it came from (`data-key`), so a reader (and a test) can trace it to the artefact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from analysis import paths
+from analysis import params as params_mod
+
+PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
+            "statsmodels", "pandas", "pyarrow", "altair", "vl-convert-python", "dvc")
+
+
+def lookup(metrics: dict[str, Any], key: str) -> Any:
+    """metrics["a"]["b"]... for key "a.b..."; family and pair names never contain dots."""
+    value: Any = metrics
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def format_number(value: Any, style: str) -> str:
+    """`f4`: 4 decimals; `pct1`: a share as a percentage with 1 decimal; `p`: a p-value; `int`."""
+    if value is None:
+        return "n/a"
+    if style == "int":
+        return f"{int(value)}"
+    if style.startswith("pct"):
+        return f"{100 * float(value):.{int(style[3:])}f}%"
+    if style == "p":
+        v = float(value)
+        return f"{v:.2g}" if v < 0.001 else f"{v:.3f}"
+    if style.startswith("f"):
+        return f"{float(value):.{int(style[1:])}f}"
+    raise ValueError(f"unknown number style {style!r}")
+
+
+@dataclass
+class Numbers:
+    """The headline metrics (metrics.json) with a way to print each number beside its source key."""
+
+    metrics: dict[str, Any]
+    source: str = "data/stats/metrics.json"
+
+    def value(self, key: str) -> Any:
+        return lookup(self.metrics, key)
+
+    def show(self, key: str, style: str = "f4") -> str:
+        text = format_number(self.value(key), style)
+        return f'[{text}]{{.num key="{key}" fmt="{style}" title="{self.source}: {key}"}}'
+
+    def interval(self, key: str, style: str = "f4") -> str:
+        """`value [lo, hi]` for a key with `_lo`/`_hi` siblings."""
+        return f"{self.show(key, style)} [{self.show(key + '_lo', style)}, {self.show(key + '_hi', style)}]"
+
+
+@dataclass
+class Artefacts:
+    """Everything the report reads, loaded once."""
+
+    numbers: Numbers
+    params: dict[str, Any]
+    layers: pd.DataFrame
+    deltas: pd.DataFrame
+    cross_family: pd.DataFrame
+    heads: pd.DataFrame
+    token_lengths: pd.DataFrame
+    robustness: pd.DataFrame
+    length_control: pd.DataFrame
+    split_half: pd.DataFrame
+    manifests: dict[str, dict[str, Any]]
+    prompt_summary: dict[str, Any]
+
+    @property
+    def suite(self) -> str:
+        return self.params["suite"]
+
+    @property
+    def families(self) -> list[str]:
+        return params_mod.families(params_mod.active_checkpoints(self.params))
+
+    @property
+    def is_demo(self) -> bool:
+        return any(m["source"] == "demo" for m in self.manifests.values())
+
+    def headline(self, frame: pd.DataFrame) -> pd.DataFrame:
+        s = self.params["stats"]
+        return frame[(frame["definition"] == s["headline_definition"]) & (frame["format"] == s["headline_format"])]
+
+
+def load() -> Artefacts:
+    params = params_mod.load()
+    manifests = {c.name: json.loads(paths.manifest(c.name).read_text()) for c in params_mod.active_checkpoints(params)}
+    return Artefacts(
+        numbers=Numbers(json.loads(paths.METRICS.read_text())),
+        params=params,
+        layers=pd.read_parquet(paths.LAYERS),
+        deltas=pd.read_parquet(paths.DELTAS),
+        cross_family=pd.read_parquet(paths.CROSS_FAMILY),
+        heads=pd.read_parquet(paths.HEADS),
+        token_lengths=pd.read_parquet(paths.TOKEN_LENGTHS),
+        robustness=pd.read_parquet(paths.ROBUSTNESS),
+        length_control=pd.read_parquet(paths.LENGTH_CONTROL),
+        split_half=pd.read_parquet(paths.SPLIT_HALF),
+        manifests=manifests,
+        prompt_summary=json.loads(paths.PROMPT_SUMMARY.read_text()),
+    )
+
+
+def markdown_table(frame: pd.DataFrame, caption: str | None = None) -> str:
+    """A pipe table (pandoc and Quarto both read it); `caption` becomes the table caption."""
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    table = "\n".join([header, rule, *body])
+    return f"{table}\n\n: {caption}\n" if caption else table + "\n"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_state() -> dict[str, str]:
+    """The commit the report was built from, whether the tree had changes, and the dvc.lock hash."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+    lock = paths.ROOT / "dvc.lock"
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": "yes" if git("status", "--porcelain", "--untracked-files=no") else "no",
+        "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else "no dvc.lock",
+    }
+
+
+def params_yaml(params: dict[str, Any], keys: tuple[str, ...] = ("suite", "extract", "stats")) -> str:
+    return yaml.safe_dump({k: params[k] for k in keys}, sort_keys=False)
