@@ -173,7 +173,7 @@ def stats() -> None:
         result = build_statistics(entropy, settings)
         for key in tables:
             tables[key].append(result[key].assign(format=prompt_format))
-        summaries.append(robustness.family_summaries(result, settings, prompt_format))
+        summaries.append(robustness.family_summaries(result, prompt_format))
         per_prompt = entropy[entropy["variant"] == "base"].drop_duplicates(["family", "prompt_id"])
         lengths.append(per_prompt.groupby(["family", "category"])["n_tokens"].agg(["count", "mean", "std", "min", "max"])
                        .reset_index().assign(format=prompt_format))

@@ -18,7 +18,7 @@ from analysis.prompts import CATEGORIES
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
 CLASS_COLOURS = alt.Scale(domain=["compression", "preservation", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
-WIDTH = 220
+WIDTH = 170
 
 
 def _headline(frame: pd.DataFrame, definition: str, prompt_format: str) -> pd.DataFrame:
@@ -33,7 +33,7 @@ def layer_entropy(layers: pd.DataFrame) -> alt.Chart:
         part.columns = ["family", "variant", "layer", "entropy", "lo", "hi"]
         rows.append(part.assign(category=c))
     data = pd.concat(rows, ignore_index=True)
-    base = alt.Chart(data).encode(
+    base = alt.Chart().encode(
         x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
         color=alt.Color("category:N", scale=CATEGORY_COLOURS, title="category"),
     )
@@ -44,7 +44,7 @@ def layer_entropy(layers: pd.DataFrame) -> alt.Chart:
         tooltip=["family", "variant", "category", "layer", alt.Tooltip("entropy:Q", format=".4f"),
                  alt.Tooltip("lo:Q", format=".4f"), alt.Tooltip("hi:Q", format=".4f")],
     )
-    return (band + line).properties(width=WIDTH, height=150).facet(
+    return alt.layer(band, line, data=data).properties(width=WIDTH, height=150).facet(
         row=alt.Row("family:N", title=None), column=alt.Column("variant:N", title=None)
     ).resolve_scale(y="independent")
 
@@ -57,8 +57,8 @@ def delta_profiles(deltas: pd.DataFrame) -> alt.Chart:
         part.columns = ["family", "layer", "layer_class", "q_value", "value", "lo", "hi"]
         rows.append(part.assign(metric=label))
     data = pd.concat(rows, ignore_index=True)
-    base = alt.Chart(data).encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)))
-    rule = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="black", strokeDash=[3, 3]).encode(y="zero:Q")
+    base = alt.Chart().encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)))
+    rule = alt.Chart().mark_rule(color="black", strokeDash=[3, 3]).encode(y=alt.datum(0))
     bars = base.mark_errorbar().encode(y=alt.Y("lo:Q", title="instruct − base"), y2="hi:Q")
     points = base.mark_point(filled=True, size=45).encode(
         y="value:Q",
@@ -66,7 +66,7 @@ def delta_profiles(deltas: pd.DataFrame) -> alt.Chart:
         tooltip=["family", "metric", "layer", alt.Tooltip("value:Q", format=".4f"), alt.Tooltip("lo:Q", format=".4f"),
                  alt.Tooltip("hi:Q", format=".4f"), alt.Tooltip("q_value:Q", format=".3g"), "layer_class"],
     )
-    return (rule + bars + points).properties(width=WIDTH, height=150).facet(
+    return alt.layer(rule, bars, points, data=data).properties(width=WIDTH, height=150).facet(
         row=alt.Row("metric:N", title=None), column=alt.Column("family:N", title=None)
     ).resolve_scale(y="independent")
 
@@ -86,29 +86,29 @@ def depth_profiles(deltas: pd.DataFrame) -> alt.Chart:
 
 def head_scores(heads: pd.DataFrame) -> alt.Chart:
     """Layer x head heatmap of the candidate-head score per family; top-k heads outlined."""
-    base = alt.Chart(heads).encode(x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"))
+    base = alt.Chart().encode(x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"))
     cells = base.mark_rect().encode(
         color=alt.Color("score:Q", scale=alt.Scale(scheme="viridis"), title="head score"),
         tooltip=["family", "layer", "head", alt.Tooltip("score:Q", format=".3f"), "rank",
                  alt.Tooltip("did:Q", format=".4f"), alt.Tooltip("q_value:Q", format=".3g")],
     )
     top = base.transform_filter(alt.datum.top_k).mark_point(shape="square", size=120, color="white", strokeWidth=2)
-    return (cells + top).properties(width=WIDTH, height=160).facet(column=alt.Column("family:N", title=None)
+    return alt.layer(cells, top, data=heads).properties(width=WIDTH, height=160).facet(column=alt.Column("family:N", title=None)
                                                                     ).resolve_scale(x="independent", y="independent")
 
 
 def prompt_lengths(lengths: pd.DataFrame) -> alt.Chart:
     """Prompt counts and mean token length per category, for each family's tokenizer."""
-    bars = alt.Chart(lengths).mark_bar().encode(
+    bars = alt.Chart().mark_bar().encode(
         x=alt.X("category:N", title=None, sort=list(CATEGORIES)),
         y=alt.Y("mean:Q", title="mean tokens per prompt"),
         color=alt.Color("category:N", scale=CATEGORY_COLOURS, legend=None),
         tooltip=["family", "format", "category", alt.Tooltip("count:Q", title="prompts"),
                  alt.Tooltip("mean:Q", format=".2f"), "min", "max"],
     )
-    errs = alt.Chart(lengths).mark_errorbar().encode(x=alt.X("category:N", sort=list(CATEGORIES)),
+    errs = alt.Chart().mark_errorbar().encode(x=alt.X("category:N", sort=list(CATEGORIES)),
                                                        y="min:Q", y2="max:Q")
-    return (bars + errs).properties(width=150, height=140).facet(
+    return alt.layer(bars, errs, data=lengths).properties(width=150, height=140).facet(
         column=alt.Column("family:N", title=None), row=alt.Row("format:N", title=None))
 
 

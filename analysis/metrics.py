@@ -296,7 +296,8 @@ def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
 
     Returns {"layers", "deltas", "cross_family", "heads": DataFrames with a `definition` column, one
     block per definition in settings["definitions"]; "metrics": the headline definition's numbers,
-    {"families": {family: {...}}, "pairs": {"famA~famB": {...}}}, JSON-ready, None where undefined}.
+    {"families": {family: {...}}, "pairs": {"famA~famB": {...}}}, JSON-ready, None where undefined;
+    "summaries": {definition: {family: {...}}}, the same family numbers for every definition}.
 
     layers (per definition, family, variant, layer): n_layers, depth = (layer+0.5)/n_layers; h_<c>,
       h_<c>_lo, h_<c>_hi for each category c (mean entropy and bootstrap CI over prompts); rfc, rsi,
@@ -328,6 +329,7 @@ def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
 
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
     metrics: dict = {"families": {}, "pairs": {}}
+    summaries: dict[str, dict] = {d: {} for d in definitions}
     for definition in definitions:
         profiles, resamples = {}, {}
         for family, arrays in families.items():
@@ -341,8 +343,7 @@ def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
             tables["deltas"].append(deltas)
             tables["heads"].append(heads)
             profiles[family], resamples[family] = deltas["delta_rfc"].to_numpy(), boot_rfc
-            if definition == settings["headline_definition"]:
-                metrics["families"][family] = family_metrics(arrays, deltas, boot_rfc, boot_diff, heads, settings)
+            summaries[definition][family] = family_metrics(arrays, deltas, boot_rfc, boot_diff, heads, settings)
         joint = {(a, b): families[a].design == families[b].design for a in families for b in families}
         cross = cross_family_table(profiles, depth_grid=int(settings["depth_grid"]),
                                    confidence=float(settings["confidence"]), resamples=resamples, joint=joint)
@@ -351,6 +352,8 @@ def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
         if definition == settings["headline_definition"]:
             for row in cross.to_dict("records"):
                 metrics["pairs"][f"{row['family_a']}~{row['family_b']}"] = {k: _clean(row[k]) for k in PAIR_KEYS}
+    metrics["families"] = summaries[settings["headline_definition"]]
     out = {k: pd.concat(v, ignore_index=True) for k, v in tables.items()}
     out["metrics"] = metrics
+    out["summaries"] = summaries
     return out

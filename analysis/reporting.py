@@ -157,3 +157,22 @@ def git_state() -> dict[str, str]:
 
 def params_yaml(params: dict[str, Any], keys: tuple[str, ...] = ("suite", "extract", "stats")) -> str:
     return yaml.safe_dump({k: params[k] for k in keys}, sort_keys=False)
+
+
+def robustness_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per family, one column per `definition / format`: mean ΔRFC [CI], share compressing,
+    and † where the conclusion differs from the family's headline conclusion."""
+    def cell(row) -> str:
+        text = (f"{format_number(row['mean_delta_rfc'], 'f4')} [{format_number(row['mean_delta_rfc_lo'], 'f4')}, "
+                f"{format_number(row['mean_delta_rfc_hi'], 'f4')}]; {format_number(row['share_compression'], 'pct1')}")
+        return text + (" †" if row["differs"] else "")
+    cells = table.assign(choice=table["definition"] + " / " + table["format"], cell=table.apply(cell, axis=1))
+    wide = cells.pivot(index="family", columns="choice", values="cell")
+    order = list(dict.fromkeys(cells.sort_values(["format", "definition"])["choice"]))
+    return wide[order].reset_index().rename_axis(columns=None)
+
+
+def layer_list(numbers: Numbers, key: str) -> str:
+    """A list-valued metric (layer indices) as text, traceable like any other number."""
+    text = ", ".join(str(v) for v in numbers.value(key))
+    return f'[{text}]{{.num key="{key}" fmt="list" title="{numbers.source}: {key}"}}'

@@ -110,3 +110,58 @@ def split_half(entropy: pd.DataFrame, column: str, n_splits: int, seed: int) -> 
                      "split_half_r_sd": float(r.std(ddof=1)),
                      "spearman_brown": 2 * mean_r / (1 + mean_r) if mean_r > -1 else np.nan})
     return pd.DataFrame(rows)
+
+
+SUMMARY_COLUMNS = ["family", "definition", "format", "mean_delta_rfc", "mean_delta_rfc_lo", "mean_delta_rfc_hi",
+                   "share_compression", "share_preservation", "conclusion"]
+
+
+def conclusion(lo: float | None, hi: float | None) -> str:
+    """The family-level reading of a mean ΔRFC interval: compression (all below 0), preservation (all
+    above 0) or no_change (the interval contains 0, or is undefined)."""
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no_change"
+    return "compression" if hi < 0 else "preservation" if lo > 0 else "no_change"
+
+
+def family_summaries(result: dict, prompt_format: str) -> pd.DataFrame:
+    """One row per (family, definition) of one prompt format, from build_statistics' `summaries`."""
+    rows = []
+    for definition, families in result["summaries"].items():
+        for family, m in families.items():
+            rows.append({"family": family, "definition": definition, "format": prompt_format,
+                         "mean_delta_rfc": m["mean_delta_rfc"], "mean_delta_rfc_lo": m["mean_delta_rfc_lo"],
+                         "mean_delta_rfc_hi": m["mean_delta_rfc_hi"], "share_compression": m["share_compression"],
+                         "share_preservation": m["share_preservation"],
+                         "conclusion": conclusion(m["mean_delta_rfc_lo"], m["mean_delta_rfc_hi"])})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def robustness_table(summaries: pd.DataFrame, definition: str, prompt_format: str) -> pd.DataFrame:
+    """Every (family, definition, format) conclusion beside the headline's.
+
+    Adds `headline` (this row is the headline choice) and `differs` (its conclusion is not the
+    family's headline conclusion). Raises ValueError when a family lacks the headline row.
+    """
+    table = summaries.copy()
+    table["headline"] = (table["definition"] == definition) & (table["format"] == prompt_format)
+    reference = table[table["headline"]].set_index("family")["conclusion"]
+    missing = sorted(set(table["family"]) - set(reference.index))
+    if missing:
+        raise ValueError(f"no headline row ({definition}, {prompt_format}) for families {missing}")
+    table["differs"] = table["conclusion"] != table["family"].map(reference)
+    return table.sort_values(["family", "format", "definition"], ignore_index=True)
+
+
+def metrics_entries(table: pd.DataFrame, split: pd.DataFrame, length: pd.DataFrame) -> dict:
+    """metrics.json `robustness` block per family: how many choices change the conclusion, split-half
+    reliability, and how many layers the length control classifies differently."""
+    out = {}
+    for family, rows in table.groupby("family", sort=True):
+        s = split.set_index("family").loc[family]
+        lc = length[length["family"] == family]
+        out[family] = {"n_choices": int(len(rows)), "n_choices_differing": int(rows["differs"].sum()),
+                       "split_half_r": round(float(s["split_half_r"]), 6),
+                       "spearman_brown": round(float(s["spearman_brown"]), 6),
+                       "n_layers_length_disagrees": int(lc["disagrees"].sum())}
+    return out

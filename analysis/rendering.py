@@ -1,0 +1,362 @@
+"""Render report/index.qmd to a self-contained HTML page and a PDF.
+
+Quarto is the primary renderer (`quarto render`, configured by _quarto.yml). Where Quarto is not
+installed, the same document is rendered here with the subset of Quarto it uses: the document's
+Python cells run in a Jupyter kernel (nbclient + ipykernel) with the cell options `include`, `echo`,
+`output: asis`, `label` and `fig-cap`; inline `{python} expr` expressions are evaluated in the same
+kernel; pandoc (pypandoc-binary) writes HTML with every resource embedded, and pandoc's typst writer
+plus the `typst` compiler write the PDF. Charts appear as raw `{=html}` (interactive Vega-Lite) and
+`{=typst}` (static SVG) blocks, which both renderers pass through untouched.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from analysis import paths
+from analysis.artefacts import atomic_path
+from analysis.errors import UserError
+
+log = logging.getLogger(__name__)
+
+RENDERERS = ("auto", "quarto", "fallback")
+CELL = re.compile(r"^```\{python\}[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+INLINE = re.compile(r"`\{python\}\s+([^`]+)`")
+OPTION = re.compile(r"^#\|\s?(.*)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+KERNEL_TIMEOUT_S = 600
+
+STYLE = """
+body { max-width: 56rem; margin: 2rem auto; padding: 0 1rem; font: 17px/1.55 system-ui, sans-serif; color: #222; }
+h1.title { font-size: 2rem; margin-bottom: 0.2rem; } p.subtitle { font-size: 1.2rem; color: #555; margin-top: 0; }
+table { border-collapse: collapse; margin: 1rem 0; font-size: 0.9rem; } caption { caption-side: top; text-align: left; color: #555; padding-bottom: 0.3rem; }
+th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: left; }
+.callout-warning { border-left: 5px solid #e0a800; background: #fff8e1; padding: 0.5rem 1rem; margin: 1rem 0; }
+.num { border-bottom: 1px dotted #888; } figure { margin: 1.5rem 0; } figcaption { color: #555; font-size: 0.9rem; }
+.vega-chart { overflow-x: auto; }
+nav#TOC { background: #f6f6f6; padding: 0.5rem 1rem; font-size: 0.9rem; }
+pre { background: #f6f6f6; padding: 0.5rem; overflow-x: auto; }
+"""
+
+
+@dataclass
+class RenderResult:
+    renderer: str
+    html: Path
+    pdf: Path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers the document itself calls (both renderers).
+
+def _fence(text: str) -> str:
+    """A backtick fence longer than any backtick run inside `text`."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def _raw_block(fmt: str, text: str) -> str:
+    fence = _fence(text)
+    return f"{fence}{{={fmt}}}\n{text}\n{fence}\n"
+
+
+def _typst_text(text: str) -> str:
+    """Escape characters with a meaning in typst markup."""
+    return re.sub(r"([\\#\[\]*_`$<>@~])", r"\\\1", text)
+
+
+def vega_bundle_markdown() -> str:
+    """A raw HTML block defining `vegaEmbed` from vl-convert's bundle of Vega, Vega-Lite and
+    Vega-Embed, so the page needs no network. Include it once, before the first chart."""
+    import vl_convert
+
+    bundle = vl_convert.javascript_bundle("window.vegaEmbed = vegaEmbed;")
+    return _raw_block("html", f'<script>\n{bundle}\n</script>')
+
+
+def chart_markdown(spec_json: Path | str, svg: Path | str, caption: str, label: str) -> str:
+    """A chart for both outputs: interactive Vega-Lite in HTML, the static SVG in the PDF.
+
+    Paths are relative to the document; the spec is read now and inlined in the page.
+    """
+    spec_path, svg_path = Path(spec_json), Path(svg)
+    for path in (spec_path, svg_path):
+        if not path.exists():
+            raise UserError(f"{path}: chart file missing; run `selfref figures` (or `dvc repro figures`)")
+    spec = json.dumps(json.loads(spec_path.read_text())).replace("</", "<\\/")
+    element = f"vis-{label}"
+    html = (f'<figure id="{label}" class="chart">\n<div id="{element}" class="vega-chart"></div>\n'
+            f'<figcaption>{_html_escape(caption)}</figcaption>\n</figure>\n'
+            f'<script>\nwindow.vegaEmbed("#{element}", {spec}, '
+            '{"actions": false, "renderer": "svg"});\n</script>')
+    typst = (f'#figure(image("{svg_path.as_posix()}", width: 100%), '
+             f'caption: [{_typst_text(caption)}]) <{label}>')
+    return _raw_block("html", html) + "\n" + _raw_block("typst", typst)
+
+
+def _html_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fallback renderer.
+
+@dataclass
+class Chunk:
+    """A piece of the document: markdown text, or a Python cell with its options."""
+
+    kind: str  # "markdown" | "code"
+    text: str
+    options: dict[str, Any]
+    line: int
+
+
+def split_front_matter(source: str, where: str) -> tuple[dict[str, Any], str]:
+    """(YAML front matter, body) of a .qmd; a document without front matter has {}."""
+    if not source.startswith("---\n"):
+        return {}, source
+    end = source.find("\n---\n", 4)
+    if end < 0:
+        raise UserError(f"{where}: front matter opened with --- is never closed")
+    try:
+        meta = yaml.safe_load(source[4:end]) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: front matter is not valid YAML: {exc}") from exc
+    return meta, source[end + 5:]
+
+
+def parse_cell_options(code: str, where: str) -> tuple[dict[str, Any], str]:
+    """Quarto's `#| key: value` lines at the top of a cell, and the code after them."""
+    lines = code.splitlines()
+    option_lines = []
+    while lines and OPTION.match(lines[0]):
+        option_lines.append(OPTION.match(lines.pop(0)).group(1))
+    try:
+        options = yaml.safe_load("\n".join(option_lines)) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where}: cell options are not valid YAML: {exc}") from exc
+    return options, "\n".join(lines) + "\n"
+
+
+def chunks(body: str, where: str, first_line: int = 1) -> list[Chunk]:
+    """Split a .qmd body into markdown and Python cells; `line` is where each starts in the file."""
+    out, pos = [], 0
+    for match in CELL.finditer(body):
+        line = body.count("\n", 0, match.start()) + first_line
+        if match.start() > pos:
+            out.append(Chunk("markdown", body[pos:match.start()], {}, body.count("\n", 0, pos) + first_line))
+        options, code = parse_cell_options(match.group(1), f"{where}:{line}")
+        out.append(Chunk("code", code, options, line))
+        pos = match.end()
+    out.append(Chunk("markdown", body[pos:], {}, body.count("\n", 0, pos) + first_line))
+    return out
+
+
+def _notebook(parts: list[Chunk]):
+    """A notebook with one cell per code chunk and one per inline expression, in document order."""
+    import nbformat
+
+    cells, slots = [], []
+    for index, part in enumerate(parts):
+        if part.kind == "code":
+            cells.append(nbformat.v4.new_code_cell(part.text))
+            slots.append((index, None))
+        else:
+            for expr in INLINE.findall(part.text):
+                cells.append(nbformat.v4.new_code_cell(f"print({expr.strip()}, end='')"))
+                slots.append((index, expr))
+    return nbformat.v4.new_notebook(cells=cells), slots
+
+
+def _outputs_markdown(outputs: list, options: dict[str, Any], assets: Path, name: str) -> str:
+    """Markdown for a cell's outputs: `output: asis` passes text through, otherwise it is a code block."""
+    import base64
+
+    texts, blocks = [], []
+    for out in outputs:
+        if out.get("output_type") == "stream" and out.get("name") == "stdout":
+            texts.append(out["text"])
+        elif out.get("output_type") in ("display_data", "execute_result"):
+            data = out.get("data", {})
+            if "text/markdown" in data:
+                texts.append(data["text/markdown"] + "\n")
+            elif "image/png" in data:
+                assets.mkdir(parents=True, exist_ok=True)
+                image = assets / f"{name}-{len(blocks)}.png"
+                image.write_bytes(base64.b64decode(data["image/png"]))
+                caption = options.get("fig-cap", "")
+                label = f"{{#{options['label']}}}" if "label" in options else ""
+                blocks.append(f"![{caption}]({image.as_posix()}){label}\n")
+            elif "text/plain" in data:
+                texts.append(data["text/plain"] + "\n")
+    text = "".join(texts)
+    if options.get("output") == "asis":
+        body = text
+    else:
+        body = f"```\n{text}```\n" if text.strip() else ""
+    return body + "\n".join(blocks)
+
+
+def _error_message(cell_output: dict) -> str:
+    return f"{cell_output.get('ename')}: {cell_output.get('evalue')}"
+
+
+def execute_document(qmd: Path, workdir: Path) -> tuple[dict[str, Any], str]:
+    """Run the document's Python in a kernel started in the document's folder, as Quarto does, and
+    return (front matter, plain markdown with every cell replaced by its output)."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    where = str(qmd)
+    source = qmd.read_text(encoding="utf-8")
+    meta, body = split_front_matter(source, where)
+    parts = chunks(body, where, first_line=source.count("\n") - body.count("\n") + 1)
+    notebook, slots = _notebook(parts)
+    client = NotebookClient(notebook, timeout=KERNEL_TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(qmd.parent)}})
+    previous = os.environ.get("SELFREF_ROOT")
+    os.environ["SELFREF_ROOT"] = str(paths.ROOT)  # the kernel reads the same project as this process
+    try:
+        client.execute()
+    except CellExecutionError as exc:
+        failed = next(((i, o) for i, cell in enumerate(notebook.cells) for o in cell.get("outputs", [])
+                       if o.get("output_type") == "error"), None)
+        line = parts[slots[failed[0]][0]].line if failed else "?"
+        detail = _error_message(failed[1]) if failed else str(exc)
+        raise UserError(f"{where}:{line}: a Python cell failed while rendering the report: {detail}\n"
+                        f"{ANSI.sub('', str(exc))}") from exc
+    finally:
+        if previous is None:
+            os.environ.pop("SELFREF_ROOT", None)
+        else:
+            os.environ["SELFREF_ROOT"] = previous
+
+    defaults = (meta.get("execute") or {})
+    rendered: dict[int, list[str]] = {}
+    inline_values: dict[int, list[str]] = {}
+    for cell, (index, expr) in zip(notebook.cells, slots):
+        if expr is not None:
+            text = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
+            inline_values.setdefault(index, []).append(text)
+            continue
+        part = parts[index]
+        options = {**defaults, **part.options}
+        if options.get("include") is False:
+            rendered[index] = []
+            continue
+        pieces = []
+        if options.get("echo") is True:
+            pieces.append(f"```python\n{part.text}```\n")
+        pieces.append(_outputs_markdown(cell.outputs, options, workdir, f"cell{part.line}"))
+        rendered[index] = pieces
+
+    markdown = []
+    for index, part in enumerate(parts):
+        if part.kind == "code":
+            markdown.extend(rendered.get(index, []))
+            markdown.append("\n")
+        else:
+            values = iter(inline_values.get(index, []))
+            markdown.append(INLINE.sub(lambda _: next(values), part.text))
+    return meta, "".join(markdown)
+
+
+def _metadata(meta: dict[str, Any], qmd: Path) -> dict[str, Any]:
+    """Front matter for pandoc: Quarto's `date: last-modified` becomes the document's modification date."""
+    out = {k: v for k, v in meta.items() if k not in ("execute", "format", "jupyter")}
+    if out.get("date") == "last-modified":
+        out["date"] = dt.date.fromtimestamp(qmd.stat().st_mtime).isoformat()
+    return out
+
+
+def _pandoc(source: Path, target: Path, to: str, extra: list[str], cwd: Path) -> None:
+    import pypandoc
+
+    pandoc = pypandoc.get_pandoc_path()
+    cmd = [pandoc, str(source), "--from", "markdown", "--to", to, "--output", str(target), *extra]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"pandoc failed writing {target.name} ({to}):\n{done.stderr.strip()}")
+
+
+def render_fallback(qmd: Path, outdir: Path) -> RenderResult:
+    """Render without Quarto: kernel, then pandoc to HTML and typst to PDF. Outputs appear atomically."""
+    import typst
+
+    qmd = qmd.resolve()
+    outdir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".render-", dir=qmd.parent) as tmp:
+        work = Path(tmp)
+        meta, markdown = execute_document(qmd, work)
+        meta = _metadata(meta, qmd)
+        toc = bool(meta.pop("toc", False))
+        document = work / "index.md"
+        document.write_text("---\n" + yaml.safe_dump(meta, allow_unicode=True) + "---\n\n" + markdown,
+                            encoding="utf-8")
+        css = work / "style.css"
+        css.write_text(STYLE, encoding="utf-8")
+        toc_args = ["--toc"] if toc else []
+        with atomic_path(outdir / "index.html") as html:
+            _pandoc(document, html, "html5", ["--standalone", "--embed-resources", "--mathml", f"--css={css}",
+                                              "--resource-path", str(qmd.parent), *toc_args], qmd.parent)
+        typ = qmd.parent / f"{work.name}.typ"  # beside the document, so figure paths resolve as in the .qmd
+        try:
+            _pandoc(document, typ, "typst", ["--standalone", *toc_args], qmd.parent)
+            with atomic_path(outdir / "index.pdf") as pdf:
+                try:
+                    typst.compile(str(typ), output=str(pdf), root=str(qmd.parent))
+                except Exception as exc:  # typst raises its own error types
+                    raise UserError(f"typst could not compile the PDF of {qmd.name}: {exc}") from exc
+        finally:
+            typ.unlink(missing_ok=True)
+    return RenderResult("fallback (nbclient + pandoc + typst)", outdir / "index.html", outdir / "index.pdf")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quarto, the primary renderer.
+
+def render_quarto(qmd: Path, outdir: Path, quarto: str) -> RenderResult:
+    """`quarto render` of the project (formats from _quarto.yml); outputs are moved to `outdir`."""
+    done = subprocess.run([quarto, "render", str(qmd.relative_to(paths.ROOT))], cwd=paths.ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise UserError(f"quarto render failed:\n{done.stderr.strip()[-4000:]}")
+    outdir.mkdir(parents=True, exist_ok=True)
+    for suffix in ("html", "pdf"):
+        target = outdir / f"index.{suffix}"
+        candidates = [outdir / qmd.parent.relative_to(paths.ROOT) / f"index.{suffix}", target]
+        found = next((c for c in candidates if c.exists()), None)
+        if found is None:
+            raise UserError(f"quarto render wrote no index.{suffix} under {outdir}; check _quarto.yml formats")
+        if found != target:
+            shutil.move(found, target)
+    return RenderResult("quarto", outdir / "index.html", outdir / "index.pdf")
+
+
+def render_report(qmd: Path, outdir: Path, renderer: str = "auto") -> RenderResult:
+    """Render with Quarto when it is on PATH (or when asked), else with the fallback renderer."""
+    if renderer not in RENDERERS:
+        raise UserError(f"renderer {renderer!r}: use one of {', '.join(RENDERERS)}")
+    if not qmd.exists():
+        raise UserError(f"{qmd}: report source missing")
+    quarto = shutil.which("quarto")
+    if renderer == "quarto" and quarto is None:
+        raise UserError("renderer quarto: `quarto` is not on PATH; install Quarto (quarto.org) or use "
+                        "--renderer fallback")
+    if quarto is not None and renderer in ("auto", "quarto"):
+        log.info("rendering %s with Quarto (%s)", qmd.name, quarto)
+        return render_quarto(qmd, outdir, quarto)
+    log.info("Quarto not found: rendering %s with the fallback renderer (nbclient + pandoc + typst)", qmd.name)
+    return render_fallback(qmd, outdir)

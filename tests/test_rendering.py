@@ -1,0 +1,133 @@
+"""The fallback renderer: the Quarto features the report uses, on a small document with known output."""
+
+import json
+from pathlib import Path
+
+import altair as alt
+import pandas as pd
+import pytest
+import vl_convert as vlc
+from pypdf import PdfReader
+
+from analysis import rendering
+from analysis.errors import UserError
+
+DOCUMENT = '''---
+title: "Renderer check"
+execute:
+  echo: false
+toc: true
+---
+
+```{python}
+#| include: false
+import sys
+from pathlib import Path
+from analysis.rendering import chart_markdown, vega_bundle_markdown
+hidden_value = 6 * 7
+```
+
+## First section
+
+The answer is `{python} hidden_value` and twice that is `{python} 2 * hidden_value`.
+
+```{python}
+#| output: asis
+print(vega_bundle_markdown())
+print("**bold from a cell** and a table:\\n")
+print("| a | b |\\n|---|---|\\n| 1 | 2 |\\n")
+```
+
+```{python}
+#| echo: true
+print("plain output")
+```
+
+## Second section
+
+```{python}
+#| output: asis
+print(chart_markdown(Path("figures/tiny.vl.json"), Path("figures/tiny.svg"), "A tiny chart (made_up.parquet).",
+                     "fig-tiny"))
+```
+'''
+
+
+@pytest.fixture
+def document(tmp_path):
+    folder = tmp_path / "report"
+    (folder / "figures").mkdir(parents=True)
+    chart = alt.Chart(pd.DataFrame({"x": [0, 1, 2], "y": [1.0, 3.0, 2.0]})).mark_line().encode(x="x:Q", y="y:Q")
+    spec = chart.to_dict()
+    (folder / "figures" / "tiny.vl.json").write_text(json.dumps(spec))
+    (folder / "figures" / "tiny.svg").write_text(vlc.vegalite_to_svg(spec))
+    qmd = folder / "index.qmd"
+    qmd.write_text(DOCUMENT)
+    return qmd
+
+
+def test_cells_and_options_are_parsed_with_line_numbers():
+    """Cells are split from markdown, `#|` options read as YAML and removed from the code."""
+    meta, body = rendering.split_front_matter(DOCUMENT, "doc")
+    assert meta["execute"] == {"echo": False} and meta["toc"] is True
+    parts = rendering.chunks(body, "doc")
+    code = [p for p in parts if p.kind == "code"]
+    assert [p.options for p in code] == [{"include": False}, {"output": "asis"}, {"echo": True}, {"output": "asis"}]
+    assert code[0].text.startswith("import sys") and "#|" not in code[0].text
+    assert body.splitlines()[code[1].line - 1] == "```{python}"
+
+
+def test_bad_options_and_unclosed_front_matter_are_named():
+    """Malformed documents fail with the document and line in the message."""
+    with pytest.raises(UserError, match="doc:1: cell options"):
+        rendering.chunks("```{python}\n#| echo: [unclosed\nx = 1\n```\n", "doc")
+    with pytest.raises(UserError, match="never closed"):
+        rendering.split_front_matter("---\ntitle: x\n", "doc")
+
+
+def test_fallback_renders_html_and_pdf_with_quarto_semantics(document, tmp_path):
+    """Inline expressions evaluate, include:false and echo follow Quarto, asis output becomes markdown,
+    charts are interactive in HTML (spec and Vega inlined) and static in the PDF."""
+    out = tmp_path / "out"
+    result = rendering.render_fallback(document, out)
+    html = result.html.read_text()
+    assert "The answer is 42 and twice that is 84." in html
+    assert "<strong>bold from a cell</strong>" in html and "<table" in html
+    assert "hidden_value = 6 * 7" not in html, "include: false hides the code"
+    assert "sourceCode python" in html and html.count("plain output") == 2, "echo: true shows code and output"
+    assert "window.vegaEmbed" in html and '"mark": {"type": "line"}' in html.replace('"mark":{"type":"line"}',
+                                                                                       '"mark": {"type": "line"}')
+    assert "<script src=" not in html and "http://" not in html.split("<body")[1].split("<script")[0]
+    assert 'id="TOC"' in html or "toc" in html.lower()
+    text = "".join(page.extract_text() for page in PdfReader(result.pdf).pages)
+    assert "First section" in text and "Second section" in text and "42" in text
+    assert "A tiny chart (made_up.parquet)." in text, "typst caption with escaped underscore"
+    assert not list(document.parent.glob("*.typ")) and not list(document.parent.glob(".render-*"))
+
+
+def test_failing_cell_names_the_document_and_writes_nothing(document, tmp_path):
+    """A Python error in a cell stops the render with the document named; no output appears."""
+    document.write_text(DOCUMENT.replace("hidden_value = 6 * 7", "hidden_value = 1 / 0"))
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"index.qmd:8: a Python cell failed.*ZeroDivisionError"):
+        rendering.render_fallback(document, out)
+    assert not list(out.glob("*")) if out.exists() else True
+
+
+def test_renderer_choice(monkeypatch, document, tmp_path):
+    """Asking for Quarto where it is absent is a clear error; an unknown renderer too."""
+    monkeypatch.setattr(rendering.shutil, "which", lambda name: None)
+    with pytest.raises(UserError, match="quarto.*not on PATH"):
+        rendering.render_report(document, tmp_path / "out", renderer="quarto")
+    with pytest.raises(UserError, match="use one of"):
+        rendering.render_report(document, tmp_path / "out", renderer="latex")
+
+
+def test_chart_markdown_escapes_for_both_outputs(tmp_path, document):
+    """Captions are escaped for HTML and typst; a missing chart file says which stage makes it."""
+    folder = document.parent
+    md = rendering.chart_markdown(folder / "figures/tiny.vl.json", folder / "figures/tiny.svg",
+                                  "a <b> & c_d #e", "fig-x")
+    assert "a &lt;b&gt; &amp; c_d #e" in md and r"a \<b\> & c\_d \#e" in md
+    with pytest.raises(UserError, match="selfref figures"):
+        rendering.chart_markdown(folder / "figures/none.vl.json", folder / "figures/tiny.svg", "c", "fig-y")
