@@ -9,6 +9,7 @@ def use_root(root: Path) -> None:
     """Point every path at another project root (tests, benchmarks); the default is this checkout."""
     global ROOT, PARAMS, DATA, PROMPTS, PROMPT_SUMMARY, MANIFESTS, ENTROPY, STATS, LAYERS, DELTAS
     global CROSS_FAMILY, HEADS, TOKEN_LENGTHS, ROBUSTNESS, LENGTH_CONTROL, SPLIT_HALF, METRICS, PLOTS
+    global DELTA_RFC_PLOT
     global DEMO_MODELS, REPORT, REPORT_QMD, FIGURES, REPORT_OUTPUT, REPORT_HTML, REPORT_PDF
     ROOT = Path(root)
     PARAMS = ROOT / "params.yaml"
@@ -28,6 +29,7 @@ def use_root(root: Path) -> None:
     SPLIT_HALF = STATS / "split_half.parquet"
     METRICS = STATS / "metrics.json"
     PLOTS = STATS / "plots"
+    DELTA_RFC_PLOT = PLOTS / "delta_rfc.csv"
     # Synthetic demo checkpoints are regenerated from params, so they live outside git and DVC's cache.
     DEMO_MODELS = Path(os.environ.get("SELFREF_DEMO_MODELS", ROOT / "models" / "demo"))
     REPORT = ROOT / "report"

@@ -103,3 +103,12 @@ def test_dvc_repro_from_a_clean_clone_rebuilds_every_artefact(tmp_path):
     assert any("mean_delta_rfc" in json.dumps(v) for v in shown.values())
     status = _run(["dvc", "status"], clone, env)
     assert "up to date" in status.stdout, status.stdout
+
+
+def test_stats_without_entropy_tables_names_the_missing_file_and_writes_nothing(project):
+    """The stats verb refuses to run on missing inputs and says which stage makes them."""
+    from analysis.errors import UserError
+
+    with pytest.raises(UserError, match=r"data/entropy/raw/demo_\w+-base.parquet: missing; run `selfref extract"):
+        cli.stats()
+    assert not paths.STATS.exists()
