@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,7 +330,8 @@ def render_fallback(qmd: Path, outdir: Path) -> RenderResult:
 
 def render_quarto(qmd: Path, outdir: Path, quarto: str) -> RenderResult:
     """`quarto render` of the project (formats from _quarto.yml); outputs are moved to `outdir`."""
-    done = subprocess.run([quarto, "render", str(qmd.relative_to(paths.ROOT))], cwd=paths.ROOT,
+    env = {**os.environ, "QUARTO_PYTHON": sys.executable, "SELFREF_ROOT": str(paths.ROOT)}  # this environment's kernel
+    done = subprocess.run([quarto, "render", str(qmd.relative_to(paths.ROOT))], cwd=paths.ROOT, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"quarto render failed:\n{done.stderr.strip()[-4000:]}")

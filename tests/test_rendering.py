@@ -131,3 +131,29 @@ def test_chart_markdown_escapes_for_both_outputs(tmp_path, document):
     assert "a &lt;b&gt; &amp; c_d #e" in md and r"a \<b\> & c\_d \#e" in md
     with pytest.raises(UserError, match="selfref figures"):
         rendering.chart_markdown(folder / "figures/none.vl.json", folder / "figures/tiny.svg", "c", "fig-y")
+
+
+def test_quarto_is_preferred_and_its_outputs_land_in_report_output(tmp_path, monkeypatch):
+    """With `quarto` on PATH, `auto` runs `quarto render` from the project root, with this Python as its
+    kernel, and moves the project's outputs to report/_output/index.{html,pdf}."""
+    from analysis import paths
+
+    root = tmp_path / "project"
+    (root / "report").mkdir(parents=True)
+    qmd = root / "report" / "index.qmd"
+    qmd.write_text("---\ntitle: x\n---\n")
+    fake = tmp_path / "quarto"
+    fake.write_text('#!/bin/sh\nset -e\ntest "$1" = render && test "$2" = report/index.qmd\n'
+                    'mkdir -p report/_output/report\necho "$QUARTO_PYTHON" > report/_output/report/index.html\n'
+                    'echo pdf > report/_output/report/index.pdf\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(rendering.shutil, "which", lambda name: str(fake) if name == "quarto" else None)
+    paths.use_root(root)
+    try:
+        result = rendering.render_report(qmd, root / "report" / "_output")
+    finally:
+        paths.use_root(Path(__file__).resolve().parent.parent)
+    assert result.renderer == "quarto"
+    assert result.html == root / "report" / "_output" / "index.html" and result.pdf.read_text() == "pdf\n"
+    import sys
+    assert result.html.read_text().strip() == sys.executable
