@@ -154,52 +154,19 @@ def _entropy(checkpoints: list, prompt_format: str):
 @app.command()
 def stats() -> None:
     """Layer, cross-family, head and robustness statistics for every entropy definition and prompt format."""
-    import pandas as pd
-
-    from analysis import robustness
     from analysis.artefacts import atomic_path, write_json, write_parquet
-    from analysis.metrics import DEFINITION_COLUMNS, build_statistics
-    from analysis.prompts import CATEGORIES
+    from analysis.metrics import build_study
 
     params = params_mod.load()
-    settings = params["stats"]
     checkpoints = params_mod.active_checkpoints(params)
-    definition, headline_format = settings["headline_definition"], settings["headline_format"]
-    tables: dict[str, list] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
-    summaries, lengths = [], []
-    for prompt_format in ("raw", "chat"):
-        entropy = _entropy(checkpoints, prompt_format)
-        result = build_statistics(entropy, settings)
-        for key in tables:
-            tables[key].append(result[key].assign(format=prompt_format))
-        summaries.append(robustness.family_summaries(result, prompt_format))
-        per_prompt = entropy[entropy["variant"] == "base"].drop_duplicates(["family", "prompt_id"])
-        lengths.append(per_prompt.groupby(["family", "category"])["n_tokens"]
-                       .agg(["count", "mean", "std", "min", "max"]).reset_index().assign(format=prompt_format))
-        if prompt_format == headline_format:
-            metrics, headline_entropy = result["metrics"], entropy
-    out = {key: pd.concat(frames, ignore_index=True) for key, frames in tables.items()}
-    deltas = out["deltas"]
-    headline_deltas = deltas[(deltas["definition"] == definition) & (deltas["format"] == headline_format)]
-    column = DEFINITION_COLUMNS[definition]
-    length = robustness.length_control(headline_entropy, column, headline_deltas, float(settings["alpha"]))
-    split = robustness.split_half(headline_entropy, column, int(settings["split_half_splits"]), int(settings["seed"]))
-    table = robustness.robustness_table(pd.concat(summaries, ignore_index=True), definition, headline_format)
-    metrics["robustness"] = robustness.metrics_entries(table, split, length)
-
-    for key, frame in out.items():
-        write_parquet(frame, getattr(paths, key.upper()))
-    lengths_frame = pd.concat(lengths, ignore_index=True)
-    lengths_frame["category"] = pd.Categorical(lengths_frame["category"], categories=list(CATEGORIES))
-    write_parquet(lengths_frame.sort_values(["format", "family", "category"]), paths.TOKEN_LENGTHS)
-    write_parquet(table, paths.ROBUSTNESS)
-    write_parquet(length, paths.LENGTH_CONTROL)
-    write_parquet(split, paths.SPLIT_HALF)
-    plot = headline_deltas[["family", "layer", "depth", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "layer_class"]]
+    study = build_study({fmt: _entropy(checkpoints, fmt) for fmt in ("raw", "chat")}, params["stats"])
+    for key in ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
+                "split_half"):
+        write_parquet(study[key], getattr(paths, key.upper()))
     with atomic_path(paths.DELTA_RFC_PLOT) as tmp:
-        plot.to_csv(tmp, index=False, float_format="%.6g")
-    write_json(metrics, paths.METRICS)
-    for family, values in metrics["families"].items():
+        study["delta_rfc_plot"].to_csv(tmp, index=False, float_format="%.6g")
+    write_json(study["metrics"], paths.METRICS)
+    for family, values in study["metrics"]["families"].items():
         typer.echo(f"{family}: mean ΔRFC {values['mean_delta_rfc']:+.4f} "
                    f"[{values['mean_delta_rfc_lo']:+.4f}, {values['mean_delta_rfc_hi']:+.4f}], "
                    f"compression in {values['share_compression']:.0%} of layers")

@@ -31,6 +31,7 @@ SELF, NEUTRAL, THIRD, CONFOUNDER = CATEGORIES
 DEFINITION_COLUMNS = {"raw": "entropy", "no_bos": "entropy_no_bos", "normalised": "entropy_normalised"}
 SETTINGS = ("seed", "n_resamples", "n_permutations", "confidence", "alpha", "near_zero", "neutral_floor",
             "depth_grid", "top_k_heads", "definitions", "headline_definition")
+STUDY_SETTINGS = SETTINGS + ("headline_format", "split_half_splits")
 REQUIRED_COLUMNS = ("family", "variant", "prompt_id", "category", "layer", "head")
 SIGNIFICANT_DIGITS = 6
 N_TOP_LAYERS = 5
@@ -356,4 +357,56 @@ def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
     out = {k: pd.concat(v, ignore_index=True) for k, v in tables.items()}
     out["metrics"] = metrics
     out["summaries"] = summaries
+    return out
+
+
+def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
+    """Per family and category: count, mean, sd, min and max of the tokens fed per prompt."""
+    per_prompt = entropy[entropy["variant"] == "base"].drop_duplicates(["family", "prompt_id"])
+    out = per_prompt.groupby(["family", "category"])["n_tokens"].agg(["count", "mean", "std", "min", "max"])
+    return out.reset_index()
+
+
+def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: dict) -> dict:
+    """Everything the stats stage writes, from the entropy tables of each prompt format (raw, chat).
+
+    The tables of `build_statistics` for every format with a `format` column; token_lengths; the
+    robustness table of every (definition, format) conclusion; length control and split-half
+    reliability on the headline definition and format; the headline ΔRFC for `dvc plots`; and metrics.
+    """
+    from analysis import robustness
+
+    missing = [k for k in STUDY_SETTINGS if k not in settings]
+    if missing:
+        raise UserError(f"stats settings lack {', '.join(missing)} (params.yaml, section stats)")
+    settings = _check_settings(settings)
+    definition, headline_format = settings["headline_definition"], settings["headline_format"]
+    if headline_format not in entropy_by_format:
+        raise UserError(f"stats.headline_format {headline_format!r}: use one of {', '.join(entropy_by_format)}")
+    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
+    summaries, lengths = [], []
+    for prompt_format, entropy in entropy_by_format.items():
+        result = build_statistics(entropy, settings)
+        for key in tables:
+            tables[key].append(result[key].assign(format=prompt_format))
+        summaries.append(robustness.family_summaries(result, prompt_format))
+        lengths.append(token_length_table(entropy).assign(format=prompt_format))
+        if prompt_format == headline_format:
+            metrics = result["metrics"]
+    out: dict = {key: pd.concat(frames, ignore_index=True) for key, frames in tables.items()}
+    deltas = out["deltas"]
+    headline = deltas[(deltas["definition"] == definition) & (deltas["format"] == headline_format)]
+    entropy, column = entropy_by_format[headline_format], DEFINITION_COLUMNS[definition]
+    out["length_control"] = robustness.length_control(entropy, column, headline, float(settings["alpha"]))
+    out["split_half"] = robustness.split_half(entropy, column, int(settings["split_half_splits"]),
+                                              int(settings["seed"]))
+    out["robustness"] = robustness.robustness_table(pd.concat(summaries, ignore_index=True), definition,
+                                                    headline_format)
+    metrics["robustness"] = robustness.metrics_entries(out["robustness"], out["split_half"], out["length_control"])
+    token_lengths = pd.concat(lengths, ignore_index=True)
+    token_lengths["category"] = pd.Categorical(token_lengths["category"], categories=list(CATEGORIES))
+    out["token_lengths"] = token_lengths.sort_values(["format", "family", "category"], ignore_index=True)
+    out["delta_rfc_plot"] = headline[["family", "layer", "depth", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi",
+                                      "layer_class"]]
+    out["metrics"] = metrics
     return out
