@@ -121,3 +121,35 @@ def test_length_sorted_batches_cover_every_prompt_once():
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))
     assert [lengths[i] for i in flat] == sorted(lengths)
+
+
+def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, monkeypatch, caplog):
+    """A batch that raises MemoryError is halved and retried with a log line; results are unchanged."""
+    from analysis.inference import EntropyRunner
+
+    folder = demo_dir("demo_llama", "base")
+    kwargs = dict(checkpoint="demo_llama-base", family="demo_llama", variant="base",
+                  settings={**SETTINGS, "batch_size": 8})
+    expected = extract_checkpoint(folder, prompt_subset, **kwargs)
+    original = EntropyRunner._forward
+
+    def small_memory(self, prompts):
+        if len(prompts) > 3:
+            raise MemoryError("simulated")
+        return original(self, prompts)
+
+    monkeypatch.setattr(EntropyRunner, "_forward", small_memory)
+    with caplog.at_level("WARNING", logger="analysis.inference"):
+        got = extract_checkpoint(folder, prompt_subset, **kwargs)
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, atol=1e-6, rtol=0)
+    assert "out of memory on a batch of 8 prompts; retrying as 4 + 4" in caplog.text
+
+
+def test_out_of_memory_on_one_prompt_is_a_clear_error(demo_dir, prompt_subset, monkeypatch):
+    """When even one prompt does not fit, the error says what to change instead of crashing."""
+    from analysis.inference import EntropyRunner
+
+    monkeypatch.setattr(EntropyRunner, "_forward", lambda self, prompts: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(UserError, match="out of memory on a single prompt"):
+        extract_checkpoint(demo_dir("demo_null", "base"), prompt_subset.head(2), checkpoint="demo_null-base",
+                           family="demo_null", variant="base", settings=SETTINGS)
