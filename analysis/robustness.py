@@ -17,6 +17,8 @@ import pandas as pd
 import statsmodels.formula.api as smf
 from statsmodels.stats.multitest import multipletests
 
+from analysis.resampling import rowwise_pearson
+
 SELF, NEUTRAL = "self_referent", "neutral"
 FORMULA = ("entropy ~ C(category, Treatment('neutral')) * C(variant, Treatment('base'))"
            " + n_tokens * C(variant, Treatment('base'))")
@@ -74,16 +76,6 @@ def _profiles(matrix_base: np.ndarray, matrix_instruct: np.ndarray, self_idx: np
     return rfc(matrix_instruct) - rfc(matrix_base)
 
 
-def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r of matching rows; a row with a constant profile carries no signal and counts as 0."""
-    a = a - a.mean(axis=1, keepdims=True)
-    b = b - b.mean(axis=1, keepdims=True)
-    denom = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (a * b).sum(axis=1) / denom
-    return np.where(denom > 1e-15, r, 0.0)
-
-
 def split_half(entropy: pd.DataFrame, column: str, n_splits: int, seed: int) -> pd.DataFrame:
     """Per family: mean split-half correlation of the ΔRFC profile and its Spearman-Brown step-up."""
     data = prompt_layer_entropy(entropy[entropy["category"].isin([SELF, NEUTRAL])], column)
@@ -104,7 +96,8 @@ def split_half(entropy: pd.DataFrame, column: str, n_splits: int, seed: int) -> 
         s_a, s_b = halves(self_pos)
         n_a, n_b = halves(neutral_pos)
         b, i = base.to_numpy(), instruct.to_numpy()
-        r = _rowwise_pearson(_profiles(b, i, s_a, n_a), _profiles(b, i, s_b, n_b))
+        # a half whose profile is constant carries no signal: it counts as r = 0
+        r = np.nan_to_num(rowwise_pearson(_profiles(b, i, s_a, n_a), _profiles(b, i, s_b, n_b)), nan=0.0)
         mean_r = float(r.mean())
         rows.append({"family": family, "n_layers": b.shape[1], "n_splits": n_splits, "split_half_r": mean_r,
                      "split_half_r_sd": float(r.std(ddof=1)),
