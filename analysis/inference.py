@@ -123,20 +123,25 @@ class EntropyRunner:
             query[row, : len(p.input_ids)] = torch.tensor(p.query_mask)
         first = next(self.bridge.parameters()).device
         ids, attention, query = ids.to(first), attention.to(first), query.to(first)
-        out = {d: np.full((len(prompts), self.n_layers, self.n_heads), np.nan) for d in DEFINITIONS}
+        per_layer: dict[int, torch.Tensor] = {}
 
         def hook(pattern: torch.Tensor, hook: Any) -> None:
             layer = int(hook.name.split(".")[1])
             if pattern.shape[1] != self.n_heads:
                 raise UserError(f"layer {layer}: pattern has {pattern.shape[1]} heads, config says {self.n_heads}")
             values = pattern_entropies(pattern, query.to(pattern.device))
-            for d in DEFINITIONS:
-                out[d][:, layer, :] = values[d].double().cpu().numpy()
+            # stays on the device: one copy to the host per batch, not one per layer and definition
+            per_layer[layer] = torch.stack([values[d] for d in DEFINITIONS])
 
         hooks = [(f"blocks.{layer}.attn.hook_pattern", hook) for layer in range(self.n_layers)]
         with torch.inference_mode():
             self.bridge.run_with_hooks(ids, attention_mask=attention, fwd_hooks=hooks, return_type=None)
-        return out
+        missing = sorted(set(range(self.n_layers)) - set(per_layer))
+        if missing:
+            raise UserError(f"no attention pattern reached the hooks of layers {missing}")
+        stacked = torch.stack([per_layer[layer].to(first) for layer in range(self.n_layers)], dim=2)
+        values = stacked.double().cpu().numpy()  # [definition, prompt, layer, head]
+        return {d: values[i] for i, d in enumerate(DEFINITIONS)}
 
     def run(self, prompts: list[EncodedPrompt], batch_size: int, label: str = "") -> dict[str, np.ndarray]:
         """Entropies [prompt, layer, head] per definition; a batch that runs out of memory is split and retried."""
