@@ -29,7 +29,8 @@ import pipeline  # noqa: E402
 from analysis.artefacts import atomic_path  # noqa: E402
 
 MB = 1_000_000
-GOAL = {"a_over_b": 1.25, "c_over_a": 20.0, "memory": 1.2, "artefact_mb": 10.0, "repro_s": 300.0, "noop_s": 10.0}
+GOAL = {"a_over_b": 1.25, "c_over_a": 20.0, "memory": 1.2, "artefact_mb": 10.0, "repro_s": 300.0, "noop_s": 10.0,
+        "stats_s": 300.0}
 
 
 def log(msg: str) -> None:
@@ -176,8 +177,9 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
             f"misses by {100 * (mem / GOAL['memory'] - 1):.0f} %.")
     stats = r.get("stats", {}).get("timings_s", {})
     if "total_s" in stats:
-        row("stats stage at the paper suite's shape", "timed (no goal set)", stats["total_s"], None,
-            f"{stats['total_s']:.0f} s")
+        row("stats stage at the paper suite's shape", f"< {GOAL['stats_s']:.0f} s", stats["total_s"],
+            stats["total_s"] < GOAL["stats_s"], f"{stats['total_s']:.0f} s",
+            f"misses by {stats['total_s'] - GOAL['stats_s']:.0f} s; see section 4 for the parts")
     pipe = r.get("pipeline", {})
     scratch = pipe.get("from_scratch")
     if scratch:

@@ -1,6 +1,7 @@
 """The fallback renderer: the Quarto features the report uses, on a small document with known output."""
 
 import json
+import sys
 from pathlib import Path
 
 import altair as alt
@@ -155,5 +156,4 @@ def test_quarto_is_preferred_and_its_outputs_land_in_report_output(tmp_path, mon
         paths.use_root(Path(__file__).resolve().parent.parent)
     assert result.renderer == "quarto"
     assert result.html == root / "report" / "_output" / "index.html" and result.pdf.read_text() == "pdf\n"
-    import sys
     assert result.html.read_text().strip() == sys.executable

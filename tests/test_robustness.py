@@ -98,3 +98,32 @@ def test_split_half_is_deterministic_given_the_seed():
     a = split_half(table, "entropy", n_splits=100, seed=3)
     b = split_half(table, "entropy", n_splits=100, seed=3)
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_conclusions_and_differences_from_the_headline():
+    """A conclusion follows the sign of the whole interval; rows whose conclusion is not the headline's
+    are marked, and the report's cells carry a dagger exactly there."""
+    from analysis.reporting import robustness_cells
+    from analysis.robustness import conclusion, metrics_entries, robustness_table
+
+    assert conclusion(-0.3, -0.1) == "compression" and conclusion(0.1, 0.2) == "preservation"
+    assert conclusion(-0.1, 0.1) == "no_change" and conclusion(None, 0.2) == "no_change"
+    rows = []
+    for definition, fmt, lo, hi in [("raw", "raw", -0.3, -0.1), ("no_bos", "raw", -0.2, 0.05),
+                                    ("raw", "chat", -0.25, -0.05)]:
+        rows.append({"family": "f", "definition": definition, "format": fmt, "mean_delta_rfc": (lo + hi) / 2,
+                     "mean_delta_rfc_lo": lo, "mean_delta_rfc_hi": hi, "share_compression": 0.5,
+                     "share_preservation": 0.0, "conclusion": conclusion(lo, hi)})
+    table = robustness_table(pd.DataFrame(rows), "raw", "raw")
+    marked = table.set_index(["definition", "format"])["differs"]
+    assert marked.to_dict() == {("no_bos", "raw"): True, ("raw", "chat"): False, ("raw", "raw"): False}
+    cells = robustness_cells(table).set_index("family")
+    assert cells.loc["f", "no_bos / raw"].endswith("†") and not cells.loc["f", "raw / raw"].endswith("†")
+    assert cells.loc["f", "raw / raw"] == "-0.2000 [-0.3000, -0.1000]; 50.0%"
+    split = pd.DataFrame({"family": ["f"], "split_half_r": [0.8], "spearman_brown": [0.888889]})
+    length = pd.DataFrame({"family": ["f", "f"], "disagrees": [True, False]})
+    assert metrics_entries(table, split, length)["f"] == {
+        "n_choices": 3, "n_choices_differing": 1, "split_half_r": 0.8, "spearman_brown": 0.888889,
+        "n_layers_length_disagrees": 1}
+    with pytest.raises(ValueError, match="no headline row"):
+        robustness_table(pd.DataFrame(rows), "normalised", "raw")
