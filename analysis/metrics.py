@@ -265,11 +265,13 @@ def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndar
     out["share_below_minus_near_zero"] = _clean(np.mean(rfc < -float(settings["near_zero"])))
     negative = np.flatnonzero(rfc < 0)  # a layer whose ΔRFC is not negative is no compression layer
     order = negative[np.argsort(rfc[negative], kind="stable")]
-    out["top_compression_layers"] = [int(x) for x in d["layer"].to_numpy()[order[:N_TOP_LAYERS]]]
+    # keyed by rank, not a list, so that `dvc metrics show` (which skips lists) prints them
+    out["top_compression_layers"] = {f"rank_{i}": int(x) for i, x in
+                                     enumerate(d["layer"].to_numpy()[order[:N_TOP_LAYERS]], start=1)}
     out["n_low_neutral"] = int(d["low_neutral"].sum())
     out["n_heads_significant"] = int((heads["q_value"] < alpha).sum())
     top = heads[heads["top_k"]].sort_values("rank")
-    out["top_heads"] = [[int(l), int(h)] for l, h in zip(top["layer"], top["head"])]
+    out["top_heads"] = {f"rank_{int(r)}": f"L{int(l)}H{int(h)}" for r, l, h in zip(top["rank"], top["layer"], top["head"])}
     return out
 
 

@@ -172,7 +172,12 @@ def robustness_cells(table: pd.DataFrame) -> pd.DataFrame:
     return wide[order].reset_index().rename_axis(columns=None)
 
 
+def ranked_values(value: dict[str, Any]) -> list[Any]:
+    """The values of a metric keyed `rank_1`, `rank_2`, ... in rank order."""
+    return [value[k] for k in sorted(value, key=lambda k: int(k.removeprefix("rank_")))]
+
+
 def layer_list(numbers: Numbers, key: str) -> str:
-    """A list-valued metric (layer indices) as text, traceable like any other number."""
-    text = ", ".join(str(v) for v in numbers.value(key))
+    """A ranked metric (layer indices keyed by rank) as text, traceable like any other number."""
+    text = ", ".join(str(v) for v in ranked_values(numbers.value(key)))
     return f'[{text}]{{.num key="{key}" fmt="list" title="{numbers.source}: {key}"}}'

@@ -598,7 +598,7 @@ def test_metrics_are_json_ready_and_complete(planted):
     assert (deep["n_layers"], deep["n_heads"]) == (6, 4)
     assert deep["share_compression"] == pytest.approx(1 / 6, rel=1e-5)  # metrics keep 6 significant digits
     assert deep["share_no_change"] == pytest.approx(5 / 6, rel=1e-5)
-    assert deep["top_compression_layers"][0] == PLANTED_LAYER
+    assert deep["top_compression_layers"]["rank_1"] == PLANTED_LAYER
     assert deep["mean_delta_rfc_lo"] <= deep["mean_delta_rfc"] <= deep["mean_delta_rfc_hi"]
     raw = out["deltas"][(out["deltas"]["definition"] == "raw") & (out["deltas"]["family"] == "deep")]
     assert deep["mean_delta_rfc"] == pytest.approx(raw["delta_rfc"].mean(), rel=1e-5)
