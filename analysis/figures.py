@@ -14,15 +14,12 @@ import pandas as pd
 import vl_convert as vlc
 
 from analysis.artefacts import atomic_path
+from analysis.metrics import choice_rows
 from analysis.prompts import CATEGORIES
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
 CLASS_COLOURS = alt.Scale(domain=["compression", "preservation", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
 WIDTH = 170
-
-
-def _headline(frame: pd.DataFrame, definition: str, prompt_format: str) -> pd.DataFrame:
-    return frame[(frame["definition"] == definition) & (frame["format"] == prompt_format)]
 
 
 def layer_entropy(layers: pd.DataFrame) -> alt.Chart:
@@ -130,10 +127,10 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
     """Every chart of the report for the headline definition and prompt format."""
     alt.data_transformers.disable_max_rows()
     charts = {
-        "layer_entropy": layer_entropy(_headline(layers, definition, prompt_format)),
-        "delta_profiles": delta_profiles(_headline(deltas, definition, prompt_format)),
-        "depth_profiles": depth_profiles(_headline(deltas, definition, prompt_format)),
-        "head_scores": head_scores(_headline(heads, definition, prompt_format)),
+        "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format)),
+        "delta_profiles": delta_profiles(choice_rows(deltas, definition, prompt_format)),
+        "depth_profiles": depth_profiles(choice_rows(deltas, definition, prompt_format)),
+        "head_scores": head_scores(choice_rows(heads, definition, prompt_format)),
         "prompt_lengths": prompt_lengths(lengths),
     }
     return {name: save(chart, folder, name) for name, chart in charts.items()}

@@ -362,6 +362,11 @@ def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
     return out
 
 
+def choice_rows(frame: pd.DataFrame, definition: str, prompt_format: str) -> pd.DataFrame:
+    """The rows of a stats table (layers, deltas, heads, cross_family) for one entropy definition and prompt format."""
+    return frame[(frame["definition"] == definition) & (frame["format"] == prompt_format)]
+
+
 def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
     """Per family and category: count, mean, sd, min and max of the tokens fed per prompt."""
     per_prompt = entropy[entropy["variant"] == "base"].drop_duplicates(["family", "prompt_id"])
@@ -396,15 +401,15 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: dict) -> d
         if prompt_format == headline_format:
             metrics = result["metrics"]
     out: dict = {key: pd.concat(frames, ignore_index=True) for key, frames in tables.items()}
-    deltas = out["deltas"]
-    headline = deltas[(deltas["definition"] == definition) & (deltas["format"] == headline_format)]
+    headline = choice_rows(out["deltas"], definition, headline_format)
     entropy, column = entropy_by_format[headline_format], DEFINITION_COLUMNS[definition]
     out["length_control"] = robustness.length_control(entropy, column, headline, float(settings["alpha"]))
     out["split_half"] = robustness.split_half(entropy, column, int(settings["split_half_splits"]),
                                               int(settings["seed"]))
     out["robustness"] = robustness.robustness_table(pd.concat(summaries, ignore_index=True), definition,
                                                     headline_format)
-    metrics["robustness"] = robustness.metrics_entries(out["robustness"], out["split_half"], out["length_control"])
+    entries = robustness.metrics_entries(out["robustness"], out["split_half"], out["length_control"])
+    metrics["robustness"] = {f: {k: _clean(v) for k, v in e.items()} for f, e in entries.items()}
     token_lengths = pd.concat(lengths, ignore_index=True)
     token_lengths["category"] = pd.Categorical(token_lengths["category"], categories=list(CATEGORIES))
     out["token_lengths"] = token_lengths.sort_values(["format", "family", "category"], ignore_index=True)

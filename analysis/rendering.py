@@ -12,6 +12,7 @@ plus the `typst` compiler write the PDF. Charts appear as raw `{=html}` (interac
 from __future__ import annotations
 
 import datetime as dt
+import html
 import json
 import logging
 import os
@@ -98,17 +99,13 @@ def chart_markdown(spec_json: Path | str, svg: Path | str, caption: str, label: 
             raise UserError(f"{path}: chart file missing; run `selfref figures` (or `dvc repro figures`)")
     spec = json.dumps(json.loads(spec_path.read_text())).replace("</", "<\\/")
     element = f"vis-{label}"
-    html = (f'<figure id="{label}" class="chart">\n<div id="{element}" class="vega-chart"></div>\n'
-            f'<figcaption>{_html_escape(caption)}</figcaption>\n</figure>\n'
-            f'<script>\nwindow.vegaEmbed("#{element}", {spec}, '
-            '{"actions": false, "renderer": "svg"});\n</script>')
+    figure = (f'<figure id="{label}" class="chart">\n<div id="{element}" class="vega-chart"></div>\n'
+              f'<figcaption>{html.escape(caption, quote=False)}</figcaption>\n</figure>\n'
+              f'<script>\nwindow.vegaEmbed("#{element}", {spec}, '
+              '{"actions": false, "renderer": "svg"});\n</script>')
     typst = (f'#figure(image("{svg_path.as_posix()}", width: 100%), '
              f'caption: [{_typst_text(caption)}]) <{label}>')
-    return _raw_block("html", html) + "\n" + _raw_block("typst", typst)
-
-
-def _html_escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _raw_block("html", figure) + "\n" + _raw_block("typst", typst)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,8 +306,8 @@ def render_fallback(qmd: Path, outdir: Path) -> RenderResult:
         css = work / "style.css"
         css.write_text(STYLE, encoding="utf-8")
         toc_args = ["--toc"] if toc else []
-        with atomic_path(outdir / "index.html") as html:
-            _pandoc(document, html, "html5", ["--standalone", "--embed-resources", "--mathml", f"--css={css}",
+        with atomic_path(outdir / "index.html") as page:
+            _pandoc(document, page, "html5", ["--standalone", "--embed-resources", "--mathml", f"--css={css}",
                                               "--resource-path", str(qmd.parent), *toc_args], qmd.parent)
         typ = qmd.parent / f"{work.name}.typ"  # beside the document, so figure paths resolve as in the .qmd
         try:

@@ -19,6 +19,7 @@ import yaml
 
 from analysis import paths
 from analysis import params as params_mod
+from analysis.metrics import choice_rows
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
             "statsmodels", "pandas", "pyarrow", "altair", "vl-convert-python", "dvc")
@@ -98,7 +99,7 @@ class Artefacts:
 
     def headline(self, frame: pd.DataFrame) -> pd.DataFrame:
         s = self.params["stats"]
-        return frame[(frame["definition"] == s["headline_definition"]) & (frame["format"] == s["headline_format"])]
+        return choice_rows(frame, s["headline_definition"], s["headline_format"])
 
 
 def load() -> Artefacts:

@@ -15,9 +15,8 @@ import warnings
 import numpy as np
 import pandas as pd
 import statsmodels.formula.api as smf
-from statsmodels.stats.multitest import multipletests
 
-from analysis.resampling import rowwise_pearson
+from analysis.resampling import fdr_bh, rowwise_pearson
 
 SELF, NEUTRAL = "self_referent", "neutral"
 FORMULA = ("entropy ~ C(category, Treatment('neutral')) * C(variant, Treatment('base'))"
@@ -59,7 +58,7 @@ def length_control(entropy: pd.DataFrame, column: str, deltas: pd.DataFrame, alp
     out = pd.DataFrame(rows)
     out["q_value"] = np.nan
     for family, idx in out.groupby("family").groups.items():
-        out.loc[idx, "q_value"] = multipletests(out.loc[idx, "p_value"], method="fdr_bh")[1]
+        out.loc[idx, "q_value"] = fdr_bh(out.loc[idx, "p_value"].to_numpy())
     significant = out["q_value"] < alpha
     out["adjusted_class"] = np.where(significant & (out["interaction"] > 0), "compression",
                                      np.where(significant & (out["interaction"] < 0), "preservation", "no_change"))
@@ -150,11 +149,11 @@ def metrics_entries(table: pd.DataFrame, split: pd.DataFrame, length: pd.DataFra
     """metrics.json `robustness` block per family: how many choices change the conclusion, split-half
     reliability, and how many layers the length control classifies differently."""
     out = {}
+    reliability = split.set_index("family")
+    disagreements = length.groupby("family")["disagrees"].sum()
     for family, rows in table.groupby("family", sort=True):
-        s = split.set_index("family").loc[family]
-        lc = length[length["family"] == family]
         out[family] = {"n_choices": int(len(rows)), "n_choices_differing": int(rows["differs"].sum()),
-                       "split_half_r": round(float(s["split_half_r"]), 6),
-                       "spearman_brown": round(float(s["spearman_brown"]), 6),
-                       "n_layers_length_disagrees": int(lc["disagrees"].sum())}
+                       "split_half_r": float(reliability.loc[family, "split_half_r"]),
+                       "spearman_brown": float(reliability.loc[family, "spearman_brown"]),
+                       "n_layers_length_disagrees": int(disagreements.get(family, 0))}
     return out
