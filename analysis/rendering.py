@@ -207,10 +207,6 @@ def _outputs_markdown(outputs: list, options: dict[str, Any], assets: Path, name
     return body + "\n".join(blocks)
 
 
-def _error_message(cell_output: dict) -> str:
-    return f"{cell_output.get('ename')}: {cell_output.get('evalue')}"
-
-
 def execute_document(qmd: Path, workdir: Path) -> tuple[dict[str, Any], str]:
     """Run the document's Python in a kernel started in the document's folder, as Quarto does, and
     return (front matter, plain markdown with every cell replaced by its output)."""
@@ -232,7 +228,7 @@ def execute_document(qmd: Path, workdir: Path) -> tuple[dict[str, Any], str]:
         failed = next(((i, o) for i, cell in enumerate(notebook.cells) for o in cell.get("outputs", [])
                        if o.get("output_type") == "error"), None)
         line = parts[slots[failed[0]][0]].line if failed else "?"
-        detail = _error_message(failed[1]) if failed else str(exc)
+        detail = f"{failed[1].get('ename')}: {failed[1].get('evalue')}" if failed else str(exc)
         raise UserError(f"{where}:{line}: a Python cell failed while rendering the report: {detail}\n"
                         f"{ANSI.sub('', str(exc))}") from exc
     finally:

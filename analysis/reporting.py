@@ -70,15 +70,11 @@ class Numbers:
 
 @dataclass
 class Artefacts:
-    """Everything the report reads, loaded once."""
+    """Everything the report's text and tables read, loaded once (the charts are built by `selfref figures`)."""
 
     numbers: Numbers
     params: dict[str, Any]
-    layers: pd.DataFrame
-    deltas: pd.DataFrame
-    cross_family: pd.DataFrame
     heads: pd.DataFrame
-    token_lengths: pd.DataFrame
     robustness: pd.DataFrame
     length_control: pd.DataFrame
     split_half: pd.DataFrame
@@ -108,11 +104,7 @@ def load() -> Artefacts:
     return Artefacts(
         numbers=Numbers(json.loads(paths.METRICS.read_text())),
         params=params,
-        layers=pd.read_parquet(paths.LAYERS),
-        deltas=pd.read_parquet(paths.DELTAS),
-        cross_family=pd.read_parquet(paths.CROSS_FAMILY),
         heads=pd.read_parquet(paths.HEADS),
-        token_lengths=pd.read_parquet(paths.TOKEN_LENGTHS),
         robustness=pd.read_parquet(paths.ROBUSTNESS),
         length_control=pd.read_parquet(paths.LENGTH_CONTROL),
         split_half=pd.read_parquet(paths.SPLIT_HALF),
