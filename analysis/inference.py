@@ -102,6 +102,24 @@ def load_bridge(local_dir: Path, device: str, dtype: torch.dtype, trust_remote_c
     return bridge
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its EOS token, else 0 (never attended to)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+
+def pad_batch(prompts: list[EncodedPrompt], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded token ids, attention mask and query mask of a batch, on `device`."""
+    width = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(prompts), width), dtype=torch.long)
+    query = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, : len(p.input_ids)] = torch.tensor(p.input_ids)
+        attention[row, : len(p.input_ids)] = 1
+        query[row, : len(p.input_ids)] = torch.tensor(p.query_mask)
+    return ids.to(device), attention.to(device), query.to(device)
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, MemoryError) or (hasattr(torch, "OutOfMemoryError") and isinstance(err, torch.OutOfMemoryError))
 
@@ -113,16 +131,8 @@ class EntropyRunner:
         self.bridge, self.n_layers, self.n_heads, self.pad_id, self.device = bridge, n_layers, n_heads, pad_id, device
 
     def _forward(self, prompts: list[EncodedPrompt]) -> dict[str, np.ndarray]:
-        width = max(len(p.input_ids) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        query = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for row, p in enumerate(prompts):
-            ids[row, : len(p.input_ids)] = torch.tensor(p.input_ids)
-            attention[row, : len(p.input_ids)] = 1
-            query[row, : len(p.input_ids)] = torch.tensor(p.query_mask)
         first = next(self.bridge.parameters()).device
-        ids, attention, query = ids.to(first), attention.to(first), query.to(first)
+        ids, attention, query = pad_batch(prompts, self.pad_id, first)
         per_layer: dict[int, torch.Tensor] = {}
 
         def hook(pattern: torch.Tensor, hook: Any) -> None:
@@ -217,8 +227,7 @@ def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: st
     if expected_shape is not None and (n_layers, n_heads) != tuple(expected_shape):
         raise UserError(f"{checkpoint}: loaded model has {n_layers} layers x {n_heads} heads, its manifest says "
                         f"{expected_shape[0]} x {expected_shape[1]}; run `selfref pull {checkpoint}` again")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    runner = EntropyRunner(bridge, n_layers, n_heads, pad, device)
+    runner = EntropyRunner(bridge, n_layers, n_heads, pad_id(tokenizer), device)
     values = runner.run(encoded, int(settings.get("batch_size", 16)), label=checkpoint)
     for d, array in values.items():
         if not np.isfinite(array).all():

@@ -42,6 +42,8 @@ from analysis.inference import (  # noqa: E402
     first_token_strings,
     length_sorted_batches,
     load_bridge,
+    pad_batch,
+    pad_id,
 )
 from analysis.prompts import load_prompts  # noqa: E402
 
@@ -96,8 +98,8 @@ def load_setup(local_dir: Path, device: str, dtype: torch.dtype, prompts: pd.Dat
     tokenizer = AutoTokenizer.from_pretrained(str(local_dir))
     encoded = [encode(tokenizer, text, "raw") for text in prompts["text"]]
     bridge = load_bridge(local_dir, device, dtype)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return Setup(bridge, tokenizer, prompts, encoded, int(bridge.cfg.n_layers), int(bridge.cfg.n_heads), pad, device)
+    return Setup(bridge, tokenizer, prompts, encoded, int(bridge.cfg.n_layers), int(bridge.cfg.n_heads),
+                 pad_id(tokenizer), device)
 
 
 # --- the three methods ---------------------------------------------------------------------------
@@ -117,17 +119,6 @@ def method_a(setup: Setup, size: int, out_path: Path) -> dict[str, Any]:
     return {"bytes_written": out_path.stat().st_size, "rows": len(frame), "values": values, "split_s": split}
 
 
-def _padded(prompts: list[EncodedPrompt], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask, built as EntropyRunner builds them."""
-    width = max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, : len(p.input_ids)] = torch.tensor(p.input_ids)
-        attention[row, : len(p.input_ids)] = 1
-    return ids.to(device), attention.to(device)
-
-
 def method_b(setup: Setup, size: int, direct_hf: bool = False) -> dict[str, Any]:
     """The floor: the same batches through the bridge with no hooks (or, direct_hf, its HF model alone)."""
     first = next(setup.bridge.parameters()).device
@@ -135,7 +126,7 @@ def method_b(setup: Setup, size: int, direct_hf: bool = False) -> dict[str, Any]
     model = setup.bridge.original_model if direct_hf else None
     with torch.inference_mode():
         for batch in length_sorted_batches(lengths, size):
-            ids, attention = _padded([setup.encoded[i] for i in batch], setup.pad, first)
+            ids, attention, _ = pad_batch([setup.encoded[i] for i in batch], setup.pad, first)
             if model is not None:
                 model(input_ids=ids, attention_mask=attention)
             else:
