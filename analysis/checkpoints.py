@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,42 @@ def cached_tokenizer_dir(paths: ProjectPaths, ckpt: Checkpoint) -> Path | None:
         return None
 
 
+def verify_files(local: Path, manifest: dict[str, Any], paths: ProjectPaths) -> None:
+    """Check every file the manifest lists against its size and SHA-256 before anything is loaded.
+
+    Hashing 16 GB takes about half a minute, so a file whose (path, size, mtime) was verified before
+    is not hashed again; the record lives in models/verified-files.json on this machine.
+    """
+    name = manifest["checkpoint"]
+    record_path = paths.verified_files
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        record = {}
+    changed = False
+    for entry in manifest["files"]:
+        file = Path(local) / entry["path"]
+        if not file.exists():
+            raise UserError(f"{name}: {entry['path']} listed in {paths.relative(paths.manifest(name))} is missing "
+                            f"from {local}; run `selfref pull {name}` to download it again")
+        real = file.resolve()
+        stat = real.stat()
+        key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
+        digest = record.get(key)
+        if digest is None:
+            digest = _sha256(real) if stat.st_size == entry["size"] else None
+        if stat.st_size != entry["size"] or digest != entry["sha256"]:
+            raise UserError(f"{name}: {file} does not match {paths.relative(paths.manifest(name))} "
+                            f"(size {stat.st_size} vs {entry['size']}, sha256 {str(digest)[:12]}... vs "
+                            f"{entry['sha256'][:12]}...); the cached copy is damaged or another revision: delete "
+                            f"it (or its blob, {real}) and run `selfref pull {name}`; if the manifest itself is "
+                            f"wrong, `selfref pull {name} --update` re-resolves it")
+        if key not in record:
+            record[key], changed = digest, True
+    if changed:
+        write_json(record, record_path)
+
+
 def _content_revision(files: list[dict[str, Any]]) -> str:
     digest = hashlib.sha256("".join(f"{f['path']}:{f['sha256']}\n" for f in files).encode())
     return "demo-" + digest.hexdigest()[:40]
@@ -158,9 +195,10 @@ def _snapshot(repo: str, revision: str, name: str) -> Path:
         raise UserError(f"{name}: revision {revision!r} of {repo} not found; fix `revision` in params.yaml "
                         "or delete its manifest to re-resolve") from None
     except (hf_errors.LocalEntryNotFoundError, hf_errors.HfHubHTTPError, OSError) as err:
+        offline = "unset HF_HUB_OFFLINE, " if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
         raise UserError(f"{name}: cannot fetch {repo}@{revision} and it is not in the local Hugging Face cache "
-                        f"({type(err).__name__}); connect to the network, or unset HF_HUB_OFFLINE, "
-                        "or copy the snapshot into the cache") from None
+                        f"({type(err).__name__}); connect to the network, {offline}or copy the snapshot into "
+                        "the cache") from None
 
 
 def pull_hub(ckpt: Checkpoint, paths: ProjectPaths, update: bool = False) -> dict[str, Any]:
@@ -190,7 +228,9 @@ def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt
     """The folder holding the manifest's exact checkpoint; regenerates a demo or fetches a pinned hub snapshot."""
     name = manifest["checkpoint"]
     if manifest["source"] == "hub":
-        return _snapshot(manifest["repo"], manifest["revision"], name)
+        local = _snapshot(manifest["repo"], manifest["revision"], name)
+        verify_files(local, manifest, paths)
+        return local
     target = paths.demo_model_dir(name)
     expected = {f["path"]: f["sha256"] for f in manifest["files"]}
 

@@ -6,6 +6,7 @@ entropies while the batch is on the device, so memory does not grow with the pro
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,8 +120,15 @@ def pad_batch(prompts: list[EncodedPrompt], pad: int, device: Any) -> tuple[torc
     return ids.to(device), attention.to(device), query.to(device)
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, MemoryError) or (hasattr(torch, "OutOfMemoryError") and isinstance(err, torch.OutOfMemoryError))
+# How torch reports an allocation failure of host memory: a RuntimeError, not torch.OutOfMemoryError.
+HOST_OOM_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for an allocation failure on any device: CUDA/MPS (torch.OutOfMemoryError) or host memory."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in HOST_OOM_MESSAGES)
 
 
 class EntropyRunner:
@@ -162,7 +170,7 @@ class EntropyRunner:
                 try:
                     values = self._forward([prompts[i] for i in batch])
                 except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-                    if not _is_oom(err):
+                    if not is_out_of_memory(err):
                         raise
                     if len(batch) == 1:
                         raise UserError(f"{label}: out of memory on a single prompt; use a smaller dtype, "
@@ -178,6 +186,28 @@ class EntropyRunner:
                     result[d][batch] = values[d]
                 bar.update(len(batch))
         return result
+
+
+def _remote_code_error(err: ValueError, checkpoint: str) -> Exception:
+    """A refusal to run a checkpoint's own code, as one line naming the setting; other errors unchanged."""
+    if "trust_remote_code" not in str(err):
+        return err
+    return UserError(f"{checkpoint}: this checkpoint needs its own modelling code to load; read that code, then set "
+                     "`extract.trust_remote_code: true` in params.yaml (it is off so that no downloaded code runs "
+                     "unread)")
+
+
+def check_context(local_dir: Path, prompts: pd.DataFrame, encoded: list[EncodedPrompt], checkpoint: str) -> None:
+    """Refuse prompts longer than the checkpoint's context (config.json max_position_embeddings)."""
+    config = json.loads((Path(local_dir) / "config.json").read_text(encoding="utf-8"))
+    limit = config.get("text_config", config).get("max_position_embeddings")
+    if limit is None:
+        return
+    too_long = [(pid, len(e.input_ids)) for pid, e in zip(prompts["prompt_id"], encoded) if len(e.input_ids) > limit]
+    if too_long:
+        pid, n = too_long[0]
+        raise UserError(f"{checkpoint}: prompt {pid} is {n} tokens, longer than the model's context of {limit} "
+                        f"({len(too_long)} prompt(s) in all); shorten it in data/prompts.csv")
 
 
 def entropy_frame(prompts: pd.DataFrame, encoded: list[EncodedPrompt], values: dict[str, np.ndarray],
@@ -217,11 +247,18 @@ def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: st
     trust = settings.trust_remote_code
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(str(local_dir), trust_remote_code=trust)
-    chat_tokenizer = AutoTokenizer.from_pretrained(str(chat_dir), trust_remote_code=trust) if chat_dir else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local_dir), trust_remote_code=trust)
+        chat_tokenizer = AutoTokenizer.from_pretrained(str(chat_dir), trust_remote_code=trust) if chat_dir else None
+    except ValueError as err:
+        raise _remote_code_error(err, checkpoint) from None
     encoded = [encode(tokenizer, text, prompt_format, chat_tokenizer) for text in prompts["text"]]
+    check_context(local_dir, prompts, encoded, checkpoint)
 
-    bridge = load_bridge(local_dir, device, dtype, trust, settings.device_map)
+    try:
+        bridge = load_bridge(local_dir, device, dtype, trust, settings.device_map)
+    except ValueError as err:
+        raise _remote_code_error(err, checkpoint) from None
     n_layers, n_heads = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
     if expected_shape is not None and (n_layers, n_heads) != tuple(expected_shape):
         raise UserError(f"{checkpoint}: loaded model has {n_layers} layers x {n_heads} heads, its manifest says "

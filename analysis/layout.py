@@ -81,6 +81,12 @@ class ProjectPaths:
         return self.report / "_output"
 
     @property
+    def verified_files(self) -> Path:
+        """Hashes of checkpoint files already checked against a manifest, keyed by file, size and mtime
+        (git-ignored: it describes this machine's files)."""
+        return self.root / "models" / "verified-files.json"
+
+    @property
     def scratch(self) -> Path:
         """Git- and DVC-ignored working space of interrupted or running stages (no stage depends on it)."""
         return self.root / ".selfref-tmp"

@@ -126,8 +126,15 @@ def test_length_sorted_batches_cover_every_prompt_once():
     assert [lengths[i] for i in flat] == sorted(lengths)
 
 
-def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, monkeypatch, caplog):
-    """A batch that raises MemoryError is halved and retried with a log line; results are unchanged."""
+HOST_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("failure", [MemoryError("simulated"), HOST_OOM, torch.OutOfMemoryError("CUDA out of memory")],
+                         ids=["python", "host-allocator", "device"])
+def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, monkeypatch, caplog, failure):
+    """A batch whose allocation fails (Python, torch's CPU allocator, a device) is halved and retried with
+    a log line; results are unchanged."""
     from analysis.extraction import EntropyRunner
 
     folder = demo_dir("demo_llama", "base")
@@ -138,7 +145,7 @@ def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, mo
 
     def small_memory(self, prompts):
         if len(prompts) > 3:
-            raise MemoryError("simulated")
+            raise failure
         return original(self, prompts)
 
     monkeypatch.setattr(EntropyRunner, "_forward", small_memory)
@@ -156,3 +163,28 @@ def test_out_of_memory_on_one_prompt_is_a_clear_error(demo_dir, prompt_subset, m
     with pytest.raises(UserError, match="out of memory on a single prompt"):
         extract_checkpoint(demo_dir("demo_null", "base"), prompt_subset.head(2), checkpoint="demo_null-base",
                            family="demo_null", variant="base", settings=SETTINGS)
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(demo_dir, prompt_subset, monkeypatch):
+    from analysis.extraction import EntropyRunner
+
+    monkeypatch.setattr(EntropyRunner, "_forward",
+                        lambda self, prompts: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        extract_checkpoint(demo_dir("demo_null", "base"), prompt_subset.head(4), checkpoint="demo_null-base",
+                           family="demo_null", variant="base", settings=SETTINGS)
+
+
+def test_a_prompt_longer_than_the_context_is_named(demo_dir, prompt_subset, tmp_path):
+    """A prompt the model's position table cannot hold is refused before any forward pass, by its id."""
+    import json
+    import shutil
+
+    folder = tmp_path / "short-context"
+    shutil.copytree(demo_dir("demo_null", "base"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 6
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"prompt \S+ is \d+ tokens, longer than the model's context of 6"):
+        extract_checkpoint(folder, prompt_subset, checkpoint="demo_null-base", family="demo_null", variant="base",
+                           settings=SETTINGS)
