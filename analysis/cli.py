@@ -196,6 +196,48 @@ def report(renderer: str = typer.Option("auto", help="auto (quarto if installed)
     typer.echo(f"rendered with {result.renderer}: {result.html} and {result.pdf}")
 
 
+@app.command()
+def original() -> None:
+    """Re-analyse the original study from its published tables: data/original/reanalysis.json and
+    data/original/reanalysis_claims.parquet (checksums of its files checked first)."""
+    from analysis.artefacts import write_json, write_parquet
+    from analysis.original_study import load_build, reanalyse
+
+    params = params_mod.load()
+    result = reanalyse(paths.ORIGINAL, paths.ORIGINAL_SUMS, paths.ORIGINAL_CLAIMS, params["stats"], load_build(params))
+    write_json(result["reanalysis"], paths.REANALYSIS)
+    write_parquet(result["claims"], paths.REANALYSIS_CLAIMS)
+    claims = result["claims"]
+    typer.echo(f"{int(claims['reproduced'].sum())} of {len(claims)} published claims reproduce from the "
+               "original's own tables")
+    for row in claims[~claims["reproduced"]].itertuples():
+        typer.echo(f"  not reproduced: {row.claim}: published {row.published_text}, its tables give {row.recomputed_text}")
+
+
+@app.command()
+def verify(keep: Path = typer.Option(None, help="Keep the recomputed artefacts in this folder (default: a "
+                                                "temporary folder, removed afterwards).")) -> None:
+    """Recompute every number of data/stats and data/original from the tracked tables and compare at tolerance."""
+    from analysis.verification import verify_workspace
+
+    report = verify_workspace(keep=keep)
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def explain(key: str = typer.Argument(..., help="a key of data/stats/metrics.json, e.g. "
+                                                "families.demo_llama.mean_delta_rfc, or original.<key of "
+                                                "data/original/reanalysis.json>")) -> None:
+    """Where a number comes from: value, artefact and column, the function, its params and input hashes."""
+    from analysis.provenance import explain as explain_key
+
+    for line in explain_key(key):
+        typer.echo(line)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -247,6 +247,15 @@ def _mean_with_ci(values: np.ndarray, resampled: np.ndarray, confidence: float, 
     return {key: _clean(values.mean()), f"{key}_lo": _clean(lo), f"{key}_hi": _clean(hi)}
 
 
+def top_compression_layers(layers: np.ndarray, delta_rfc: np.ndarray, n: int = N_TOP_LAYERS) -> dict[str, int]:
+    """Up to n layers with the most negative ΔRFC, keyed rank_1 … (a list would be skipped by `dvc metrics show`).
+    A layer whose ΔRFC is not negative is no compression layer; ties keep layer order."""
+    delta_rfc = np.asarray(delta_rfc, dtype=float)
+    negative = np.flatnonzero(delta_rfc < 0)
+    order = negative[np.argsort(delta_rfc[negative], kind="stable")]
+    return {f"rank_{i}": int(x) for i, x in enumerate(np.asarray(layers)[order[:n]], start=1)}
+
+
 def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndarray, boot_diff: np.ndarray,
                    heads: pd.DataFrame, settings: dict) -> dict:
     """metrics.json entry of one family (headline definition); plain JSON values, no NaN."""
@@ -263,11 +272,7 @@ def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndar
         out[f"share_{cls}"] = _clean(np.mean(d["layer_class"] == cls))
     out["share_near_zero"] = _clean(np.mean(d["near_zero"]))
     out["share_below_minus_near_zero"] = _clean(np.mean(rfc < -float(settings["near_zero"])))
-    negative = np.flatnonzero(rfc < 0)  # a layer whose ΔRFC is not negative is no compression layer
-    order = negative[np.argsort(rfc[negative], kind="stable")]
-    # keyed by rank, not a list, so that `dvc metrics show` (which skips lists) prints them
-    out["top_compression_layers"] = {f"rank_{i}": int(x) for i, x in
-                                     enumerate(d["layer"].to_numpy()[order[:N_TOP_LAYERS]], start=1)}
+    out["top_compression_layers"] = top_compression_layers(d["layer"].to_numpy(), rfc)
     out["n_low_neutral"] = int(d["low_neutral"].sum())
     out["n_heads_significant"] = int((heads["q_value"] < alpha).sum())
     top = heads[heads["top_k"]].sort_values("rank")

@@ -11,6 +11,7 @@ def use_root(root: Path) -> None:
     global CROSS_FAMILY, HEADS, TOKEN_LENGTHS, ROBUSTNESS, LENGTH_CONTROL, SPLIT_HALF, METRICS, PLOTS
     global DELTA_RFC_PLOT
     global DEMO_MODELS, REPORT, REPORT_QMD, FIGURES, REPORT_OUTPUT, REPORT_HTML, REPORT_PDF
+    global ORIGINAL, ORIGINAL_CLAIMS, ORIGINAL_SUMS, REANALYSIS, REANALYSIS_CLAIMS, DVC_LOCK
     ROOT = Path(root)
     PARAMS = ROOT / "params.yaml"
     DATA = ROOT / "data"
@@ -30,6 +31,13 @@ def use_root(root: Path) -> None:
     METRICS = STATS / "metrics.json"
     PLOTS = STATS / "plots"
     DELTA_RFC_PLOT = PLOTS / "delta_rfc.csv"
+    # The original study's published tables (copied unchanged) and their re-analysis (stage `original`).
+    ORIGINAL = DATA / "original"
+    ORIGINAL_CLAIMS = ORIGINAL / "claims.yaml"
+    ORIGINAL_SUMS = ORIGINAL / "SHA256SUMS"
+    REANALYSIS = ORIGINAL / "reanalysis.json"
+    REANALYSIS_CLAIMS = ORIGINAL / "reanalysis_claims.parquet"
+    DVC_LOCK = ROOT / "dvc.lock"
     # Synthetic demo checkpoints are regenerated from params, so they live outside git and DVC's cache.
     DEMO_MODELS = Path(os.environ.get("SELFREF_DEMO_MODELS", ROOT / "models" / "demo"))
     REPORT = ROOT / "report"
