@@ -1,0 +1,231 @@
+"""`selfref verify`: recompute every number of data/stats and data/original from the tracked tables, in a
+temporary folder, and compare each with the stored one at the precision the artefacts keep.
+
+metrics.json stores 6 significant digits; floating-point results differ in the last bits between CPUs,
+so two numbers agree when they differ by at most one unit in the 6th significant digit (never by hash).
+The entropy tables themselves need the models to recompute: `dvc repro` re-extracts them.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import params as params_mod
+from analysis import paths
+from analysis.artefacts import read_json, write_json, write_parquet
+from analysis.errors import UserError
+
+SIGNIFICANT_DIGITS = 6        # as analysis.metrics.SIGNIFICANT_DIGITS: what metrics.json keeps
+ABSOLUTE_TOLERANCE = 1e-12    # below this, two numbers are both zero up to rounding noise
+ID_COLUMNS = ("definition", "format", "family", "family_a", "family_b", "variant", "category", "layer", "head",
+              "claim")
+NOT_CHECKED = ("The entropy tables (data/entropy/**) are the input of this check and need the models to "
+               "recompute: run `dvc repro` (it re-extracts every table whose inputs changed; `dvc repro --force "
+               "extract@<checkpoint>` re-extracts one) and compare the new tables with the old ones at tolerance, "
+               "e.g. `selfref verify` again afterwards, never by file hash (md5s in dvc.lock change between CPUs).")
+
+
+def _stats_function():
+    """The stats stage's top-level library function: the ONE place verification imports it."""
+    from analysis.metrics import build_study
+
+    return build_study
+
+
+def tolerance(a: float, b: float) -> float:
+    """One unit in the 6th significant digit of the larger magnitude, at least ABSOLUTE_TOLERANCE."""
+    scale = max(abs(a), abs(b))
+    if scale == 0:
+        return ABSOLUTE_TOLERANCE
+    return max(10.0 ** (math.floor(math.log10(scale)) - (SIGNIFICANT_DIGITS - 1)), ABSOLUTE_TOLERANCE)
+
+
+def numbers_agree(a, b) -> bool:
+    """Stored vs recomputed number: both missing, equal, or within `tolerance`."""
+    if a is None or b is None:
+        return a is None and b is None
+    a, b = float(a), float(b)
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= tolerance(a, b)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+@dataclass
+class Report:
+    """What was compared: counts of numbers, the mismatches as (key, stored, recomputed)."""
+
+    n_numbers: int = 0
+    n_labels: int = 0
+    mismatches: list[tuple[str, object, object]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def compare(self, key: str, stored, recomputed) -> None:
+        if _is_number(stored) or _is_number(recomputed) or (stored is None and recomputed is None):
+            self.n_numbers += 1
+            if not (_is_number(stored) or stored is None) or not (_is_number(recomputed) or recomputed is None) \
+                    or not numbers_agree(stored, recomputed):
+                self.mismatches.append((key, stored, recomputed))
+        else:
+            self.n_labels += 1
+            if stored != recomputed:
+                self.mismatches.append((key, stored, recomputed))
+
+    def lines(self) -> list[str]:
+        bad_numbers = sum(1 for _, s, r in self.mismatches if _is_number(s) or _is_number(r) or s is None or r is None)
+        out = [f"{self.n_numbers - bad_numbers} of {self.n_numbers} numbers reproduce"
+               f" ({self.n_labels} labels compared too)"]
+        for key, stored, recomputed in self.mismatches:
+            out.append(f"  MISMATCH {key}: stored {stored!r}, recomputed {recomputed!r}")
+        out.extend(self.notes)
+        out.append("Not checked: " + NOT_CHECKED)
+        return out
+
+
+def compare_json(report: Report, where: str, stored, recomputed) -> None:
+    """Every leaf of two JSON documents, keyed `<file>: a.b.c`; keys present on one side only are mismatches."""
+    def walk(key: str, s, r):
+        if isinstance(s, dict) or isinstance(r, dict):
+            if not (isinstance(s, dict) and isinstance(r, dict)):
+                report.mismatches.append((f"{where}: {key}", s, r))
+                return
+            for k in sorted(set(s) | set(r)):
+                child = f"{key}.{k}" if key else str(k)
+                if k not in s or k not in r:
+                    report.mismatches.append((f"{where}: {child}", s.get(k, "<absent>"), r.get(k, "<absent>")))
+                else:
+                    walk(child, s[k], r[k])
+        elif isinstance(s, list) or isinstance(r, list):
+            if not (isinstance(s, list) and isinstance(r, list)) or len(s) != len(r):
+                report.mismatches.append((f"{where}: {key}", s, r))
+                return
+            for i, (a, b) in enumerate(zip(s, r)):
+                walk(f"{key}[{i}]", a, b)
+        else:
+            report.compare(f"{where}: {key}", s, r)
+
+    walk("", stored, recomputed)
+
+
+def _cell(value):
+    if isinstance(value, (np.bool_, bool)):
+        return bool(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        return float(value)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value if not hasattr(value, "item") else value.item()
+
+
+def compare_tables(report: Report, where: str, stored: pd.DataFrame, recomputed: pd.DataFrame) -> None:
+    """Cell by cell, rows in written order; a cell is keyed `<file>[id columns].<column>`."""
+    if list(stored.columns) != list(recomputed.columns) or len(stored) != len(recomputed):
+        report.mismatches.append((f"{where}: shape", f"{len(stored)} rows x {list(stored.columns)}",
+                                  f"{len(recomputed)} rows x {list(recomputed.columns)}"))
+        return
+    ids = [c for c in ID_COLUMNS if c in stored.columns]
+    stored = stored.reset_index(drop=True)
+    recomputed = recomputed.reset_index(drop=True)
+    for i in range(len(stored)):
+        label = ", ".join(f"{c}={stored.at[i, c]}" for c in ids) or f"row {i}"
+        for column in stored.columns:
+            s, r = _cell(stored.at[i, column]), _cell(recomputed.at[i, column])
+            if isinstance(s, float) and math.isnan(s):
+                s = None
+            if isinstance(r, float) and math.isnan(r):
+                r = None
+            report.compare(f"{where}[{label}].{column}", s, r)
+
+
+def _rel(path: Path) -> Path:
+    return Path(path).relative_to(paths.ROOT)
+
+
+def _write_stats(study: dict, out: Path) -> dict[Path, Path]:
+    """The stats stage's artefacts written under `out` as the stage writes them; {workspace path: copy}."""
+    written = {}
+    for key, value in study.items():
+        target = getattr(paths, key.upper(), None)
+        if target is None:
+            continue
+        copy = out / _rel(target)
+        if isinstance(value, pd.DataFrame) and target.suffix == ".parquet":
+            write_parquet(value, copy)
+        elif isinstance(value, pd.DataFrame) and target.suffix == ".csv":
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            value.to_csv(copy, index=False, float_format="%.6g")
+        elif isinstance(value, dict) and target.suffix == ".json":
+            write_json(value, copy)
+        else:
+            continue
+        written[target] = copy
+    return written
+
+
+def _compare_files(report: Report, stored: Path, copy: Path) -> None:
+    where = str(_rel(stored))
+    if not stored.exists():
+        report.mismatches.append((where, "<missing: run `dvc repro`>", "recomputed"))
+        return
+    if stored.suffix == ".json":
+        compare_json(report, where, read_json(stored), read_json(copy))
+    elif stored.suffix == ".parquet":
+        compare_tables(report, where, pd.read_parquet(stored), pd.read_parquet(copy))
+    elif stored.suffix == ".csv":
+        compare_tables(report, where, pd.read_csv(stored), pd.read_csv(copy))
+
+
+def verify_workspace(keep: Path | None = None) -> Report:
+    """Recompute the stats and original stages' artefacts into a temporary folder (or `keep`) and compare
+    them with the workspace's. Reads params.yaml, data/entropy/**, data/original/*; writes nothing else."""
+    from analysis.cli import _entropy
+    from analysis.inference import PROMPT_FORMATS
+    from analysis.original_study import load_build, reanalyse
+
+    params = params_mod.load()
+    checkpoints = params_mod.active_checkpoints(params)
+    report = Report()
+    tmp = Path(tempfile.mkdtemp(prefix="selfref-verify-")) if keep is None else Path(keep)
+    if keep is not None and tmp.resolve().is_relative_to(paths.ROOT.resolve() / "data"):
+        raise UserError(f"--keep {keep}: choose a folder outside data/, verify never writes into the workspace")
+    try:
+        study = _stats_function()({fmt: _entropy(checkpoints, fmt) for fmt in PROMPT_FORMATS}, params["stats"])
+        for stored, copy in _write_stats(study, tmp).items():
+            _compare_files(report, stored, copy)
+
+        if paths.REANALYSIS.exists() or paths.REANALYSIS_CLAIMS.exists():
+            build = load_build(params)
+            if any(build.matches.values()):  # this build's values come from the recomputed stats, not the stored
+                build.deltas, build.heads = study["deltas"], study["heads"]
+                build.metrics = read_json(tmp / _rel(paths.METRICS))
+            result = reanalyse(paths.ORIGINAL, paths.ORIGINAL_SUMS, paths.ORIGINAL_CLAIMS, params["stats"], build)
+            write_json(result["reanalysis"], tmp / _rel(paths.REANALYSIS))
+            write_parquet(result["claims"], tmp / _rel(paths.REANALYSIS_CLAIMS))
+            for stored in (paths.REANALYSIS, paths.REANALYSIS_CLAIMS):
+                _compare_files(report, stored, tmp / _rel(stored))
+        else:
+            report.notes.append(f"{_rel(paths.REANALYSIS)}: absent, not checked (run `selfref original`)")
+        if keep is not None:
+            report.notes.append(f"recomputed artefacts kept in {tmp}")
+    finally:
+        if keep is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return report
