@@ -23,7 +23,9 @@ from analysis.artefacts import read_json, write_json, write_parquet
 from analysis.errors import UserError
 
 SIGNIFICANT_DIGITS = 6        # as analysis.metrics.SIGNIFICANT_DIGITS: what metrics.json keeps
-ABSOLUTE_TOLERANCE = 1e-12    # below this, two numbers are both zero up to rounding noise
+# Entropies are accumulated in float32 (7 significant digits of a few nats), so no number derived from them
+# is meaningful below about 1e-7 in absolute terms; 1e-6 is far below anything the report prints.
+ABSOLUTE_TOLERANCE = 1e-6
 ID_COLUMNS = ("definition", "format", "family", "family_a", "family_b", "variant", "category", "layer", "head",
               "claim")
 NOT_CHECKED = ("The entropy tables (data/entropy/**) are the input of this check and need the models to "
@@ -40,7 +42,8 @@ def _stats_function():
 
 
 def tolerance(a: float, b: float) -> float:
-    """One unit in the 6th significant digit of the larger magnitude, at least ABSOLUTE_TOLERANCE."""
+    """One unit in the 6th significant digit of the larger magnitude (metrics.json keeps 6), at least
+    ABSOLUTE_TOLERANCE (differences of nearly equal entropies lose relative precision)."""
     scale = max(abs(a), abs(b))
     if scale == 0:
         return ABSOLUTE_TOLERANCE

@@ -60,13 +60,14 @@ def built(project):
 
 
 def test_tolerance_is_one_unit_of_the_sixth_significant_digit():
-    assert tolerance(0.0123456, 0.0123457) == pytest.approx(1e-7)
+    assert tolerance(12.3456, 12.3457) == pytest.approx(1e-4)
     assert tolerance(123456.0, 0.0) == pytest.approx(1.0)
-    assert numbers_agree(-0.0232687, -0.02326871)
-    assert not numbers_agree(-0.0232687, -0.0232689)
+    assert numbers_agree(-2.32687, -2.326871) and not numbers_agree(-2.32687, -2.32689)
+    assert numbers_agree(-0.0232687, -0.0232689)  # 2e-7: below the absolute floor
     assert numbers_agree(None, None) and numbers_agree(float("nan"), float("nan"))
     assert not numbers_agree(None, 0.0) and not numbers_agree(1.0, float("nan"))
-    assert numbers_agree(0.0, 1e-13)
+    assert numbers_agree(0.0, 1e-7) and not numbers_agree(0.0, 2e-6)
+    assert tolerance(1e-3, 1e-3) == pytest.approx(1e-6)
 
 
 def test_clean_build_reproduces_and_workspace_is_untouched(built):
