@@ -12,10 +12,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from analysis import paths
 from analysis.artefacts import atomic_dir, read_json, write_json
+from analysis.config import Checkpoint
 from analysis.errors import UserError
-from analysis.params import Checkpoint
+from analysis.layout import ProjectPaths
+from analysis import synthetic
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,31 @@ def describe(local_dir: Path) -> dict[str, Any]:
     }
 
 
+def cached_tokenizer_dir(paths: ProjectPaths, ckpt: Checkpoint) -> Path | None:
+    """A folder holding the checkpoint's tokenizer if one is already on disk (demo folder or local Hugging
+    Face cache), else None: token counts are reported for what is at hand, nothing is downloaded."""
+    if not paths.manifest(ckpt.name).exists():
+        return None
+    manifest = read_manifest(paths, ckpt.name)
+    if manifest["source"] == "demo":
+        local = paths.demo_model_dir(ckpt.name)
+        return local if local.exists() else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(manifest["repo"], revision=manifest["revision"],
+                                      allow_patterns=["tokenizer*", "special_tokens_map.json"], local_files_only=True))
+    except Exception:  # noqa: BLE001 - a tokenizer not yet cached is simply not reported
+        return None
+
+
 def _content_revision(files: list[dict[str, Any]]) -> str:
     digest = hashlib.sha256("".join(f"{f['path']}:{f['sha256']}\n" for f in files).encode())
     return "demo-" + digest.hexdigest()[:40]
 
 
-def read_manifest(name: str) -> dict[str, Any]:
+def read_manifest(paths: ProjectPaths, name: str) -> dict[str, Any]:
+    """The tracked manifest of checkpoint `name`; a missing one names the verb that writes it."""
     path = paths.manifest(name)
     if not path.exists():
         raise UserError(f"{path}: no manifest for checkpoint {name}; run `selfref pull {name}` first")
@@ -100,10 +120,8 @@ def _base_manifest(ckpt: Checkpoint) -> dict[str, Any]:
     return {"checkpoint": ckpt.name, "family": ckpt.family, "variant": ckpt.variant, "source": ckpt.source}
 
 
-def pull_demo(ckpt: Checkpoint, prompt_texts: list[str]) -> dict[str, Any]:
+def pull_demo(ckpt: Checkpoint, prompt_texts: list[str], paths: ProjectPaths) -> dict[str, Any]:
     """Generate a demo checkpoint deterministically and write its manifest."""
-    from analysis import synthetic
-
     target = paths.demo_model_dir(ckpt.name)
     with atomic_dir(target) as tmp:
         synthetic.generate(ckpt.demo, prompt_texts, tmp, where=f"params.yaml suites: {ckpt.family}.{ckpt.variant}")
@@ -145,7 +163,7 @@ def _snapshot(repo: str, revision: str, name: str) -> Path:
                         "or copy the snapshot into the cache") from None
 
 
-def pull_hub(ckpt: Checkpoint, update: bool = False) -> dict[str, Any]:
+def pull_hub(ckpt: Checkpoint, paths: ProjectPaths, update: bool = False) -> dict[str, Any]:
     """Download a hub checkpoint, pinned to the SHA of an earlier manifest unless `update`."""
     revision = ckpt.revision
     path = paths.manifest(ckpt.name)
@@ -167,7 +185,8 @@ def pull_hub(ckpt: Checkpoint, update: bool = False) -> dict[str, Any]:
     return manifest
 
 
-def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt_texts: list[str]) -> Path:
+def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt_texts: list[str],
+              paths: ProjectPaths) -> Path:
     """The folder holding the manifest's exact checkpoint; regenerates a demo or fetches a pinned hub snapshot."""
     name = manifest["checkpoint"]
     if manifest["source"] == "hub":
@@ -182,9 +201,7 @@ def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt
         if demo_spec != manifest.get("demo"):
             raise UserError(f"{name}: params.yaml's demo spec differs from {paths.manifest(name)}; "
                             f"run `selfref pull {name}` (or `dvc repro`)")
-        from analysis import synthetic
-
-        log.info("%s: regenerating demo checkpoint in %s", name, target)
+            log.info("%s: regenerating demo checkpoint in %s", name, target)
         with atomic_dir(target) as tmp:
             synthetic.generate(demo_spec, prompt_texts, tmp, where=name)
         if not matches():

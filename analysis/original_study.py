@@ -20,9 +20,12 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from analysis.artefacts import read_json, read_parquet
+from analysis.config import Checkpoint, Config, StatsSettings
 from analysis.correlation import compare_profiles
 from analysis.errors import UserError
-from analysis.metrics import _clean, choice_rows, top_compression_layers
+from analysis.layer_statistics import metric_value, top_compression_layers
+from analysis.quantities import choice_rows, original_class
 from analysis.resampling import circular_shift_pvalue
 
 TABLE_COLUMNS = ("layer", "rfc_diff", "n_heads_base", "n_heads_instruct")
@@ -122,12 +125,14 @@ def load_profiles(folder: Path, spec: dict) -> dict[str, pd.DataFrame]:
 
 
 def profile_summary(layers: np.ndarray, delta_rfc: np.ndarray, near_zero: float) -> dict:
-    """Mean ΔRFC, the share of layers below −near_zero, within ±near_zero and above +near_zero, top layers."""
+    """Mean ΔRFC, the share of layers below −near_zero, within ±near_zero and above +near_zero (the
+    original's rule, quantities.original_class), and the top compression layers."""
     delta_rfc = np.asarray(delta_rfc, dtype=float)
+    classes = original_class(delta_rfc, near_zero)
     return {"n_layers": int(delta_rfc.size), "mean_delta_rfc": float(delta_rfc.mean()),
-            "share_below_minus_near_zero": float(np.mean(delta_rfc < -near_zero)),
-            "share_near_zero": float(np.mean(np.abs(delta_rfc) <= near_zero)),
-            "share_above_near_zero": float(np.mean(delta_rfc > near_zero)),
+            "share_below_minus_near_zero": float(np.mean(classes == "compression")),
+            "share_near_zero": float(np.mean(classes == "near_zero")),
+            "share_above_near_zero": float(np.mean(classes == "preservation")),
             "top_compression_layers": top_compression_layers(layers, delta_rfc)}
 
 
@@ -168,7 +173,7 @@ class Build:
     prompt_format: str = "raw"
 
 
-def match_build(spec: dict, checkpoints: list, suite: str) -> tuple[dict[str, str | None], str | None]:
+def match_build(spec: dict, checkpoints: tuple[Checkpoint, ...], suite: str) -> tuple[dict[str, str | None], str | None]:
     """Original family -> family of the active suite with the same base and instruct repositories.
 
     A suite of synthetic (demo) checkpoints matches nothing: its numbers say nothing about real models."""
@@ -187,22 +192,18 @@ def match_build(spec: dict, checkpoints: list, suite: str) -> tuple[dict[str, st
     return matches, reason
 
 
-def load_build(params: dict) -> Build:
-    """This build's side from params.yaml and data/stats (read only when some family matches)."""
-    from analysis import params as params_mod
-    from analysis import paths
-    from analysis.artefacts import read_json
-
-    spec = load_claims(paths.ORIGINAL_CLAIMS)
-    matches, reason = match_build(spec, params_mod.active_checkpoints(params), params.get("suite"))
-    build = Build(matches, reason, definition=params["stats"]["headline_definition"],
-                  prompt_format=params["stats"]["headline_format"])
-    if any(matches.values()):
-        for path in (paths.DELTAS, paths.HEADS, paths.METRICS):
-            if not path.exists():
-                raise UserError(f"{path}: missing; run `selfref stats` (or `dvc repro stats`) first")
-        build.deltas, build.heads = pd.read_parquet(paths.DELTAS), pd.read_parquet(paths.HEADS)
-        build.metrics = read_json(paths.METRICS)
+def load_build(config: Config, *, read_stats: bool = True) -> Build:
+    """This build's side from the configuration and data/stats (read only when some family matches and
+    `read_stats`; verification passes its recomputed tables instead)."""
+    paths = config.paths
+    spec = load_claims(paths.original_claims)
+    matches, reason = match_build(spec, config.checkpoints, config.suite)
+    build = Build(matches, reason, definition=config.stats.headline_definition,
+                  prompt_format=config.stats.headline_format)
+    if read_stats and any(matches.values()):
+        build.deltas = read_parquet(paths.stats_table("deltas"), ("definition", "format", "family", "layer", "delta_rfc"))
+        build.heads = read_parquet(paths.stats_table("heads"), ("definition", "format", "family", "layer", "head", "rank"))
+        build.metrics = read_json(paths.metrics)
     return build
 
 
@@ -225,15 +226,14 @@ def _reproduces(published: float, recomputed: float, decimals: int) -> bool:
     return abs(recomputed - published) <= 0.5 * 10.0 ** -int(decimals) * (1 + 1e-9)
 
 
-def reanalyse(folder: Path, sums: Path, claims_path: Path, settings: dict, build: Build) -> dict:
+def reanalyse(folder: Path, sums: Path, claims_path: Path, settings: StatsSettings, build: Build) -> dict:
     """Everything the `original` stage writes: {"reanalysis": JSON-ready dict, "claims": DataFrame}.
 
-    `settings`: near_zero (the original's rule), depth_grid and confidence (compare_profiles).
+    From `settings`: near_zero (the original's rule), depth_grid and confidence (compare_profiles).
     """
     checksums = check_files(folder, sums)
     spec = load_claims(claims_path)
-    near_zero, depth_grid, confidence = (float(settings["near_zero"]), int(settings["depth_grid"]),
-                                         float(settings["confidence"]))
+    near_zero, depth_grid, confidence = settings.near_zero, settings.depth_grid, settings.confidence
     band = tuple(int(x) for x in spec["compression_band"])
     tables = load_profiles(folder, spec)
     profiles = {f: t["rfc_diff"].to_numpy(dtype=float) for f, t in tables.items()}
@@ -353,16 +353,16 @@ def reanalyse(folder: Path, sums: Path, claims_path: Path, settings: dict, build
     reanalysis = {
         "source": {"repository": spec["source"]["repository"], "commit": spec["source"]["commit"],
                    "sha256": dict(sorted(checksums.items()))},
-        "settings": {"near_zero": _clean(near_zero), "depth_grid": depth_grid},
-        "families": {f: {k: (v if isinstance(v, dict) else _clean(v)) for k, v in s.items()}
+        "settings": {"near_zero": metric_value(near_zero), "depth_grid": depth_grid},
+        "families": {f: {k: (v if isinstance(v, dict) else metric_value(v)) for k, v in s.items()}
                      for f, s in families.items()},
-        "pairs": {p: {k: _clean(v) for k, v in r.items()} for p, r in pairs.items()},
-        "claims": {r["claim"]: {"published": _clean(r["published_value"]) if math.isfinite(r["published_value"])
+        "pairs": {p: {k: metric_value(v) for k, v in r.items()} for p, r in pairs.items()},
+        "claims": {r["claim"]: {"published": metric_value(r["published_value"]) if math.isfinite(r["published_value"])
                                 else r["published_text"],
-                                "recomputed": _clean(r["recomputed_value"]) if math.isfinite(r["recomputed_value"])
+                                "recomputed": metric_value(r["recomputed_value"]) if math.isfinite(r["recomputed_value"])
                                 else r["recomputed_text"],
                                 "reproduced": bool(r["reproduced"]),
-                                "autocorr_p": _clean(r["autocorr_p"])}
+                                "autocorr_p": metric_value(r["autocorr_p"])}
                    for r in rows},
         "n_claims": len(rows),
         "n_reproduced": int(claims["reproduced"].sum()),

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import params as params_mod
-from analysis import paths
-from analysis.artefacts import read_json, write_json, write_parquet
+from analysis import config as config_mod
+from analysis.artefacts import read_json
 from analysis.errors import UserError
+from analysis.layer_statistics import SIGNIFICANT_DIGITS  # what metrics.json keeps
+from analysis.layout import ProjectPaths, project_paths
 
-SIGNIFICANT_DIGITS = 6        # as analysis.metrics.SIGNIFICANT_DIGITS: what metrics.json keeps
 # Entropies are accumulated in float32 (7 significant digits of a few nats), so no number derived from them
 # is meaningful below about 1e-7 in absolute terms; 1e-6 is far below anything the report prints.
 ABSOLUTE_TOLERANCE = 1e-6
@@ -36,7 +36,7 @@ NOT_CHECKED = ("The entropy tables (data/entropy/**) are the input of this check
 
 def _stats_function():
     """The stats stage's top-level library function: the ONE place verification imports it."""
-    from analysis.metrics import build_study
+    from analysis.study import build_study
 
     return build_study
 
@@ -158,33 +158,7 @@ def compare_tables(report: Report, where: str, stored: pd.DataFrame, recomputed:
             report.compare(f"{where}[{label}].{column}", s, r)
 
 
-def _rel(path: Path) -> Path:
-    return Path(path).relative_to(paths.ROOT)
-
-
-def _write_stats(study: dict, out: Path) -> dict[Path, Path]:
-    """The stats stage's artefacts written under `out` as the stage writes them; {workspace path: copy}."""
-    written = {}
-    for key, value in study.items():
-        target = getattr(paths, key.upper(), None)
-        if target is None:
-            continue
-        copy = out / _rel(target)
-        if isinstance(value, pd.DataFrame) and target.suffix == ".parquet":
-            write_parquet(value, copy)
-        elif isinstance(value, pd.DataFrame) and target.suffix == ".csv":
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            value.to_csv(copy, index=False, float_format="%.6g")
-        elif isinstance(value, dict) and target.suffix == ".json":
-            write_json(value, copy)
-        else:
-            continue
-        written[target] = copy
-    return written
-
-
-def _compare_files(report: Report, stored: Path, copy: Path) -> None:
-    where = str(_rel(stored))
+def _compare_files(report: Report, where: str, stored: Path, copy: Path) -> None:
     if not stored.exists():
         report.mismatches.append((where, "<missing: run `dvc repro`>", "recomputed"))
         return
@@ -196,36 +170,40 @@ def _compare_files(report: Report, stored: Path, copy: Path) -> None:
         compare_tables(report, where, pd.read_csv(stored), pd.read_csv(copy))
 
 
-def verify_workspace(keep: Path | None = None) -> Report:
+def _compare_tree(report: Report, paths: ProjectPaths, copy: ProjectPaths) -> None:
+    """Every file written under the copy's root against the workspace file at the same relative path."""
+    for written in sorted(p for p in copy.root.rglob("*") if p.is_file()):
+        relative = written.relative_to(copy.root)
+        _compare_files(report, str(relative), paths.root / relative, written)
+
+
+def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None) -> Report:
     """Recompute the stats and original stages' artefacts into a temporary folder (or `keep`) and compare
     them with the workspace's. Reads params.yaml, data/entropy/**, data/original/*; writes nothing else."""
-    from analysis.cli import _entropy
-    from analysis.inference import PROMPT_FORMATS
     from analysis.original_study import load_build, reanalyse
+    from analysis.stages.original import write_reanalysis
+    from analysis.stages.stats import entropy_tables, write_study
 
-    params = params_mod.load()
-    checkpoints = params_mod.active_checkpoints(params)
+    paths = paths or project_paths()
+    config = config_mod.load(paths)
     report = Report()
     tmp = Path(tempfile.mkdtemp(prefix="selfref-verify-")) if keep is None else Path(keep)
-    if keep is not None and tmp.resolve().is_relative_to(paths.ROOT.resolve() / "data"):
+    if keep is not None and tmp.resolve().is_relative_to(paths.data.resolve()):
         raise UserError(f"--keep {keep}: choose a folder outside data/, verify never writes into the workspace")
+    copy = project_paths(tmp)
     try:
-        study = _stats_function()({fmt: _entropy(checkpoints, fmt) for fmt in PROMPT_FORMATS}, params["stats"])
-        for stored, copy in _write_stats(study, tmp).items():
-            _compare_files(report, stored, copy)
+        study = _stats_function()(entropy_tables(config), config.stats)
+        write_study(study, paths, copy.stats)
 
-        if paths.REANALYSIS.exists() or paths.REANALYSIS_CLAIMS.exists():
-            build = load_build(params)
+        if paths.reanalysis.exists() or paths.reanalysis_claims.exists():
+            build = load_build(config, read_stats=False)
             if any(build.matches.values()):  # this build's values come from the recomputed stats, not the stored
-                build.deltas, build.heads = study["deltas"], study["heads"]
-                build.metrics = read_json(tmp / _rel(paths.METRICS))
-            result = reanalyse(paths.ORIGINAL, paths.ORIGINAL_SUMS, paths.ORIGINAL_CLAIMS, params["stats"], build)
-            write_json(result["reanalysis"], tmp / _rel(paths.REANALYSIS))
-            write_parquet(result["claims"], tmp / _rel(paths.REANALYSIS_CLAIMS))
-            for stored in (paths.REANALYSIS, paths.REANALYSIS_CLAIMS):
-                _compare_files(report, stored, tmp / _rel(stored))
+                build.deltas, build.heads, build.metrics = study["deltas"], study["heads"], study["metrics"]
+            result = reanalyse(paths.original, paths.original_sums, paths.original_claims, config.stats, build)
+            write_reanalysis(result, copy)
         else:
-            report.notes.append(f"{_rel(paths.REANALYSIS)}: absent, not checked (run `selfref original`)")
+            report.notes.append(f"{paths.relative(paths.reanalysis)}: absent, not checked (run `selfref original`)")
+        _compare_tree(report, paths, copy)
         if keep is not None:
             report.notes.append(f"recomputed artefacts kept in {tmp}")
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis import checkpoints
+from analysis import checkpoints, config
 from analysis.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,28 +100,25 @@ def test_unknown_checkpoint_names_the_known_ones(hub_project):
 
 
 def test_demo_pull_is_deterministic(project, prompts):
-    from analysis import params as params_mod
-
-    ckpt = params_mod.find_checkpoint(params_mod.load(), "demo_null-instruct")
-    first = checkpoints.pull_demo(ckpt, list(prompts["text"]))
-    second = checkpoints.pull_demo(ckpt, list(prompts["text"]))
+    cfg = config.load()
+    ckpt = cfg.checkpoint("demo_null-instruct")
+    first = checkpoints.pull_demo(ckpt, list(prompts["text"]), cfg.paths)
+    second = checkpoints.pull_demo(ckpt, list(prompts["text"]), cfg.paths)
     assert first == second
     assert first["revision"].startswith("demo-") and first["planted"] == []
     assert first["has_chat_template"] and first["bos_token"] == "<|bos|>"
 
 
 def test_local_dir_regenerates_a_missing_demo_checkpoint(project, prompts):
-    from analysis import params as params_mod
-    from analysis import paths
-
-    ckpt = params_mod.find_checkpoint(params_mod.load(), "demo_null-base")
-    manifest = checkpoints.pull_demo(ckpt, list(prompts["text"]))
-    shutil.rmtree(paths.demo_model_dir(ckpt.name))
-    local = checkpoints.local_dir(manifest, ckpt.demo, list(prompts["text"]))
+    cfg = config.load()
+    ckpt = cfg.checkpoint("demo_null-base")
+    manifest = checkpoints.pull_demo(ckpt, list(prompts["text"]), cfg.paths)
+    shutil.rmtree(cfg.paths.demo_model_dir(ckpt.name))
+    local = checkpoints.local_dir(manifest, ckpt.demo, list(prompts["text"]), cfg.paths)
     assert (local / "config.json").exists()
     with pytest.raises(UserError, match="demo spec differs"):
         shutil.rmtree(local)
-        checkpoints.local_dir(manifest, {**ckpt.demo, "seed": 1}, list(prompts["text"]))
+        checkpoints.local_dir(manifest, {**ckpt.demo, "seed": 1}, list(prompts["text"]), cfg.paths)
 
 
 def test_describe_rejects_a_folder_without_safetensors(tmp_path):

@@ -3,6 +3,7 @@ the claims its tables do not reproduce, and the stage end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,14 +14,15 @@ import pytest
 import yaml
 from scipy import stats
 
-from analysis import cli, paths
-from analysis import params as params_mod
+from analysis import cli, config
 from analysis.errors import UserError
+from analysis.layout import project_paths
 from analysis.original_study import Build, band_statistics, check_files, load_claims, match_build, reanalyse
 
 REPO = Path(__file__).resolve().parent.parent
 ORIGINAL = REPO / "data" / "original"
-SETTINGS = {"near_zero": 0.01, "depth_grid": 20, "confidence": 0.95}
+REPO_CONFIG = config.load(project_paths(REPO))
+SETTINGS = dataclasses.replace(REPO_CONFIG.stats, near_zero=0.01, depth_grid=20, confidence=0.95)
 NO_BUILD = Build(dict.fromkeys(("llama", "mistral", "qwen")), "no build in this test")
 
 
@@ -149,12 +151,12 @@ def test_band_statistics_by_hand():
 
 def test_build_matches_by_repository_not_by_name():
     spec = load_claims(ORIGINAL / "claims.yaml")
-    params = params_mod.load(REPO / "params.yaml")
-    matches, reason = match_build(spec, params_mod.suite_checkpoints(params, "demo"), "demo")
+    suites = REPO_CONFIG.suites
+    matches, reason = match_build(spec, suites["demo"], "demo")
     assert set(matches.values()) == {None} and "synthetic" in reason
-    matches, reason = match_build(spec, params_mod.suite_checkpoints(params, "paper"), "paper")
+    matches, reason = match_build(spec, suites["paper"], "paper")
     assert matches == {"llama": "llama31_8b", "mistral": "mistral_7b", "qwen": "qwen25_7b"} and reason is None
-    matches, reason = match_build(spec, params_mod.suite_checkpoints(params, "laptop"), "laptop")
+    matches, reason = match_build(spec, suites["laptop"], "laptop")
     assert set(matches.values()) == {None} and "laptop" in reason
 
 
@@ -183,8 +185,10 @@ def test_stage_writes_both_artefacts(project):
     shutil.copytree(ORIGINAL, project / "data" / "original",
                     ignore=shutil.ignore_patterns("reanalysis*"))
     cli.original()
-    document = json.loads(paths.REANALYSIS.read_text())
-    table = pd.read_parquet(paths.REANALYSIS_CLAIMS)
-    assert document["n_claims"] == len(table) == len(load_claims(paths.ORIGINAL_CLAIMS)["claims"])
+    paths = project_paths()
+    assert paths.root == project
+    document = json.loads(paths.reanalysis.read_text())
+    table = pd.read_parquet(paths.reanalysis_claims)
+    assert document["n_claims"] == len(table) == len(load_claims(paths.original_claims)["claims"])
     assert document["claims"]["mean_delta_rfc:llama"]["reproduced"] is True
     assert table["build_note"].str.contains("synthetic").all()

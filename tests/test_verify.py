@@ -13,14 +13,17 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from analysis import cli, paths
-from analysis import params as params_mod
+import importlib
+import re
+
+from analysis import cli, config
 from analysis.errors import UserError
+from analysis.layout import project_paths
 from analysis.provenance import REGISTRY, all_keys, explain, lookup
+from analysis.quantities import CATEGORIES as CATS
 from analysis.verification import numbers_agree, tolerance, verify_workspace
 
 REPO = Path(__file__).resolve().parent.parent
-CATS = ("self_referent", "neutral", "third_person", "confounder")
 SMALL = {"n_resamples": 100, "n_permutations": 100, "split_half_splits": 10}
 
 
@@ -46,7 +49,8 @@ def built(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["stats"].update(SMALL)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for i, ckpt in enumerate(params_mod.active_checkpoints(params_mod.load())):
+    paths = project_paths()
+    for i, ckpt in enumerate(config.load(paths).checkpoints):
         for j, fmt in enumerate(("raw", "chat")):
             target = paths.entropy_table(ckpt.name, fmt)
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,9 +87,10 @@ def test_clean_build_reproduces_and_workspace_is_untouched(built):
 
 
 def test_perturbed_metric_is_named(built):
-    metrics = json.loads(paths.METRICS.read_text())
+    paths = project_paths()
+    metrics = json.loads(paths.metrics.read_text())
     metrics["families"]["demo_llama"]["mean_delta_rfc"] *= 1.01
-    paths.METRICS.write_text(json.dumps(metrics))
+    paths.metrics.write_text(json.dumps(metrics))
     result = CliRunner().invoke(cli.app, ["verify"])
     assert result.exit_code == 1
     bad = [line for line in result.output.splitlines() if "MISMATCH" in line]
@@ -94,6 +99,7 @@ def test_perturbed_metric_is_named(built):
 
 
 def test_perturbed_entropy_value_is_caught(built):
+    paths = project_paths()
     target = paths.entropy_table("demo_mistral-instruct", "raw")
     table = pd.read_parquet(target)
     row = table.index[(table["category"] == "self_referent") & (table["layer"] == 1)][0]
@@ -109,25 +115,34 @@ def test_perturbed_entropy_value_is_caught(built):
 
 
 def test_perturbed_reanalysis_is_named(built):
-    document = json.loads(paths.REANALYSIS.read_text())
+    paths = project_paths()
+    document = json.loads(paths.reanalysis.read_text())
     document["pairs"]["llama~mistral"]["pearson_p_shift"] = 0.01
-    paths.REANALYSIS.write_text(json.dumps(document))
+    paths.reanalysis.write_text(json.dumps(document))
     report = verify_workspace()
     assert [k for k, _, _ in report.mismatches] == ["data/original/reanalysis.json: pairs.llama~mistral.pearson_p_shift"]
 
 
 def test_every_key_has_exactly_one_provenance_entry(built):
-    metrics = json.loads(paths.METRICS.read_text())
-    reanalysis = json.loads(paths.REANALYSIS.read_text())
+    paths = project_paths()
+    metrics = json.loads(paths.metrics.read_text())
+    reanalysis = json.loads(paths.reanalysis.read_text())
     keys = all_keys(metrics) + ["original." + k for k in all_keys(reanalysis)]
     for key in keys:
         bare = key.removeprefix("original.")
-        artefact = "REANALYSIS" if key.startswith("original.") else "METRICS"
-        import re
+        artefact = "reanalysis" if key.startswith("original.") else "metrics"
         hits = [s for s in REGISTRY if s.artefact == artefact and re.fullmatch(s.pattern, bare)]
         assert len(hits) == 1, f"{key}: {len(hits)} registry entries"
     with pytest.raises(UserError, match="no such key"):
         lookup("families.demo_llama.not_a_metric")
+
+
+def test_every_registry_function_exists():
+    """Each `module:function` of the registry imports and names a callable (a renamed function fails here)."""
+    for source in REGISTRY:
+        module, function = source.function.split(":")
+        assert callable(getattr(importlib.import_module(module), function, None)), source.function
+        assert isinstance(getattr(type(project_paths()), source.artefact), property), source.artefact
 
 
 def test_data_readme_documents_every_registry_function_and_key():
@@ -138,7 +153,7 @@ def test_data_readme_documents_every_registry_function_and_key():
 
 @pytest.mark.parametrize("key, expect", [
     ("families.demo_llama.mean_delta_rfc", ["data/stats/metrics.json", "deltas.parquet: delta_rfc",
-                                            "analysis.metrics:family_metrics", "stats.n_resamples=100",
+                                            "analysis.layer_statistics:family_metrics", "stats.n_resamples=100",
                                             "dep data/entropy/raw"]),
     ("pairs.demo_llama~demo_mistral.pearson_p_shift", ["cross_family.parquet: pearson_p_shift",
                                                        "analysis.correlation:compare_profiles", "stats.depth_grid=20"]),
