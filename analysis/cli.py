@@ -161,7 +161,7 @@ def stats() -> None:
     checkpoints = params_mod.active_checkpoints(params)
     study = build_study({fmt: _entropy(checkpoints, fmt) for fmt in ("raw", "chat")}, params["stats"])
     for key in ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
-                "split_half"):
+                "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs"):
         write_parquet(study[key], getattr(paths, key.upper()))
     with atomic_path(paths.DELTA_RFC_PLOT) as tmp:
         study["delta_rfc_plot"].to_csv(tmp, index=False, float_format="%.6g")
@@ -183,7 +183,8 @@ def figures() -> None:
     s = params["stats"]
     built = figures_mod.build_all(pd.read_parquet(paths.LAYERS), pd.read_parquet(paths.DELTAS),
                                   pd.read_parquet(paths.HEADS), pd.read_parquet(paths.TOKEN_LENGTHS),
-                                  paths.FIGURES, s["headline_definition"], s["headline_format"])
+                                  paths.FIGURES, s["headline_definition"], s["headline_format"],
+                                  params["figures"]["width"], params["figures"]["columns"])
     typer.echo(f"{len(built)} charts -> {paths.FIGURES.relative_to(paths.ROOT)}/")
 
 

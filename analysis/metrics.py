@@ -379,9 +379,10 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: dict) -> d
 
     The tables of `build_statistics` for every format with a `format` column; token_lengths; the
     robustness table of every (definition, format) conclusion; length control and split-half
-    reliability on the headline definition and format; the headline ΔRFC for `dvc plots`; and metrics.
+    reliability on the headline definition and format; the headline ΔRFC for `dvc plots`; the report's
+    selections (analysis.report_tables); and metrics.
     """
-    from analysis import robustness
+    from analysis import report_tables, robustness
 
     missing = [k for k in STUDY_SETTINGS if k not in settings]
     if missing:
@@ -415,5 +416,7 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: dict) -> d
     out["token_lengths"] = token_lengths.sort_values(["format", "family", "category"], ignore_index=True)
     out["delta_rfc_plot"] = headline[["family", "layer", "depth", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi",
                                       "layer_class"]]
+    out.update(report_tables.build(choice_rows(out["heads"], definition, headline_format), out["length_control"],
+                                   choice_rows(out["cross_family"], definition, headline_format), settings))
     out["metrics"] = metrics
     return out

@@ -9,8 +9,8 @@ def use_root(root: Path) -> None:
     """Point every path at another project root (tests, benchmarks); the default is this checkout."""
     global ROOT, PARAMS, DATA, PROMPTS, PROMPT_SUMMARY, MANIFESTS, ENTROPY, STATS, LAYERS, DELTAS
     global CROSS_FAMILY, HEADS, TOKEN_LENGTHS, ROBUSTNESS, LENGTH_CONTROL, SPLIT_HALF, METRICS, PLOTS
-    global DELTA_RFC_PLOT
-    global DEMO_MODELS, REPORT, REPORT_QMD, FIGURES, REPORT_OUTPUT, REPORT_HTML, REPORT_PDF
+    global DELTA_RFC_PLOT, HEAD_FAMILIES, CANDIDATE_HEADS, LENGTH_DISAGREEMENTS, CORRELATION_PAIRS
+    global DEMO_MODELS, REPORT, REPORT_QMD, FIGURES, REPORT_OUTPUT, REPORT_HTML, REPORT_PDF, QUARTO_OFFLINE
     ROOT = Path(root)
     PARAMS = ROOT / "params.yaml"
     DATA = ROOT / "data"
@@ -27,6 +27,10 @@ def use_root(root: Path) -> None:
     ROBUSTNESS = STATS / "robustness.parquet"
     LENGTH_CONTROL = STATS / "length_control.parquet"
     SPLIT_HALF = STATS / "split_half.parquet"
+    HEAD_FAMILIES = STATS / "head_families.parquet"  # the report's selections (analysis.report_tables)
+    CANDIDATE_HEADS = STATS / "candidate_heads.parquet"
+    LENGTH_DISAGREEMENTS = STATS / "length_disagreements.parquet"
+    CORRELATION_PAIRS = STATS / "correlation_pairs.parquet"
     METRICS = STATS / "metrics.json"
     PLOTS = STATS / "plots"
     DELTA_RFC_PLOT = PLOTS / "delta_rfc.csv"
@@ -38,6 +42,7 @@ def use_root(root: Path) -> None:
     REPORT_OUTPUT = REPORT / "_output"
     REPORT_HTML = REPORT_OUTPUT / "index.html"
     REPORT_PDF = REPORT_OUTPUT / "index.pdf"
+    QUARTO_OFFLINE = ROOT / ".quarto-offline"  # where `make quarto QUARTO_INSTALLER=...` installs Quarto (git-ignored)
 
 
 use_root(Path(os.environ.get("SELFREF_ROOT", Path(__file__).resolve().parent.parent)))
