@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
@@ -130,9 +131,19 @@ def markdown_table(frame: pd.DataFrame) -> Markdown:
     """A pipe table (pandoc and Quarto both read it); its caption and number come from the cell's
     `label` and `tbl-cap`."""
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    cells = [[str(v) for v in row] for row in frame.itertuples(index=False)]
+    # pandoc sizes the columns of a table with long source lines (number spans) by the dashes under the
+    # header: give each column as many as the widest text a reader sees in it
+    widths = [max([len(visible_text(str(c)))] + [len(visible_text(row[i])) for row in cells])
+              for i, c in enumerate(frame.columns)]
+    rule = "|" + "|".join("-" * max(3, w) for w in widths) + "|"
+    body = ["| " + " | ".join(row) + " |" for row in cells]
     return Markdown("\n".join([header, rule, *body]) + "\n")
+
+
+def visible_text(markdown: str) -> str:
+    """The text of a table cell as shown: number spans `[text]{...}` reduced to their text."""
+    return re.sub(r"\[([^\]]*)\]\{[^}]*\}", r"\1", markdown).replace("`", "")
 
 
 def chart(name: str, folder: Path = Path("figures")) -> Markdown:
