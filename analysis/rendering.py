@@ -442,6 +442,9 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str) -> RenderResult:
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"quarto render failed:\n{done.stderr.strip()[-4000:]}")
+    for line in ANSI.sub("", done.stderr).splitlines():
+        if line.startswith(("WARN", "ERROR")):
+            log.warning("quarto: %s", line)
     outdir.mkdir(parents=True, exist_ok=True)
     for suffix in ("html", "pdf"):
         target = outdir / f"index.{suffix}"
@@ -483,6 +486,9 @@ def render_report(qmd: Path, outdir: Path, renderer: str = "auto") -> RenderResu
     if quarto is not None:
         log.info("rendering %s with Quarto (%s)", qmd.name, quarto)
         return render_quarto(qmd, outdir, quarto)
-    log.info("Quarto not found: rendering %s with the fallback renderer (nbclient + pandoc + typst); %s",
-             qmd.name, QUARTO_INSTALL_HINT)
+    if renderer == "fallback":
+        log.info("rendering %s with the fallback renderer (nbclient + pandoc + typst)", qmd.name)
+    else:
+        log.info("Quarto not found: rendering %s with the fallback renderer (nbclient + pandoc + typst); %s",
+                 qmd.name, QUARTO_INSTALL_HINT)
     return render_fallback(qmd, outdir)
