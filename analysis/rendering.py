@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from analysis import paths
+from analysis.layout import project_paths
 from analysis.artefacts import atomic_path
 from analysis.errors import UserError
 
@@ -325,7 +325,7 @@ class Executed:
         return "".join(out)
 
 
-def execute_document(qmd: Path, workdir: Path) -> Executed:
+def execute_document(qmd: Path, workdir: Path, root: Path) -> Executed:
     """Run the document's Python in a kernel started in the document's folder, as Quarto does; every
     cell is replaced by its output and every inline expression by its value."""
     from nbclient import NotebookClient
@@ -339,10 +339,9 @@ def execute_document(qmd: Path, workdir: Path) -> Executed:
     notebook, slots = _notebook(parts)
     client = NotebookClient(notebook, timeout=KERNEL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(qmd.parent)}})
-    previous = os.environ.get("SELFREF_ROOT")
-    os.environ["SELFREF_ROOT"] = str(paths.ROOT)  # the kernel reads the same project as this process
     try:
-        client.execute()
+        # the kernel reads the same project as this process
+        client.execute(env={**os.environ, "SELFREF_ROOT": str(root)})
     except CellExecutionError as exc:
         failed = next(((i, o) for i, cell in enumerate(notebook.cells) for o in cell.get("outputs", [])
                        if o.get("output_type") == "error"), None)
@@ -350,11 +349,6 @@ def execute_document(qmd: Path, workdir: Path) -> Executed:
         detail = f"{failed[1].get('ename')}: {failed[1].get('evalue')}" if failed else str(exc)
         raise UserError(f"{where}:{line}: a Python cell failed while rendering the report: {detail}\n"
                         f"{ANSI.sub('', str(exc))}") from exc
-    finally:
-        if previous is None:
-            os.environ.pop("SELFREF_ROOT", None)
-        else:
-            os.environ["SELFREF_ROOT"] = previous
 
     defaults = (meta.get("execute") or {})
     texts: dict[int, str] = {}
@@ -398,7 +392,7 @@ def _pandoc(source: Path, target: Path, to: str, extra: list[str], cwd: Path) ->
         raise UserError(f"pandoc failed writing {target.name} ({to}):\n{done.stderr.strip()}")
 
 
-def render_fallback(qmd: Path, outdir: Path) -> RenderResult:
+def render_fallback(qmd: Path, outdir: Path, root: Path) -> RenderResult:
     """Render without Quarto: kernel, then pandoc to HTML and typst to PDF. Outputs appear atomically."""
     import typst
 
@@ -406,7 +400,7 @@ def render_fallback(qmd: Path, outdir: Path) -> RenderResult:
     outdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".render-", dir=qmd.parent) as tmp:
         work = Path(tmp)
-        executed = execute_document(qmd, work)
+        executed = execute_document(qmd, work, root)
         meta = _metadata(executed.meta, qmd)
         toc = bool(meta.pop("toc", False))
         front = "---\n" + yaml.safe_dump(meta, allow_unicode=True) + "---\n\n"
@@ -435,10 +429,10 @@ def render_fallback(qmd: Path, outdir: Path) -> RenderResult:
 # ----------------------------------------------------------------------------------------------------
 # Quarto, the primary renderer.
 
-def render_quarto(qmd: Path, outdir: Path, quarto: str) -> RenderResult:
+def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderResult:
     """`quarto render` of the project (formats from _quarto.yml); outputs are moved to `outdir`."""
-    env = {**os.environ, "QUARTO_PYTHON": sys.executable, "SELFREF_ROOT": str(paths.ROOT)}  # this environment's kernel
-    done = subprocess.run([quarto, "render", str(qmd.relative_to(paths.ROOT))], cwd=paths.ROOT, env=env,
+    env = {**os.environ, "QUARTO_PYTHON": sys.executable, "SELFREF_ROOT": str(root)}  # this environment's kernel
+    done = subprocess.run([quarto, "render", str(qmd.relative_to(root)), "--output-dir", str(outdir)], cwd=root, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"quarto render failed:\n{done.stderr.strip()[-4000:]}")
@@ -448,7 +442,7 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str) -> RenderResult:
     outdir.mkdir(parents=True, exist_ok=True)
     for suffix in ("html", "pdf"):
         target = outdir / f"index.{suffix}"
-        candidates = [outdir / qmd.parent.relative_to(paths.ROOT) / f"index.{suffix}", target]
+        candidates = [outdir / qmd.parent.relative_to(root) / f"index.{suffix}", target]
         found = next((c for c in candidates if c.exists()), None)
         if found is None:
             raise UserError(f"quarto render wrote no index.{suffix} under {outdir}; check _quarto.yml formats")
@@ -461,34 +455,38 @@ QUARTO_INSTALL_HINT = ("install Quarto with `make quarto` (pip's quarto-cli into
                        "`make quarto QUARTO_INSTALLER=<path to an offline install.sh>`) or from quarto.org")
 
 
-def find_quarto() -> str | None:
-    """`quarto` on PATH, else one installed for this project by `make quarto`: quarto-cli in this Python's
-    environment, or the offline installer's copy in .quarto-offline/."""
+def find_quarto(root: Path | None = None) -> str | None:
+    """`quarto` on PATH, else one installed by `make quarto`: quarto-cli in this Python's environment, or
+    the offline installer's copy in .quarto-offline/ of the project `root` (default: SELFREF_ROOT or this
+    checkout)."""
     found = shutil.which("quarto")
     if found:
         return found
-    for candidate in (Path(sys.executable).parent / "quarto", paths.QUARTO_OFFLINE / "bin" / "quarto"):
+    for candidate in (Path(sys.executable).parent / "quarto", project_paths(root).quarto_offline / "bin" / "quarto"):
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return str(candidate)
     return None
 
 
-def render_report(qmd: Path, outdir: Path, renderer: str = "auto") -> RenderResult:
-    """Render with Quarto when it is installed (or when asked), else with the fallback renderer."""
+def render_report(qmd: Path, outdir: Path, renderer: str = "auto", root: Path | None = None) -> RenderResult:
+    """Render with Quarto when it is installed (or when asked), else with the fallback renderer.
+
+    `root` is the project the document's cells read (default: SELFREF_ROOT or this checkout)."""
+    root = Path(root) if root is not None else project_paths().root
     if renderer not in RENDERERS:
         raise UserError(f"renderer {renderer!r}: use one of {', '.join(RENDERERS)}")
     if not qmd.exists():
         raise UserError(f"{qmd}: report source missing")
-    quarto = find_quarto() if renderer in ("auto", "quarto") else None
+    quarto = find_quarto(root) if renderer in ("auto", "quarto") else None
     if renderer == "quarto" and quarto is None:
         raise UserError(f"renderer quarto: `quarto` is not on PATH nor installed in the project; "
                         f"{QUARTO_INSTALL_HINT}, or use --renderer fallback")
     if quarto is not None:
         log.info("rendering %s with Quarto (%s)", qmd.name, quarto)
-        return render_quarto(qmd, outdir, quarto)
+        return render_quarto(qmd, outdir, quarto, root)
     if renderer == "fallback":
         log.info("rendering %s with the fallback renderer (nbclient + pandoc + typst)", qmd.name)
     else:
         log.info("Quarto not found: rendering %s with the fallback renderer (nbclient + pandoc + typst); %s",
                  qmd.name, QUARTO_INSTALL_HINT)
-    return render_fallback(qmd, outdir)
+    return render_fallback(qmd, outdir, root)

@@ -3,12 +3,14 @@ top-ranked heads of those families, the layers where the length-adjusted conclus
 family pairs whose profiles can be correlated.
 
 Pure functions of the stats tables and the stats settings, called once by the stats stage
-(`metrics.build_study`) and written to data/stats/; the report formats these tables and decides nothing.
+(`study.build_study`) and written to data/stats/; the report formats these tables and decides nothing.
 """
 
 from __future__ import annotations
 
 import pandas as pd
+
+from analysis.config import StatsSettings
 
 HEAD_FAMILY_COLUMNS = ["family", "n_heads", "n_heads_significant", "min_q_value", "names_candidates"]
 CANDIDATE_COLUMNS = ["family", "rank", "layer", "head", "did", "did_log_ratio", "consistency", "base_entropy",
@@ -57,13 +59,12 @@ def correlation_pairs(cross_family: pd.DataFrame) -> pd.DataFrame:
 
 
 def build(heads: pd.DataFrame, length_control: pd.DataFrame, cross_family: pd.DataFrame,
-          settings: dict) -> dict[str, pd.DataFrame]:
+          settings: StatsSettings) -> dict[str, pd.DataFrame]:
     """Every report table, from the headline definition's and format's heads, length control and
     cross-family rows, with `stats.alpha` and `stats.top_k_heads`."""
-    alpha = float(settings["alpha"])
     return {
-        "head_families": head_families(heads, alpha),
-        "candidate_heads": candidate_heads(heads, alpha, int(settings["top_k_heads"])),
+        "head_families": head_families(heads, settings.alpha),
+        "candidate_heads": candidate_heads(heads, settings.alpha, settings.top_k_heads),
         "length_disagreements": length_disagreements(length_control),
         "correlation_pairs": correlation_pairs(cross_family),
     }

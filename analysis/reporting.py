@@ -19,9 +19,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from analysis import paths
-from analysis import params as params_mod
-from analysis.metrics import choice_rows
+from analysis import config as config_mod
+from analysis.config import Config, StatsSettings
+from analysis.layout import ProjectPaths, project_paths
+from analysis.quantities import choice_rows
 from analysis.rendering import Markdown, chart_markdown
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
@@ -78,6 +79,7 @@ class Artefacts:
     """Everything the report's text and tables read, loaded once (the charts are built by `selfref figures`)."""
 
     numbers: Numbers
+    config: Config
     params: dict[str, Any]
     robustness: pd.DataFrame
     length_control: pd.DataFrame
@@ -91,39 +93,42 @@ class Artefacts:
 
     @property
     def suite(self) -> str:
-        return self.params["suite"]
+        return self.config.suite
 
     @property
     def families(self) -> list[str]:
-        return params_mod.families(params_mod.active_checkpoints(self.params))
+        return self.config.families
 
     @property
     def is_demo(self) -> bool:
         return any(m["source"] == "demo" for m in self.manifests.values())
 
     @property
-    def stats(self) -> dict[str, Any]:
-        return self.params["stats"]
+    def stats(self) -> StatsSettings:
+        return self.config.stats
 
     def headline(self, frame: pd.DataFrame) -> pd.DataFrame:
-        return choice_rows(frame, self.stats["headline_definition"], self.stats["headline_format"])
+        return choice_rows(frame, self.config.stats.headline_definition, self.config.stats.headline_format)
 
 
-def load() -> Artefacts:
-    params = params_mod.load()
-    manifests = {c.name: json.loads(paths.manifest(c.name).read_text()) for c in params_mod.active_checkpoints(params)}
+def load(paths: ProjectPaths | None = None) -> Artefacts:
+    """The artefacts of the project at `paths` (default: SELFREF_ROOT or this checkout)."""
+    paths = paths or project_paths()
+    config = config_mod.load(paths)
+    manifests = {c.name: json.loads(paths.manifest(c.name).read_text()) for c in config.checkpoints}
     return Artefacts(
-        numbers=Numbers(json.loads(paths.METRICS.read_text())),
-        params=params,
-        robustness=pd.read_parquet(paths.ROBUSTNESS),
-        length_control=pd.read_parquet(paths.LENGTH_CONTROL),
-        split_half=pd.read_parquet(paths.SPLIT_HALF),
-        head_families=pd.read_parquet(paths.HEAD_FAMILIES),
-        candidate_heads=pd.read_parquet(paths.CANDIDATE_HEADS),
-        length_disagreements=pd.read_parquet(paths.LENGTH_DISAGREEMENTS),
-        correlation_pairs=pd.read_parquet(paths.CORRELATION_PAIRS),
+        numbers=Numbers(json.loads(paths.metrics.read_text())),
+        config=config,
+        params=config_mod.read_yaml(paths.params),
+        robustness=pd.read_parquet(paths.stats_table("robustness")),
+        length_control=pd.read_parquet(paths.stats_table("length_control")),
+        split_half=pd.read_parquet(paths.stats_table("split_half")),
+        head_families=pd.read_parquet(paths.stats_table("head_families")),
+        candidate_heads=pd.read_parquet(paths.stats_table("candidate_heads")),
+        length_disagreements=pd.read_parquet(paths.stats_table("length_disagreements")),
+        correlation_pairs=pd.read_parquet(paths.stats_table("correlation_pairs")),
         manifests=manifests,
-        prompt_summary=json.loads(paths.PROMPT_SUMMARY.read_text()),
+        prompt_summary=json.loads(paths.prompt_summary.read_text()),
     )
 
 
@@ -166,15 +171,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def git_state() -> dict[str, str]:
+def git_state(paths: ProjectPaths | None = None) -> dict[str, str]:
     """The commit the report was built from, whether the tree had changes, and the dvc.lock hash."""
+    paths = paths or project_paths()
+
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True,
+            return subprocess.run(["git", *args], cwd=paths.root, capture_output=True, text=True,
                                   check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
-    lock = paths.ROOT / "dvc.lock"
+    lock = paths.dvc_lock
     return {
         "commit": git("rev-parse", "HEAD"),
         "dirty": "yes" if git("status", "--porcelain", "--untracked-files=no") else "no",

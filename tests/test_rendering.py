@@ -109,7 +109,7 @@ def test_fallback_renders_html_and_pdf_with_quarto_semantics(document, tmp_path)
     captions (tables above, figures below) and `@label` links reading their numbers, in HTML and PDF;
     charts are interactive in HTML (spec and Vega inlined) and static in the PDF; the TOC links each section."""
     out = tmp_path / "out"
-    result = rendering.render_fallback(document, out)
+    result = rendering.render_fallback(document, out, tmp_path)
     html = result.html.read_text().replace("\xa0", " ").replace("&nbsp;", " ")
     flat = " ".join(html.split())
     assert "The answer is 42 and twice that is 84; a string a_b*c is text, <em>emphasis</em> is markdown." in flat
@@ -139,7 +139,7 @@ def test_a_reference_to_no_label_is_named(document, tmp_path):
     """`@fig-x` without a cell labelled fig-x stops the render, naming the reference."""
     document.write_text(DOCUMENT.replace("See @tbl-small", "See @tbl-missing"))
     with pytest.raises(UserError, match="@tbl-missing refers to no cell"):
-        rendering.render_fallback(document, tmp_path / "out")
+        rendering.render_fallback(document, tmp_path / "out", tmp_path)
 
 
 def test_failing_cell_names_the_document_and_writes_nothing(document, tmp_path):
@@ -147,13 +147,13 @@ def test_failing_cell_names_the_document_and_writes_nothing(document, tmp_path):
     document.write_text(DOCUMENT.replace("hidden_value = 6 * 7", "hidden_value = 1 / 0"))
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"index.qmd:8: a Python cell failed.*ZeroDivisionError"):
-        rendering.render_fallback(document, out)
+        rendering.render_fallback(document, out, tmp_path)
     assert not list(out.glob("*")) if out.exists() else True
 
 
 def test_renderer_choice(monkeypatch, document, tmp_path):
     """Asking for Quarto where it is absent is a clear error naming how to install it; an unknown renderer too."""
-    monkeypatch.setattr(rendering, "find_quarto", lambda: None)
+    monkeypatch.setattr(rendering, "find_quarto", lambda root=None: None)
     with pytest.raises(UserError, match="quarto.*not on PATH.*make quarto"):
         rendering.render_report(document, tmp_path / "out", renderer="quarto")
     with pytest.raises(UserError, match="use one of"):
@@ -161,28 +161,24 @@ def test_renderer_choice(monkeypatch, document, tmp_path):
 
 
 def test_quarto_is_found_on_path_or_where_make_quarto_installs_it(monkeypatch, tmp_path):
-    """PATH first; else quarto-cli beside this Python, else the offline copy in .quarto-offline/."""
-    from analysis import paths
-
+    """PATH first; else quarto-cli beside this Python, else the offline copy in the project's .quarto-offline/."""
     monkeypatch.setattr(rendering.shutil, "which", lambda name: "/on/path/quarto")
-    assert rendering.find_quarto() == "/on/path/quarto"
+    assert rendering.find_quarto(tmp_path) == "/on/path/quarto"
     monkeypatch.setattr(rendering.shutil, "which", lambda name: None)
     monkeypatch.setattr(rendering.sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
-    paths.use_root(tmp_path)
-    try:
-        assert rendering.find_quarto() is None
-        offline = tmp_path / ".quarto-offline" / "bin" / "quarto"
-        offline.parent.mkdir(parents=True)
-        offline.write_text("#!/bin/sh\n")
-        offline.chmod(0o755)
-        assert rendering.find_quarto() == str(offline)
-        beside = tmp_path / "venv" / "bin" / "quarto"
-        beside.parent.mkdir(parents=True)
-        beside.write_text("#!/bin/sh\n")
-        beside.chmod(0o755)
-        assert rendering.find_quarto() == str(beside)
-    finally:
-        paths.use_root(Path(__file__).resolve().parent.parent)
+    assert rendering.find_quarto(tmp_path) is None
+    offline = tmp_path / ".quarto-offline" / "bin" / "quarto"
+    offline.parent.mkdir(parents=True)
+    offline.write_text("#!/bin/sh\n")
+    offline.chmod(0o755)
+    assert rendering.find_quarto(tmp_path) == str(offline)
+    monkeypatch.setenv("SELFREF_ROOT", str(tmp_path))
+    assert rendering.find_quarto() == str(offline)
+    beside = tmp_path / "venv" / "bin" / "quarto"
+    beside.parent.mkdir(parents=True)
+    beside.write_text("#!/bin/sh\n")
+    beside.chmod(0o755)
+    assert rendering.find_quarto(tmp_path) == str(beside)
 
 
 def test_chart_markdown_gives_each_output_its_chart(tmp_path, document):
@@ -201,8 +197,6 @@ def test_chart_markdown_gives_each_output_its_chart(tmp_path, document):
 def test_quarto_is_preferred_and_its_outputs_land_in_report_output(tmp_path, monkeypatch):
     """With `quarto` on PATH, `auto` runs `quarto render` from the project root, with this Python as its
     kernel, and moves the project's outputs to report/_output/index.{html,pdf}."""
-    from analysis import paths
-
     root = tmp_path / "project"
     (root / "report").mkdir(parents=True)
     qmd = root / "report" / "index.qmd"
@@ -212,12 +206,8 @@ def test_quarto_is_preferred_and_its_outputs_land_in_report_output(tmp_path, mon
                     'mkdir -p report/_output/report\necho "$QUARTO_PYTHON" > report/_output/report/index.html\n'
                     'echo pdf > report/_output/report/index.pdf\n')
     fake.chmod(0o755)
-    monkeypatch.setattr(rendering, "find_quarto", lambda: str(fake))
-    paths.use_root(root)
-    try:
-        result = rendering.render_report(qmd, root / "report" / "_output")
-    finally:
-        paths.use_root(Path(__file__).resolve().parent.parent)
+    monkeypatch.setattr(rendering.shutil, "which", lambda name: str(fake) if name == "quarto" else None)
+    result = rendering.render_report(qmd, root / "report" / "_output", root=root)
     assert result.renderer == "quarto"
     assert result.html == root / "report" / "_output" / "index.html" and result.pdf.read_text() == "pdf\n"
     assert result.html.read_text().strip() == sys.executable

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader
 
-from analysis import paths, rendering
+from analysis import config, rendering
+from analysis.layout import project_paths
 from analysis.reporting import format_number, lookup, ranked_values
+from analysis.stages import report as report_stage
 
 REPO = Path(__file__).resolve().parent.parent
 INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json",
@@ -43,13 +45,12 @@ def built(request, tmp_path_factory):
     path = os.environ["PATH"]
     if quarto is not None:  # the copy has no .quarto-offline/ of its own
         os.environ["PATH"] = f"{Path(quarto).parent}{os.pathsep}{path}"
-    paths.use_root(root)
-    try:
-        result = rendering.render_report(paths.REPORT_QMD, paths.REPORT_OUTPUT, renderer=request.param)
+    try:  # through the report stage: rendered into a staging folder, then swapped in for report/_output
+        result = report_stage.run(config.load(project_paths(root)), request.param)
     finally:
-        paths.use_root(REPO)
         os.environ["PATH"] = path
     assert result.renderer.startswith(request.param)
+    assert result.html == root / "report" / "_output" / "index.html" and result.pdf.is_file()
     return root, result
 
 
