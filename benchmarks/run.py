@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         r["gpu"] = {"not_run": "no CUDA GPU on this machine (none was lent to the session that made these figures)"}
     if args.quick or args.skip_pipeline:
-        r["pipeline"] = {"not_run": "--quick" if args.quick else "--skip-pipeline"}
+        r["pipeline"] = {"not_run": "left out of this run (%s)" % ("--quick" if args.quick else "--skip-pipeline")}
     else:
         r["pipeline"] = attempt("pipeline", lambda: pipeline.measure(log))
     r["stats"] = attempt("stats stage", lambda: {s: stats_stage.measure(s, args.quick) for s in ("demo", "paper")})
