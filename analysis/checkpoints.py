@@ -122,6 +122,26 @@ def pull_demo(ckpt: Checkpoint, prompt_texts: list[str]) -> dict[str, Any]:
     return manifest
 
 
+def pull_local(ckpt: Checkpoint) -> dict[str, Any]:
+    """Describe a `local:` checkpoint folder and pin its content (every file's SHA-256) in the manifest."""
+    folder = ckpt.local_path
+    if not folder.is_dir():
+        raise UserError(f"{ckpt.name}: local checkpoint folder {folder} does not exist; fix `local` in params.yaml "
+                        "suites or create the folder (config.json, *.safetensors, tokenizer files)")
+    info = describe(folder)
+    manifest = {
+        **_base_manifest(ckpt),
+        "repo": None,
+        "local": ckpt.local,
+        "requested_revision": None,
+        "revision": "local-" + _content_revision(info["files"]).removeprefix("demo-"),
+        **info,
+        "planted": [],
+    }
+    write_json(manifest, paths.manifest(ckpt.name))
+    return manifest
+
+
 def _snapshot(repo: str, revision: str, name: str) -> Path:
     """Download (or find in the local cache) config, safetensors and tokenizer files of one revision."""
     from huggingface_hub import snapshot_download
@@ -172,6 +192,16 @@ def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt
     name = manifest["checkpoint"]
     if manifest["source"] == "hub":
         return _snapshot(manifest["repo"], manifest["revision"], name)
+    if manifest["source"] == "local":
+        from analysis.params import Checkpoint
+
+        folder = Checkpoint(manifest["family"], manifest["variant"], local=manifest["local"]).local_path
+        changed = [f["path"] for f in manifest["files"]
+                   if not (folder / f["path"]).exists() or _sha256(folder / f["path"]) != f["sha256"]]
+        if changed:
+            raise UserError(f"{name}: {folder} differs from its manifest ({', '.join(changed)}); "
+                            f"run `selfref pull {name}` to re-pin it")
+        return folder
     target = paths.demo_model_dir(name)
     expected = {f["path"]: f["sha256"] for f in manifest["files"]}
 

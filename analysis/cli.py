@@ -38,7 +38,7 @@ def suite_show() -> None:
     """List the active suite's checkpoints."""
     params = params_mod.load()
     for ckpt in params_mod.active_checkpoints(params):
-        where = f"{ckpt.repo}@{ckpt.revision}" if ckpt.repo else "synthetic demo"
+        where = f"{ckpt.repo}@{ckpt.revision}" if ckpt.repo else f"local {ckpt.local}" if ckpt.local else "synthetic demo"
         typer.echo(f"{ckpt.name}\t{where}")
 
 
@@ -64,7 +64,8 @@ def prompts_check(
             if ckpt.variant != "base" or not paths.manifest(ckpt.name).exists():
                 continue
             manifest = read_manifest(ckpt.name)
-            local = paths.demo_model_dir(ckpt.name) if manifest["source"] == "demo" else None
+            local = {"demo": paths.demo_model_dir(ckpt.name), "local": ckpt.local_path if ckpt.local else None
+                     }.get(manifest["source"])
             if local is None:
                 from huggingface_hub import snapshot_download
 
@@ -97,6 +98,8 @@ def pull(
     ckpt = params_mod.find_checkpoint(params, checkpoint)
     if ckpt.source == "demo":
         manifest = checkpoints.pull_demo(ckpt, list(_prompts(params)["text"]))
+    elif ckpt.source == "local":
+        manifest = checkpoints.pull_local(ckpt)
     else:
         manifest = checkpoints.pull_hub(ckpt, update=update)
     typer.echo(f"{checkpoint}: {manifest['architecture']} {manifest['n_layers']} layers x {manifest['n_heads']} heads "

@@ -13,17 +13,19 @@ from analysis import paths
 from analysis.errors import UserError
 
 VARIANTS = ("base", "instruct")
+SOURCES = ("repo", "demo", "local")  # the kinds of checkpoint source a suite entry may name
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One checkpoint of a family: a hub repo at a revision, or a synthetic demo spec."""
+    """One checkpoint of a family: a hub repo at a revision, a synthetic demo spec, or a local folder."""
 
     family: str
     variant: str
     repo: str | None = None
     revision: str = "main"
     demo: dict[str, Any] | None = None
+    local: str | None = None
 
     @property
     def name(self) -> str:
@@ -31,7 +33,13 @@ class Checkpoint:
 
     @property
     def source(self) -> str:
-        return "demo" if self.demo is not None else "hub"
+        return "demo" if self.demo is not None else "local" if self.local is not None else "hub"
+
+    @property
+    def local_path(self) -> Path:
+        """A `local:` folder, relative paths taken from the project root."""
+        path = Path(self.local).expanduser()
+        return path if path.is_absolute() else paths.ROOT / path
 
 
 def load(path: Path | None = None) -> dict[str, Any]:
@@ -50,13 +58,22 @@ def load(path: Path | None = None) -> dict[str, Any]:
 def _checkpoint(family: str, variant: str, spec: Any) -> Checkpoint:
     where = f"params.yaml suites: {family}.{variant}"
     if not isinstance(spec, dict):
-        raise UserError(f"{where}: expected a mapping with `repo` or `demo`")
+        raise UserError(f"{where}: expected a mapping with `repo`, `demo` or `local`")
+    kinds = [k for k in SOURCES if k in spec]
+    if len(kinds) > 1:
+        raise UserError(f"{where}: give one of {', '.join(SOURCES)}, not {' and '.join(kinds)}")
+    if "local" in spec:
+        if not isinstance(spec["local"], str) or not spec["local"].strip():
+            raise UserError(f"{where}.local: expected the path of a Hugging Face checkpoint folder "
+                            "(config.json, *.safetensors, tokenizer files)")
+        return Checkpoint(family, variant, local=spec["local"].strip())
     if "demo" in spec:
         if not isinstance(spec["demo"], dict):
             raise UserError(f"{where}.demo: expected a mapping of generator settings")
         return Checkpoint(family, variant, demo=dict(spec["demo"]))
     if "repo" not in spec:
-        raise UserError(f"{where}: needs `repo: <owner>/<name>` (hub) or `demo: {{...}}` (synthetic)")
+        raise UserError(f"{where}: needs `repo: <owner>/<name>` (hub), `demo: {{...}}` (synthetic) "
+                        "or `local: <dir>` (a Hugging Face folder on disk)")
     return Checkpoint(family, variant, repo=str(spec["repo"]), revision=str(spec.get("revision", "main")))
 
 
