@@ -42,6 +42,26 @@ def suite_show() -> None:
         typer.echo(f"{ckpt.name}\t{where}")
 
 
+@suite_app.command("check")
+def suite_check(name: str) -> None:
+    """Preflight of suite NAME: reachability, gating, download vs disk, weights vs memory, time estimate."""
+    from analysis import preflight
+
+    params = params_mod.load()
+    prompts = _prompts(params)
+    mean_tokens = float(prompts["text"].str.len().mean()) / 4 + 1  # ~4 characters a token, plus a BOS
+    findings = preflight.check_suite(params, name, len(prompts), mean_tokens)
+    colours = {"ok": "green", "fail": "red", "unknown": "yellow"}
+    for f in findings:
+        typer.secho(f"{f.status:<8}{f.checkpoint:<28}{f.message}", fg=colours[f.status])
+    failed = [f for f in findings if f.status == "fail"]
+    if failed:
+        typer.secho(f"suite {name}: {len(failed)} problem(s); the run cannot succeed as it stands", fg="red", err=True)
+        raise typer.Exit(1)
+    unknown = sum(f.status == "unknown" for f in findings)
+    typer.echo(f"suite {name}: ready" + (f" ({unknown} item(s) not checked)" if unknown else ""))
+
+
 @prompts_app.command("check")
 def prompts_check(
     tokenizers: bool = typer.Option(True, help="Also report token counts for every tokenizer already on disk."),

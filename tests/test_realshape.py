@@ -120,11 +120,15 @@ def test_pull_and_extract_match_eager_attention(realshape_project, realshape_dir
                     assert first not in tok.all_special_tokens, first
                 else:
                     assert first == expected_first
-                    if first == tok.bos_token:
-                        assert e.input_ids.count(tok.bos_token_id) == 1  # never doubled
+                    if first == tok.bos_token:  # never doubled (in chat, ChatML's <|im_start|> opens every turn)
+                        assert e.input_ids[1] != tok.bos_token_id
+                        assert fmt == "chat" or e.input_ids.count(tok.bos_token_id) == 1
             for text, e in zip(prompts["text"], encoded):
                 counted = [i for i, m in zip(e.input_ids, e.query_mask) if m]
-                assert tok.decode(counted).strip() == text
+                if fmt == "chat":  # exactly the user's text; raw counts every position
+                    assert tok.decode(counted).strip() == text
+                else:
+                    assert counted == e.input_ids
             assert (table["chat_system"].isna() if fmt == "raw" else table["chat_system"] == "default").all()
             ref = reference(local, encoded)
             ordered = table.set_index(["prompt_id", "layer", "head"]).sort_index()
