@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from analysis import paths
 from analysis.artefacts import atomic_dir, read_json, write_json
+from analysis.config import Checkpoint
 from analysis.errors import UserError
-from analysis.params import Checkpoint
+from analysis.layout import ProjectPaths
+from analysis import synthetic
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,74 @@ def describe(local_dir: Path) -> dict[str, Any]:
     }
 
 
-def _content_revision(files: list[dict[str, Any]]) -> str:
+def cached_tokenizer_dir(paths: ProjectPaths, ckpt: Checkpoint) -> Path | None:
+    """A folder holding the checkpoint's tokenizer if one is already on disk (demo folder or local Hugging
+    Face cache), else None: token counts are reported for what is at hand, nothing is downloaded."""
+    if not paths.manifest(ckpt.name).exists():
+        return None
+    manifest = read_manifest(paths, ckpt.name)
+    if manifest["source"] in ("demo", "local"):
+        local = paths.demo_model_dir(ckpt.name) if manifest["source"] == "demo" else \
+            paths.local_checkpoint(manifest["local"])
+        return local if local.exists() else None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(manifest["repo"], revision=manifest["revision"],
+                                      allow_patterns=["tokenizer*", "special_tokens_map.json"], local_files_only=True))
+    except Exception:  # noqa: BLE001 - a tokenizer not yet cached is simply not reported
+        return None
+
+
+def verify_files(local: Path, manifest: dict[str, Any], paths: ProjectPaths) -> None:
+    """Check every file the manifest lists against its size and SHA-256 before anything is loaded.
+
+    Hashing 16 GB takes about half a minute, so a file whose (path, size, mtime) was verified before
+    is not hashed again; the record lives in models/verified-files.json on this machine.
+    """
+    name = manifest["checkpoint"]
+    pinned = paths.relative(paths.manifest(name))
+    if manifest["source"] == "local":  # the user's own folder: nothing to download, the pin is what may be stale
+        missing_fix = damaged_fix = (f"restore the folder, or run `selfref pull {name}` to pin what it holds now "
+                                     "(the entropy tables then describe the new files)")
+    else:
+        missing_fix = f"run `selfref pull {name}` to download it again"
+        damaged_fix = (f"the cached copy is damaged or another revision: delete it (or its blob) and run "
+                       f"`selfref pull {name}`; if the manifest itself is wrong, `selfref pull {name} --update` "
+                       "re-resolves it")
+    record_path = paths.verified_files
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        record = {}
+    changed = False
+    for entry in manifest["files"]:
+        file = Path(local) / entry["path"]
+        if not file.exists():
+            raise UserError(f"{name}: {entry['path']} listed in {pinned} is missing from {local}; {missing_fix}")
+        real = file.resolve()
+        stat = real.stat()
+        key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
+        digest = record.get(key)
+        if digest is None:
+            digest = _sha256(real) if stat.st_size == entry["size"] else None
+        if stat.st_size != entry["size"] or digest != entry["sha256"]:
+            raise UserError(f"{name}: {file} does not match {pinned} (size {stat.st_size} vs {entry['size']}, "
+                            f"sha256 {str(digest)[:12]}... vs {entry['sha256'][:12]}...; file {real}); {damaged_fix}")
+        if key not in record:
+            record[key], changed = digest, True
+    if changed:
+        write_json(record, record_path)
+
+
+def _content_revision(files: list[dict[str, Any]], kind: str = "demo") -> str:
+    """A revision name for a checkpoint without a hub commit: `<kind>-` and a hash of its files' hashes."""
     digest = hashlib.sha256("".join(f"{f['path']}:{f['sha256']}\n" for f in files).encode())
-    return "demo-" + digest.hexdigest()[:40]
+    return f"{kind}-" + digest.hexdigest()[:40]
 
 
-def read_manifest(name: str) -> dict[str, Any]:
+def read_manifest(paths: ProjectPaths, name: str) -> dict[str, Any]:
+    """The tracked manifest of checkpoint `name`; a missing one names the verb that writes it."""
     path = paths.manifest(name)
     if not path.exists():
         raise UserError(f"{path}: no manifest for checkpoint {name}; run `selfref pull {name}` first")
@@ -100,10 +164,8 @@ def _base_manifest(ckpt: Checkpoint) -> dict[str, Any]:
     return {"checkpoint": ckpt.name, "family": ckpt.family, "variant": ckpt.variant, "source": ckpt.source}
 
 
-def pull_demo(ckpt: Checkpoint, prompt_texts: list[str]) -> dict[str, Any]:
+def pull_demo(ckpt: Checkpoint, prompt_texts: list[str], paths: ProjectPaths) -> dict[str, Any]:
     """Generate a demo checkpoint deterministically and write its manifest."""
-    from analysis import synthetic
-
     target = paths.demo_model_dir(ckpt.name)
     with atomic_dir(target) as tmp:
         synthetic.generate(ckpt.demo, prompt_texts, tmp, where=f"params.yaml suites: {ckpt.family}.{ckpt.variant}")
@@ -122,9 +184,9 @@ def pull_demo(ckpt: Checkpoint, prompt_texts: list[str]) -> dict[str, Any]:
     return manifest
 
 
-def pull_local(ckpt: Checkpoint) -> dict[str, Any]:
+def pull_local(ckpt: Checkpoint, paths: ProjectPaths) -> dict[str, Any]:
     """Describe a `local:` checkpoint folder and pin its content (every file's SHA-256) in the manifest."""
-    folder = ckpt.local_path
+    folder = paths.local_checkpoint(ckpt.local)
     if not folder.is_dir():
         raise UserError(f"{ckpt.name}: local checkpoint folder {folder} does not exist; fix `local` in params.yaml "
                         "suites or create the folder (config.json, *.safetensors, tokenizer files)")
@@ -134,7 +196,7 @@ def pull_local(ckpt: Checkpoint) -> dict[str, Any]:
         "repo": None,
         "local": ckpt.local,
         "requested_revision": None,
-        "revision": "local-" + _content_revision(info["files"]).removeprefix("demo-"),
+        "revision": _content_revision(info["files"], "local"),
         **info,
         "planted": [],
     }
@@ -160,12 +222,13 @@ def _snapshot(repo: str, revision: str, name: str) -> Path:
         raise UserError(f"{name}: revision {revision!r} of {repo} not found; fix `revision` in params.yaml "
                         "or delete its manifest to re-resolve") from None
     except (hf_errors.LocalEntryNotFoundError, hf_errors.HfHubHTTPError, OSError) as err:
+        offline = "unset HF_HUB_OFFLINE, " if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""
         raise UserError(f"{name}: cannot fetch {repo}@{revision} and it is not in the local Hugging Face cache "
-                        f"({type(err).__name__}); connect to the network, or unset HF_HUB_OFFLINE, "
-                        "or copy the snapshot into the cache") from None
+                        f"({type(err).__name__}); connect to the network, {offline}or copy the snapshot into "
+                        "the cache") from None
 
 
-def pull_hub(ckpt: Checkpoint, update: bool = False) -> dict[str, Any]:
+def pull_hub(ckpt: Checkpoint, paths: ProjectPaths, update: bool = False) -> dict[str, Any]:
     """Download a hub checkpoint, pinned to the SHA of an earlier manifest unless `update`."""
     revision = ckpt.revision
     path = paths.manifest(ckpt.name)
@@ -187,20 +250,17 @@ def pull_hub(ckpt: Checkpoint, update: bool = False) -> dict[str, Any]:
     return manifest
 
 
-def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt_texts: list[str]) -> Path:
+def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt_texts: list[str],
+              paths: ProjectPaths) -> Path:
     """The folder holding the manifest's exact checkpoint; regenerates a demo or fetches a pinned hub snapshot."""
     name = manifest["checkpoint"]
     if manifest["source"] == "hub":
-        return _snapshot(manifest["repo"], manifest["revision"], name)
+        local = _snapshot(manifest["repo"], manifest["revision"], name)
+        verify_files(local, manifest, paths)
+        return local
     if manifest["source"] == "local":
-        from analysis.params import Checkpoint
-
-        folder = Checkpoint(manifest["family"], manifest["variant"], local=manifest["local"]).local_path
-        changed = [f["path"] for f in manifest["files"]
-                   if not (folder / f["path"]).exists() or _sha256(folder / f["path"]) != f["sha256"]]
-        if changed:
-            raise UserError(f"{name}: {folder} differs from its manifest ({', '.join(changed)}); "
-                            f"run `selfref pull {name}` to re-pin it")
+        folder = paths.local_checkpoint(manifest["local"])
+        verify_files(folder, manifest, paths)
         return folder
     target = paths.demo_model_dir(name)
     expected = {f["path"]: f["sha256"] for f in manifest["files"]}
@@ -212,9 +272,7 @@ def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt
         if demo_spec != manifest.get("demo"):
             raise UserError(f"{name}: params.yaml's demo spec differs from {paths.manifest(name)}; "
                             f"run `selfref pull {name}` (or `dvc repro`)")
-        from analysis import synthetic
-
-        log.info("%s: regenerating demo checkpoint in %s", name, target)
+            log.info("%s: regenerating demo checkpoint in %s", name, target)
         with atomic_dir(target) as tmp:
             synthetic.generate(demo_spec, prompt_texts, tmp, where=name)
         if not matches():

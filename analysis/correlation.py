@@ -2,8 +2,8 @@
 
 Families with the same number of layers are compared layer by layer. Otherwise each profile is placed
 at relative depth (l + 0.5) / L and interpolated linearly (np.interp) onto a common grid spanning the
-depth range both families cover (trap 8). Besides scipy's Pearson and Spearman p-values, which treat
-the points as independent, a circular-shift p-value keeps the profiles' autocorrelation (trap 7), and
+depth range both families cover (docs/method.md, "Different depths"). Besides scipy's Pearson and Spearman p-values, which treat
+the points as independent, a circular-shift p-value keeps the profiles' autocorrelation ("Correlated layers"), and
 a percentile interval of r comes from the layer bootstrap's ΔRFC resamples of both families.
 """
 
@@ -16,17 +16,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from analysis.quantities import relative_depth
 from analysis.resampling import circular_shift_pvalue, percentile_ci, rowwise_pearson
 
 MIN_POINTS = 4
 COLUMNS = ["family_a", "family_b", "n_layers_a", "n_layers_b", "grid", "n_points", "depth_lo", "depth_hi",
            "pearson_r", "pearson_p", "pearson_p_shift", "pearson_r_lo", "pearson_r_hi",
            "spearman_r", "spearman_p", "spearman_p_shift", "spearman_r_lo", "spearman_r_hi", "joint_resampling"]
-
-
-def relative_depth(n_layers: int) -> np.ndarray:
-    """(l + 0.5) / L for l = 0 .. L-1: the centre of each layer on a 0..1 depth axis."""
-    return (np.arange(n_layers) + 0.5) / n_layers
 
 
 def interpolation_matrix(depth: np.ndarray, grid: np.ndarray) -> np.ndarray:

@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import torch
 
-DEFINITIONS = ("raw", "no_bos", "normalised")
-COLUMNS = {"raw": "entropy", "no_bos": "entropy_no_bos", "normalised": "entropy_normalised"}
-
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of values[b, h, q] over the q where mask[b, q]; rows outside the mask may hold NaN."""

@@ -4,7 +4,7 @@ Per head, a difference-in-differences of mean entropy (instruct - base on self_r
 on neutral), its log-ratio version (scale-free, so low-entropy heads are not drowned out), how
 consistently self-referent prompts move in that direction, and the base entropy (focused heads rank
 higher). The score ranks heads for inspection; the permutation p-value, BH-adjusted across all heads
-of a family (trap 11), is what says whether a head's change is more than prompt noise.
+of a family (docs/method.md, "Multiple comparisons"), is what says whether a head's change is more than prompt noise.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.quantities import NEUTRAL, SELF, did as entropy_did
 from analysis.resampling import fdr_bh, paired_permutation_test
 
-SELF, NEUTRAL = "self_referent", "neutral"
 EPS = 1e-6  # nats added to every mean entropy inside the log-ratio, so a head with zero entropy stays finite
 COLUMNS = ["layer", "head", "base_self", "base_neutral", "instruct_self", "instruct_neutral", "delta_self",
            "delta_neutral", "did", "did_log_ratio", "consistency", "base_entropy", "score", "p_value", "q_value",
@@ -26,10 +26,6 @@ def zscore(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=float)
     sd = x.std()
     return (x - x.mean()) / sd if sd > 0 else np.zeros_like(x)
-
-
-def _did(base_means: dict, instruct_means: dict) -> np.ndarray:
-    return (instruct_means[SELF] - base_means[SELF]) - (instruct_means[NEUTRAL] - base_means[NEUTRAL])
 
 
 def head_scores(base: np.ndarray, instruct: np.ndarray, categories: np.ndarray, signs: np.ndarray, *,
@@ -56,7 +52,7 @@ def head_scores(base: np.ndarray, instruct: np.ndarray, categories: np.ndarray, 
     b_self, b_neutral = base[is_self].mean(axis=0), base[is_neutral].mean(axis=0)
     i_self, i_neutral = instruct[is_self].mean(axis=0), instruct[is_neutral].mean(axis=0)
     delta_self, delta_neutral = i_self - b_self, i_neutral - b_neutral
-    did = delta_self - delta_neutral
+    did = entropy_did({SELF: b_self, NEUTRAL: b_neutral}, {SELF: i_self, NEUTRAL: i_neutral})
     log_ratio = np.log((i_self + EPS) / (b_self + EPS)) - np.log((i_neutral + EPS) / (b_neutral + EPS))
     own_change = instruct[is_self] - base[is_self] - delta_neutral
     consistency = (own_change * np.sign(did) > 0).mean(axis=0)
@@ -66,7 +62,7 @@ def head_scores(base: np.ndarray, instruct: np.ndarray, categories: np.ndarray, 
     rows = is_self | is_neutral
     flat = (n_layers * n_heads,)
     _, p = paired_permutation_test(base[rows].reshape((-1,) + flat), instruct[rows].reshape((-1,) + flat),
-                                   categories[rows], _did, np.asarray(signs)[:, rows], chunk_size=chunk_size)
+                                   categories[rows], entropy_did, np.asarray(signs)[:, rows], chunk_size=chunk_size)
     order = np.argsort(-score.ravel(), kind="stable")
     rank = np.empty(order.size, dtype=np.int64)
     rank[order] = np.arange(1, order.size + 1)

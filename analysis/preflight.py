@@ -15,13 +15,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from analysis.checkpoints import HUB_PATTERNS, _parameter_count, describe
+from analysis.config import Checkpoint, Config
 from analysis.errors import UserError
-from analysis.params import Checkpoint, suite_checkpoints
+from analysis.layout import ProjectPaths
 
 TEMPLATE_TOKENS = 40  # rough token count a chat template adds around a prompt (for the time estimate only)
+CHARS_PER_TOKEN = 4  # rough characters per token of English text (for the time estimate only)
 
 
 @dataclass
@@ -126,12 +127,12 @@ def _hub_cached(ckpt: Checkpoint, why: str) -> tuple[list[Finding], Footprint]:
             ], Footprint(0, _parameter_count(local))
 
 
-def check_checkpoint(ckpt: Checkpoint, token_set: bool) -> tuple[list[Finding], Footprint]:
+def check_checkpoint(ckpt: Checkpoint, token_set: bool, paths: ProjectPaths) -> tuple[list[Finding], Footprint]:
     """Reachability, gating and footprint of one checkpoint."""
     if ckpt.source == "demo":
         return [Finding(ckpt.name, "ok", "synthetic demo, generated locally")], Footprint(0, 0)
     if ckpt.source == "local":
-        folder = ckpt.local_path
+        folder = paths.local_checkpoint(ckpt.local)
         if not folder.is_dir():
             return [Finding(ckpt.name, "fail", f"local folder {folder} does not exist")], Footprint()
         try:
@@ -155,19 +156,39 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def check_suite(params: dict[str, Any], suite: str, n_prompts: int, mean_prompt_tokens: float) -> list[Finding]:
-    """Every finding for `suite`: per checkpoint, then disk, memory and the time estimate for the whole suite."""
-    from analysis.inference import pick_device, pick_dtype
+def check(config: Config, suite: str) -> list[Finding]:
+    """`selfref suite check SUITE`: check_suite with the size of the project's prompt set."""
+    from analysis.prompts import load_prompts
 
+    prompts = load_prompts(config.paths.prompts, config.prompts.min_per_category)
+    mean_tokens = float(prompts["text"].str.len().mean()) / CHARS_PER_TOKEN + 1  # plus a BOS
+    return check_suite(config, suite, len(prompts), mean_tokens)
+
+
+def verdict(findings: list[Finding], suite: str) -> tuple[bool, str]:
+    """Whether the run can succeed (no `fail`), and the summary line saying so."""
+    failed = sum(f.status == "fail" for f in findings)
+    if failed:
+        return False, f"suite {suite}: {failed} problem(s); the run cannot succeed as it stands"
+    unknown = sum(f.status == "unknown" for f in findings)
+    return True, f"suite {suite}: ready" + (f" ({unknown} item(s) not checked)" if unknown else "")
+
+
+def check_suite(config: Config, suite: str, n_prompts: int, mean_prompt_tokens: float) -> list[Finding]:
+    """Every finding for `suite`: per checkpoint, then disk, memory and the time estimate for the whole suite."""
+    from analysis.extraction import pick_device, pick_dtype
+
+    if suite not in config.suites:
+        raise UserError(f"unknown suite {suite!r}; known: {', '.join(config.suites)}")
     token_set = bool(os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN"))
-    settings, tunables = params["extract"], params["preflight"]
-    device = pick_device(settings.get("device", "auto"))
-    bytes_per_param = pick_dtype(settings.get("dtype", "auto"), device).itemsize
+    tunables = config.preflight
+    device = pick_device(config.extract.device)
+    bytes_per_param = pick_dtype(config.extract.dtype, device).itemsize
     findings: list[Finding] = []
     footprints: list[Footprint] = []
     failed: list[bool] = []
-    for ckpt in suite_checkpoints(params, suite):
-        found, footprint = check_checkpoint(ckpt, token_set)
+    for ckpt in config.suites[suite]:
+        found, footprint = check_checkpoint(ckpt, token_set, config.paths)
         findings += found
         footprints.append(footprint)
         failed.append(any(f.status == "fail" for f in found))
@@ -176,19 +197,19 @@ def check_suite(params: dict[str, Any], suite: str, n_prompts: int, mean_prompt_
     free = free_disk(cache_dir())
     if None in downloads:
         findings.append(Finding("disk", "unknown", "download size unknown for some checkpoints"))
-    need = sum(d or 0 for d in downloads) * float(tunables["disk_margin"])
+    need = sum(d or 0 for d in downloads) * tunables.disk_margin
     findings.append(Finding("disk", "ok" if need <= free else "fail",
                             f"{'known ' if None in downloads else ''}downloads {_gib(need)} (with margin) into {cache_dir()}, {_gib(free)} free"))
 
     sized = [f.params for f in footprints if f.params]
     if sized:
         memory = device_memory(device)
-        largest = max(sized) * bytes_per_param * float(tunables["memory_margin"])
+        largest = max(sized) * bytes_per_param * tunables.memory_margin
         findings.append(Finding("memory", "ok" if largest <= memory else "fail",
                                 f"largest checkpoint {_gib(largest)} at {bytes_per_param * 8}-bit weights "
                                 f"(with margin) on {device}, {_gib(memory)} available"))
         tokens = n_prompts * (2 * mean_prompt_tokens + TEMPLATE_TOKENS)  # raw + chat formats
-        flops = float(tunables["flops"].get(device.split(":")[0], tunables["flops"]["cpu"]))
+        flops = tunables.flops.get(device.split(":")[0], tunables.flops["cpu"])
         seconds = sum(2.0 * p * tokens for p in sized) / flops
         findings.append(Finding("time", "ok", f"extraction roughly {seconds / 60:.0f} min on {device} for "
                                 f"{len(sized)} checkpoints x {n_prompts} prompts x 2 formats (estimate from "

@@ -12,8 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.errors import UserError
-
-CATEGORIES = ("self_referent", "neutral", "third_person", "confounder")
+from analysis.quantities import CATEGORIES
 REQUIRED_COLUMNS = ("prompt_id", "category", "text")
 
 

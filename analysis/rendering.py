@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from analysis import paths
+from analysis.layout import project_paths
 from analysis.artefacts import atomic_path
 from analysis.errors import UserError
 
@@ -207,7 +207,7 @@ def _outputs_markdown(outputs: list, options: dict[str, Any], assets: Path, name
     return body + "\n".join(blocks)
 
 
-def execute_document(qmd: Path, workdir: Path) -> tuple[dict[str, Any], str]:
+def execute_document(qmd: Path, workdir: Path, root: Path) -> tuple[dict[str, Any], str]:
     """Run the document's Python in a kernel started in the document's folder, as Quarto does, and
     return (front matter, plain markdown with every cell replaced by its output)."""
     from nbclient import NotebookClient
@@ -220,10 +220,9 @@ def execute_document(qmd: Path, workdir: Path) -> tuple[dict[str, Any], str]:
     notebook, slots = _notebook(parts)
     client = NotebookClient(notebook, timeout=KERNEL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(qmd.parent)}})
-    previous = os.environ.get("SELFREF_ROOT")
-    os.environ["SELFREF_ROOT"] = str(paths.ROOT)  # the kernel reads the same project as this process
     try:
-        client.execute()
+        # the kernel reads the same project as this process
+        client.execute(env={**os.environ, "SELFREF_ROOT": str(root)})
     except CellExecutionError as exc:
         failed = next(((i, o) for i, cell in enumerate(notebook.cells) for o in cell.get("outputs", [])
                        if o.get("output_type") == "error"), None)
@@ -231,11 +230,6 @@ def execute_document(qmd: Path, workdir: Path) -> tuple[dict[str, Any], str]:
         detail = f"{failed[1].get('ename')}: {failed[1].get('evalue')}" if failed else str(exc)
         raise UserError(f"{where}:{line}: a Python cell failed while rendering the report: {detail}\n"
                         f"{ANSI.sub('', str(exc))}") from exc
-    finally:
-        if previous is None:
-            os.environ.pop("SELFREF_ROOT", None)
-        else:
-            os.environ["SELFREF_ROOT"] = previous
 
     defaults = (meta.get("execute") or {})
     rendered: dict[int, list[str]] = {}
@@ -285,7 +279,7 @@ def _pandoc(source: Path, target: Path, to: str, extra: list[str], cwd: Path) ->
         raise UserError(f"pandoc failed writing {target.name} ({to}):\n{done.stderr.strip()}")
 
 
-def render_fallback(qmd: Path, outdir: Path) -> RenderResult:
+def render_fallback(qmd: Path, outdir: Path, root: Path) -> RenderResult:
     """Render without Quarto: kernel, then pandoc to HTML and typst to PDF. Outputs appear atomically."""
     import typst
 
@@ -293,7 +287,7 @@ def render_fallback(qmd: Path, outdir: Path) -> RenderResult:
     outdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".render-", dir=qmd.parent) as tmp:
         work = Path(tmp)
-        meta, markdown = execute_document(qmd, work)
+        meta, markdown = execute_document(qmd, work, root)
         meta = _metadata(meta, qmd)
         toc = bool(meta.pop("toc", False))
         document = work / "index.md"
@@ -321,17 +315,17 @@ def render_fallback(qmd: Path, outdir: Path) -> RenderResult:
 # ----------------------------------------------------------------------------------------------------
 # Quarto, the primary renderer.
 
-def render_quarto(qmd: Path, outdir: Path, quarto: str) -> RenderResult:
+def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderResult:
     """`quarto render` of the project (formats from _quarto.yml); outputs are moved to `outdir`."""
-    env = {**os.environ, "QUARTO_PYTHON": sys.executable, "SELFREF_ROOT": str(paths.ROOT)}  # this environment's kernel
-    done = subprocess.run([quarto, "render", str(qmd.relative_to(paths.ROOT))], cwd=paths.ROOT, env=env,
+    env = {**os.environ, "QUARTO_PYTHON": sys.executable, "SELFREF_ROOT": str(root)}  # this environment's kernel
+    done = subprocess.run([quarto, "render", str(qmd.relative_to(root)), "--output-dir", str(outdir)], cwd=root, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"quarto render failed:\n{done.stderr.strip()[-4000:]}")
     outdir.mkdir(parents=True, exist_ok=True)
     for suffix in ("html", "pdf"):
         target = outdir / f"index.{suffix}"
-        candidates = [outdir / qmd.parent.relative_to(paths.ROOT) / f"index.{suffix}", target]
+        candidates = [outdir / qmd.parent.relative_to(root) / f"index.{suffix}", target]
         found = next((c for c in candidates if c.exists()), None)
         if found is None:
             raise UserError(f"quarto render wrote no index.{suffix} under {outdir}; check _quarto.yml formats")
@@ -340,8 +334,11 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str) -> RenderResult:
     return RenderResult("quarto", outdir / "index.html", outdir / "index.pdf")
 
 
-def render_report(qmd: Path, outdir: Path, renderer: str = "auto") -> RenderResult:
-    """Render with Quarto when it is on PATH (or when asked), else with the fallback renderer."""
+def render_report(qmd: Path, outdir: Path, renderer: str = "auto", root: Path | None = None) -> RenderResult:
+    """Render with Quarto when it is on PATH (or when asked), else with the fallback renderer.
+
+    `root` is the project the document's cells read (default: SELFREF_ROOT or this checkout)."""
+    root = Path(root) if root is not None else project_paths().root
     if renderer not in RENDERERS:
         raise UserError(f"renderer {renderer!r}: use one of {', '.join(RENDERERS)}")
     if not qmd.exists():
@@ -352,6 +349,6 @@ def render_report(qmd: Path, outdir: Path, renderer: str = "auto") -> RenderResu
                         "--renderer fallback")
     if quarto is not None and renderer in ("auto", "quarto"):
         log.info("rendering %s with Quarto (%s)", qmd.name, quarto)
-        return render_quarto(qmd, outdir, quarto)
+        return render_quarto(qmd, outdir, quarto, root)
     log.info("Quarto not found: rendering %s with the fallback renderer (nbclient + pandoc + typst)", qmd.name)
-    return render_fallback(qmd, outdir)
+    return render_fallback(qmd, outdir, root)

@@ -17,9 +17,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from analysis import paths
-from analysis import params as params_mod
-from analysis.metrics import choice_rows
+from analysis import config as config_mod
+from analysis.config import Config
+from analysis.layout import ProjectPaths, project_paths
+from analysis.quantities import choice_rows
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
             "statsmodels", "pandas", "pyarrow", "altair", "vl-convert-python", "dvc")
@@ -73,6 +74,7 @@ class Artefacts:
     """Everything the report's text and tables read, loaded once (the charts are built by `selfref figures`)."""
 
     numbers: Numbers
+    config: Config
     params: dict[str, Any]
     heads: pd.DataFrame
     robustness: pd.DataFrame
@@ -83,33 +85,35 @@ class Artefacts:
 
     @property
     def suite(self) -> str:
-        return self.params["suite"]
+        return self.config.suite
 
     @property
     def families(self) -> list[str]:
-        return params_mod.families(params_mod.active_checkpoints(self.params))
+        return self.config.families
 
     @property
     def is_demo(self) -> bool:
         return any(m["source"] == "demo" for m in self.manifests.values())
 
     def headline(self, frame: pd.DataFrame) -> pd.DataFrame:
-        s = self.params["stats"]
-        return choice_rows(frame, s["headline_definition"], s["headline_format"])
+        return choice_rows(frame, self.config.stats.headline_definition, self.config.stats.headline_format)
 
 
-def load() -> Artefacts:
-    params = params_mod.load()
-    manifests = {c.name: json.loads(paths.manifest(c.name).read_text()) for c in params_mod.active_checkpoints(params)}
+def load(paths: ProjectPaths | None = None) -> Artefacts:
+    """The artefacts of the project at `paths` (default: SELFREF_ROOT or this checkout)."""
+    paths = paths or project_paths()
+    config = config_mod.load(paths)
+    manifests = {c.name: json.loads(paths.manifest(c.name).read_text()) for c in config.checkpoints}
     return Artefacts(
-        numbers=Numbers(json.loads(paths.METRICS.read_text())),
-        params=params,
-        heads=pd.read_parquet(paths.HEADS),
-        robustness=pd.read_parquet(paths.ROBUSTNESS),
-        length_control=pd.read_parquet(paths.LENGTH_CONTROL),
-        split_half=pd.read_parquet(paths.SPLIT_HALF),
+        numbers=Numbers(json.loads(paths.metrics.read_text())),
+        config=config,
+        params=config_mod.read_yaml(paths.params),
+        heads=pd.read_parquet(paths.stats_table("heads")),
+        robustness=pd.read_parquet(paths.stats_table("robustness")),
+        length_control=pd.read_parquet(paths.stats_table("length_control")),
+        split_half=pd.read_parquet(paths.stats_table("split_half")),
         manifests=manifests,
-        prompt_summary=json.loads(paths.PROMPT_SUMMARY.read_text()),
+        prompt_summary=json.loads(paths.prompt_summary.read_text()),
     )
 
 
@@ -132,15 +136,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def git_state() -> dict[str, str]:
+def git_state(paths: ProjectPaths | None = None) -> dict[str, str]:
     """The commit the report was built from, whether the tree had changes, and the dvc.lock hash."""
+    paths = paths or project_paths()
+
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=paths.ROOT, capture_output=True, text=True,
+            return subprocess.run(["git", *args], cwd=paths.root, capture_output=True, text=True,
                                   check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return "unknown"
-    lock = paths.ROOT / "dvc.lock"
+    lock = paths.dvc_lock
     return {
         "commit": git("rev-parse", "HEAD"),
         "dirty": "yes" if git("status", "--porcelain", "--untracked-files=no") else "no",

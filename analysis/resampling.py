@@ -1,7 +1,7 @@
 """Resampling machinery for a paired, prompt-level design, vectorised over resamples and permutations.
 
-The prompt is the unit of replication (method note, trap 1) and base and instruct see the same
-prompts (trap 2). So:
+The prompt is the unit of replication and base and instruct see the same prompts (docs/method.md,
+"Inference"). So:
 - the bootstrap resamples prompt indices within each category (stratum) once per resample and
   applies the same indices to base and instruct;
 - the permutation test swaps base and instruct per prompt, i.e. flips the sign of that prompt's
@@ -161,7 +161,7 @@ def rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def circular_shift_pvalue(x: np.ndarray, y: np.ndarray, method: str = "pearson") -> tuple[float, float]:
     """Correlation of two profiles and its circular-shift p-value.
 
-    The null keeps each profile's autocorrelation (neighbouring layers are not independent, trap 7):
+    The null keeps each profile's autocorrelation (neighbouring layers are not independent: docs/method.md, "Correlated layers"):
     y is rotated by k = 1 .. n-1 positions and r_k = corr(x, roll(y, k)). p = (1 + #{|r_k| >= |r|}) / n,
     so the smallest attainable p is 1/n. `method` "spearman" does the same on ranks. NaN if r is.
     """

@@ -16,12 +16,12 @@ import numpy as np
 import pandas as pd
 import statsmodels.formula.api as smf
 
-from analysis.resampling import fdr_bh, rowwise_pearson
+from analysis.quantities import NEUTRAL, SELF, rfc
+from analysis.resampling import fdr_bh, rng_for, rowwise_pearson
 
-SELF, NEUTRAL = "self_referent", "neutral"
-FORMULA = ("entropy ~ C(category, Treatment('neutral')) * C(variant, Treatment('base'))"
+FORMULA = (f"entropy ~ C(category, Treatment('{NEUTRAL}')) * C(variant, Treatment('base'))"
            " + n_tokens * C(variant, Treatment('base'))")
-INTERACTION = "C(category, Treatment('neutral'))[T.self_referent]:C(variant, Treatment('base'))[T.instruct]"
+INTERACTION = f"C(category, Treatment('{NEUTRAL}'))[T.{SELF}]:C(variant, Treatment('base'))[T.instruct]"
 
 
 def prompt_layer_entropy(entropy: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -70,17 +70,22 @@ def length_control(entropy: pd.DataFrame, column: str, deltas: pd.DataFrame, alp
 def _profiles(matrix_base: np.ndarray, matrix_instruct: np.ndarray, self_idx: np.ndarray,
               neutral_idx: np.ndarray) -> np.ndarray:
     """ΔRFC profiles for many prompt subsets at once: idx arrays are [splits, n] prompt indices."""
-    def rfc(m: np.ndarray) -> np.ndarray:
-        return 1.0 - m[self_idx].mean(axis=1) / m[neutral_idx].mean(axis=1)
-    return rfc(matrix_instruct) - rfc(matrix_base)
+    def profile(m: np.ndarray) -> np.ndarray:
+        return rfc(m[self_idx].mean(axis=1), m[neutral_idx].mean(axis=1))
+    return profile(matrix_instruct) - profile(matrix_base)
 
 
 def split_half(entropy: pd.DataFrame, column: str, n_splits: int, seed: int) -> pd.DataFrame:
-    """Per family: mean split-half correlation of the ΔRFC profile and its Spearman-Brown step-up."""
+    """Per family: mean split-half correlation of the ΔRFC profile and its Spearman-Brown step-up.
+
+    Each family draws its splits from its own random stream (seed, family), so adding a family leaves
+    the others' numbers unchanged. A split whose half-profile is constant has no correlation: such
+    splits are left out, and a family with no usable split has an undefined (NaN) reliability.
+    """
     data = prompt_layer_entropy(entropy[entropy["category"].isin([SELF, NEUTRAL])], column)
-    rng = np.random.default_rng(seed)
     rows = []
     for family, frame in data.groupby("family", sort=True):
+        rng = rng_for(seed, "split_half", str(family))
         wide = frame.pivot_table(index=["variant", "prompt_id", "category"], columns="layer", values="entropy")
         base, instruct = wide.loc["base"], wide.loc["instruct"].reindex(wide.loc["base"].index)
         categories = base.index.get_level_values("category")
@@ -95,11 +100,11 @@ def split_half(entropy: pd.DataFrame, column: str, n_splits: int, seed: int) -> 
         s_a, s_b = halves(self_pos)
         n_a, n_b = halves(neutral_pos)
         b, i = base.to_numpy(), instruct.to_numpy()
-        # a half whose profile is constant carries no signal: it counts as r = 0
-        r = np.nan_to_num(rowwise_pearson(_profiles(b, i, s_a, n_a), _profiles(b, i, s_b, n_b)), nan=0.0)
-        mean_r = float(r.mean())
-        rows.append({"family": family, "n_layers": b.shape[1], "n_splits": n_splits, "split_half_r": mean_r,
-                     "split_half_r_sd": float(r.std(ddof=1)),
+        r = rowwise_pearson(_profiles(b, i, s_a, n_a), _profiles(b, i, s_b, n_b))
+        r = r[np.isfinite(r)]
+        mean_r = float(r.mean()) if r.size else np.nan
+        rows.append({"family": family, "n_layers": b.shape[1], "n_splits": n_splits, "n_splits_defined": int(r.size),
+                     "split_half_r": mean_r, "split_half_r_sd": float(r.std(ddof=1)) if r.size > 1 else np.nan,
                      "spearman_brown": 2 * mean_r / (1 + mean_r) if mean_r > -1 else np.nan})
     return pd.DataFrame(rows)
 

@@ -7,7 +7,7 @@ in its key, on the lowest-frequency rotary pair (so position barely matters): it
 self-referent tokens. `planted` heads are wired the same way in base and instruct except for that
 query row, so the two variants differ only where the spec says. `noise` perturbs only weights that
 no attention pattern reads (last layer's value/output/MLP, final norm, unembedding), so a family
-meant to show no effect holds that null exactly (see shared notes, trap 10).
+meant to show no effect holds that null exactly (docs/method.md, "Exact nulls").
 """
 
 from __future__ import annotations

@@ -8,11 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import params as params_mod
-from analysis import paths, synthetic
+from analysis import config, synthetic
+from analysis.layout import project_paths
 from analysis.prompts import load_prompts
 
 REPO = Path(__file__).resolve().parent.parent
+REPO_CONFIG = config.load(project_paths(REPO))
 
 
 @pytest.fixture(scope="session")
@@ -28,21 +29,18 @@ def prompt_subset(prompts) -> pd.DataFrame:
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A project root in tmp_path with this repo's params.yaml and prompts; paths point there."""
+    """A project root in tmp_path with this repo's params.yaml and prompts; SELFREF_ROOT points there."""
     (tmp_path / "data").mkdir()
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copy(REPO / "data" / "prompts.csv", tmp_path / "data" / "prompts.csv")
     monkeypatch.setenv("SELFREF_DEMO_MODELS", str(tmp_path / "models"))
-    paths.use_root(tmp_path)
-    yield tmp_path
-    monkeypatch.delenv("SELFREF_DEMO_MODELS")
-    paths.use_root(REPO)
+    monkeypatch.setenv("SELFREF_ROOT", str(tmp_path))
+    return tmp_path
 
 
 def demo_spec(family: str, variant: str) -> dict:
     """The demo spec params.yaml gives one checkpoint."""
-    params = params_mod.load(REPO / "params.yaml")
-    return params["suites"]["demo"]["families"][family][variant]["demo"]
+    return REPO_CONFIG.checkpoint(f"{family}-{variant}").demo
 
 
 @pytest.fixture(scope="session")

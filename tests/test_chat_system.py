@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from analysis.errors import UserError
-from analysis.inference import encode
+from analysis.extraction import encode
 from analysis.realshape import FAMILIES
 
 from conftest import CHAT_TEMPLATES

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis import checkpoints
+from analysis import checkpoints, config
+from analysis.layout import project_paths
 from analysis.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,28 +101,25 @@ def test_unknown_checkpoint_names_the_known_ones(hub_project):
 
 
 def test_demo_pull_is_deterministic(project, prompts):
-    from analysis import params as params_mod
-
-    ckpt = params_mod.find_checkpoint(params_mod.load(), "demo_null-instruct")
-    first = checkpoints.pull_demo(ckpt, list(prompts["text"]))
-    second = checkpoints.pull_demo(ckpt, list(prompts["text"]))
+    cfg = config.load()
+    ckpt = cfg.checkpoint("demo_null-instruct")
+    first = checkpoints.pull_demo(ckpt, list(prompts["text"]), cfg.paths)
+    second = checkpoints.pull_demo(ckpt, list(prompts["text"]), cfg.paths)
     assert first == second
     assert first["revision"].startswith("demo-") and first["planted"] == []
     assert first["has_chat_template"] and first["bos_token"] == "<|bos|>"
 
 
 def test_local_dir_regenerates_a_missing_demo_checkpoint(project, prompts):
-    from analysis import params as params_mod
-    from analysis import paths
-
-    ckpt = params_mod.find_checkpoint(params_mod.load(), "demo_null-base")
-    manifest = checkpoints.pull_demo(ckpt, list(prompts["text"]))
-    shutil.rmtree(paths.demo_model_dir(ckpt.name))
-    local = checkpoints.local_dir(manifest, ckpt.demo, list(prompts["text"]))
+    cfg = config.load()
+    ckpt = cfg.checkpoint("demo_null-base")
+    manifest = checkpoints.pull_demo(ckpt, list(prompts["text"]), cfg.paths)
+    shutil.rmtree(cfg.paths.demo_model_dir(ckpt.name))
+    local = checkpoints.local_dir(manifest, ckpt.demo, list(prompts["text"]), cfg.paths)
     assert (local / "config.json").exists()
     with pytest.raises(UserError, match="demo spec differs"):
         shutil.rmtree(local)
-        checkpoints.local_dir(manifest, {**ckpt.demo, "seed": 1}, list(prompts["text"]))
+        checkpoints.local_dir(manifest, {**ckpt.demo, "seed": 1}, list(prompts["text"]), cfg.paths)
 
 
 def test_describe_rejects_a_folder_without_safetensors(tmp_path):
@@ -129,3 +127,79 @@ def test_describe_rejects_a_folder_without_safetensors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(UserError, match="only safetensors"):
         checkpoints.describe(tmp_path)
+
+
+def test_extract_verifies_hub_files_against_the_manifest(hub_project):
+    """A flipped block in a cached weights file, or a wrong hash in the manifest, stops extraction before
+    anything is loaded, naming the file and the fix; a verified file is not hashed again."""
+    root, cache = hub_project
+    assert _selfref(root, cache, "pull", "tiny-base").returncode == 0
+    weights = next((cache / "models--selfref-test--tiny" / "snapshots" / SHA_1).glob("*.safetensors"))
+    manifest_path = root / "data" / "models" / "tiny-base.json"
+    cfg = config.load(project_paths(root))
+
+    checkpoints.verify_files(weights.parent, json.loads(manifest_path.read_text()), cfg.paths)
+    record = json.loads(cfg.paths.verified_files.read_text())
+    assert any(str(weights.resolve()) in key for key in record)
+
+    data = bytearray(weights.read_bytes())
+    data[-4096:] = bytes(4096)
+    weights.write_bytes(bytes(data))
+    result = _selfref(root, cache, "extract", "tiny-base")
+    assert result.returncode == 2, result.stderr
+    assert weights.name in result.stderr and "does not match data/models/tiny-base.json" in result.stderr
+    assert "selfref pull tiny-base" in result.stderr and "Traceback" not in result.stderr
+    assert not (root / "data" / "entropy" / "raw" / "tiny-base.parquet").exists()
+
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["files"]:
+        if entry["path"] == weights.name:
+            entry["sha256"] = "0" * 64
+            entry["size"] = weights.stat().st_size
+    with pytest.raises(UserError, match=f"{weights.name} does not match"):
+        checkpoints.verify_files(weights.parent, manifest, cfg.paths)
+
+
+def test_offline_error_suggests_unsetting_hf_hub_offline_only_when_set(hub_project, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import errors as hf_errors
+
+    root, cache = hub_project
+    shutil.rmtree(cache / "models--selfref-test--tiny")
+    result = _selfref(root, cache, "pull", "tiny-base")
+    assert result.returncode == 2 and "unset HF_HUB_OFFLINE" in result.stderr
+
+    def unreachable(**kwargs):
+        raise hf_errors.LocalEntryNotFoundError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(UserError, match="cannot fetch selfref-test/tiny@main") as err:
+        checkpoints._snapshot("selfref-test/tiny", "main", "tiny-base")
+    assert "HF_HUB_OFFLINE" not in str(err.value)
+
+
+def test_a_local_folder_is_pinned_verified_and_refused_once_changed(project, demo_dir, monkeypatch):
+    """`local: <dir>` checkpoints: pull pins every file's hash; extraction's local_dir verifies the folder."""
+    folder = project / "models" / "mine"
+    shutil.copytree(demo_dir("demo_llama", "base"), folder)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["suites"]["mine"] = {"families": {"tiny": {"base": {"local": "models/mine"},
+                                                      "instruct": {"local": "models/missing"}}}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config.use_suite("mine")
+    cfg = config.load()
+    manifest = checkpoints.pull_local(cfg.checkpoint("tiny-base"), cfg.paths)
+    assert manifest["source"] == "local" and manifest["local"] == "models/mine"
+    assert manifest["revision"].startswith("local-") and manifest["n_layers"] >= 1
+    assert checkpoints.local_dir(manifest, None, [], cfg.paths) == folder
+    with pytest.raises(UserError, match=r"tiny-instruct: local checkpoint folder .*models/missing does not exist"):
+        checkpoints.pull_local(cfg.checkpoint("tiny-instruct"), cfg.paths)
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(UserError, match=rf"{weights.name} does not match data/models/tiny-base.json .*restore the "
+                                        r"folder, or run `selfref pull tiny-base`"):
+        checkpoints.local_dir(manifest, None, [], cfg.paths)
+    weights.unlink()
+    with pytest.raises(UserError, match=r"is missing from .*; restore the folder"):
+        checkpoints.local_dir(manifest, None, [], cfg.paths)

@@ -1,53 +1,78 @@
 """Known answers: the statistics recover the effects planted in the demo suite, and nothing else.
 
-The first tests read the tracked artefacts of the demo suite (data/stats), which the slow end-to-end
-test regenerates from scratch and compares; the calibration test builds its own null checkpoints.
+The study is recomputed here from entropy tables extracted afresh from the demo checkpoints (with fewer
+resamples than params.yaml asks, for speed), so these tests fail when the statistics code is wrong,
+whatever the tracked artefacts say. The calibration test builds its own null checkpoints.
 """
 
-from pathlib import Path
+import dataclasses
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import params as params_mod
 from analysis import synthetic
-from analysis.inference import extract_checkpoint
-from analysis.metrics import build_statistics
-from analysis.paths import DELTAS, HEADS, METRICS, ROBUSTNESS, SPLIT_HALF
-from analysis.artefacts import read_json
+from analysis.extraction import extract_checkpoint
+from analysis.layer_statistics import build_statistics
+from analysis.quantities import PROMPT_FORMATS, choice_rows
+from analysis.study import build_study
+from conftest import REPO_CONFIG
 
-REPO = Path(__file__).resolve().parent.parent
-PARAMS = params_mod.load(REPO / "params.yaml")
-ALPHA = PARAMS["stats"]["alpha"]
+STATS = dataclasses.replace(REPO_CONFIG.stats, n_resamples=1000, n_permutations=1000, split_half_splits=200)
+EXTRACT = dataclasses.replace(REPO_CONFIG.extract, device="cpu")
+ALPHA = STATS.alpha
+SUITE = {c.name: c for c in REPO_CONFIG.suites["demo"]}
 
 
 def _kind(family: str) -> str:
     """What the demo spec plants: compression (base focuses, instruct does not), preservation (both), null."""
-    spec = PARAMS["suites"]["demo"]["families"][family]
-    base, instruct = spec["base"]["demo"], spec["instruct"]["demo"]
+    base, instruct = SUITE[f"{family}-base"].demo, SUITE[f"{family}-instruct"].demo
     if not base["planted"]:
         return "null"
     return "compression" if base["self_focus"] and not instruct["self_focus"] else "preservation"
 
 
-FAMILIES = sorted(PARAMS["suites"]["demo"]["families"])
+FAMILIES = sorted({c.family for c in SUITE.values()})
 BY_KIND = {k: [f for f in FAMILIES if _kind(f) == k] for k in ("compression", "preservation", "null")}
 
 
 def _planted(family: str) -> list[tuple[int, int]]:
-    return [tuple(x) for x in PARAMS["suites"]["demo"]["families"][family]["base"]["demo"]["planted"]]
+    return [tuple(x) for x in SUITE[f"{family}-base"].demo["planted"]]
+
+
+def _entropy(demo_dir, prompts, families) -> dict[str, pd.DataFrame]:
+    """Entropy tables of the demo checkpoints of `families`, per prompt format, extracted now."""
+    out = {}
+    for prompt_format in PROMPT_FORMATS:
+        frames = []
+        for family in families:
+            for variant in ("base", "instruct"):
+                frames.append(extract_checkpoint(
+                    demo_dir(family, variant), prompts, checkpoint=f"{family}-{variant}", family=family,
+                    variant=variant, settings=EXTRACT, prompt_format=prompt_format,
+                    chat_dir=demo_dir(family, "instruct") if prompt_format == "chat" else None))
+        out[prompt_format] = pd.concat(frames, ignore_index=True)
+    return out
 
 
 @pytest.fixture(scope="module")
-def deltas():
-    return pd.read_parquet(DELTAS)
+def entropy(demo_dir, prompts):
+    return _entropy(demo_dir, prompts, FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def study(entropy):
+    return build_study(entropy, STATS)
+
+
+@pytest.fixture(scope="module")
+def deltas(study):
+    return study["deltas"]
 
 
 @pytest.fixture(scope="module")
 def headline(deltas):
-    s = PARAMS["stats"]
-    return deltas[(deltas["definition"] == s["headline_definition"]) & (deltas["format"] == s["headline_format"])]
+    return choice_rows(deltas, STATS.headline_definition, STATS.headline_format)
 
 
 def test_the_demo_suite_has_every_kind_of_family():
@@ -66,12 +91,10 @@ def test_compression_is_significant_at_the_planted_layers(headline, family):
 
 
 @pytest.mark.parametrize("family", BY_KIND["compression"])
-def test_planted_heads_are_the_top_ranked(family):
+def test_planted_heads_are_the_top_ranked(study, family):
     """The planted heads take the top ranks of the family's head table, each with q < alpha."""
-    s = PARAMS["stats"]
-    heads = pd.read_parquet(HEADS)
-    heads = heads[(heads["family"] == family) & (heads["definition"] == s["headline_definition"])
-                  & (heads["format"] == s["headline_format"])]
+    heads = choice_rows(study["heads"], STATS.headline_definition, STATS.headline_format)
+    heads = heads[heads["family"] == family]
     planted = set(_planted(family))
     top = heads.nsmallest(len(planted), "rank")
     assert set(zip(top["layer"], top["head"])) == planted
@@ -79,41 +102,55 @@ def test_planted_heads_are_the_top_ranked(family):
 
 
 @pytest.mark.parametrize("family", BY_KIND["preservation"] + BY_KIND["null"])
-def test_no_layer_or_head_flagged_where_nothing_changed(headline, family):
+def test_no_layer_or_head_flagged_where_nothing_changed(study, headline, family):
     """Preservation (focus in both variants) and null families: no layer and no head flagged."""
     rows = headline[headline["family"] == family]
     assert (rows["layer_class"] == "no_change").all()
-    heads = pd.read_parquet(HEADS)
+    heads = study["heads"]
     assert (heads.loc[heads["family"] == family, "q_value"] >= ALPHA).all()
 
 
 @pytest.mark.parametrize("family", BY_KIND["compression"])
-def test_planted_compression_survives_every_definition_and_format(deltas, family):
+def test_planted_compression_survives_every_definition_and_format(study, deltas, family):
     """Issue robustness: every entropy definition and both prompt formats find it at the planted layers."""
     rows = deltas[deltas["family"] == family]
     choices = rows.groupby(["definition", "format"])
-    assert len(choices) == len(PARAMS["stats"]["definitions"]) * 2
+    assert len(choices) == len(STATS.definitions) * len(PROMPT_FORMATS)
     for (definition, fmt), part in choices:
         for layer in {layer for layer, _ in _planted(family)}:
             row = part.set_index("layer").loc[layer]
             assert row["layer_class"] == "compression", (definition, fmt, layer)
-    table = pd.read_parquet(ROBUSTNESS)
+    table = study["robustness"]
     mine = table[table["family"] == family]
     assert (mine["conclusion"] == "compression").all() and not mine["differs"].any()
 
 
-def test_split_half_reliability_high_for_planted_and_zero_for_null():
-    """A planted profile replicates across halves of the prompts; the null family's does not exist."""
-    split = pd.read_parquet(SPLIT_HALF).set_index("family")
+def test_split_half_reliability_high_for_planted_and_undefined_for_null(study):
+    """A planted profile replicates across halves of the prompts; the exact null has no profile at all
+    (ΔRFC is 0 in every layer of every half), so its reliability is undefined, not 0."""
+    split = study["split_half"].set_index("family")
     for family in BY_KIND["compression"]:
         assert split.loc[family, "split_half_r"] > 0.9
     for family in BY_KIND["null"]:
-        assert abs(split.loc[family, "split_half_r"]) < 0.2
+        assert np.isnan(split.loc[family, "split_half_r"]) and split.loc[family, "n_splits_defined"] == 0
+        assert study["metrics"]["robustness"][family]["split_half_r"] is None
 
 
-def test_metrics_json_agrees_with_the_tables(headline):
+def test_adding_a_family_leaves_the_others_numbers_unchanged(demo_dir, prompts, study):
+    """Every family draws from its own random streams: the study of two families gives those two
+    families exactly the numbers they have in the study of all four."""
+    pair = BY_KIND["compression"]
+    small = build_study(_entropy(demo_dir, prompts, pair), STATS)
+    for key in ("deltas", "heads", "split_half", "length_control"):
+        full = study[key][study[key]["family"].isin(pair)].reset_index(drop=True)
+        pd.testing.assert_frame_equal(small[key].reset_index(drop=True), full, check_exact=True)
+    for family in pair:
+        assert small["metrics"]["families"][family] == study["metrics"]["families"][family]
+
+
+def test_metrics_agree_with_the_tables(study, headline):
     """Headline numbers in metrics.json are the tables' numbers (no second source of truth)."""
-    metrics = read_json(METRICS)
+    metrics = study["metrics"]
     for family, values in metrics["families"].items():
         rows = headline[headline["family"] == family]
         assert values["mean_delta_rfc"] == pytest.approx(rows["delta_rfc"].mean(), rel=1e-5, abs=1e-9)
@@ -125,19 +162,18 @@ def test_metrics_json_agrees_with_the_tables(headline):
 def test_null_family_calibration_over_20_seeds(prompts, tmp_path):
     """Twenty null families (fresh seeds): mean share of FDR-flagged layers <= alpha, and in most seeds
     no head reaches q < alpha."""
-    spec = PARAMS["suites"]["demo"]["families"]["demo_null"]
     subset = prompts.groupby("category", sort=False).head(12).reset_index(drop=True)
-    settings = {**PARAMS["stats"], "n_resamples": 200, "n_permutations": 999, "definitions": ["raw"],
-                "headline_definition": "raw"}
+    settings = dataclasses.replace(STATS, n_resamples=200, n_permutations=999, definitions=("raw",),
+                                   headline_definition="raw")
     flagged_share, any_head = [], []
     for seed in range(20):
         frames = []
         for variant in ("base", "instruct"):
-            demo = {**spec[variant]["demo"], "seed": 5000 + seed}
+            demo = {**SUITE[f"demo_null-{variant}"].demo, "seed": 5000 + seed}
             folder = tmp_path / f"{seed}-{variant}"
             synthetic.generate(demo, list(prompts["text"]), folder, where=f"null seed {seed}")
             frames.append(extract_checkpoint(folder, subset, checkpoint=f"null-{variant}", family="null",
-                                             variant=variant, settings={**PARAMS["extract"], "device": "cpu"}))
+                                             variant=variant, settings=EXTRACT))
         result = build_statistics(pd.concat(frames, ignore_index=True), settings)
         flagged_share.append(float((result["deltas"]["q_value"] < ALPHA).mean()))
         any_head.append(bool((result["heads"]["q_value"] < ALPHA).any()))

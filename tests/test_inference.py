@@ -1,5 +1,7 @@
 """Extraction through TransformerBridge against an independent computation with Hugging Face eager attention."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,9 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from analysis.errors import UserError
-from analysis.inference import encode, extract_checkpoint, length_sorted_batches
+from analysis.config import ExtractSettings
+from analysis.extraction import encode, extract_checkpoint, length_sorted_batches
 
-SETTINGS = {"batch_size": 7, "device": "cpu", "dtype": "auto"}
+SETTINGS = ExtractSettings(batch_size=7, device="cpu", dtype="auto", trust_remote_code=False, device_map=None,
+                           chat_system="default", chat_date=None)
 CHECKPOINTS = [("demo_llama", "base"), ("demo_mistral", "base"), ("demo_qwen", "instruct")]
 
 
@@ -72,8 +76,8 @@ def test_every_layer_head_prompt_present_and_finite(demo_dir, prompt_subset):
 def test_batched_with_padding_equals_one_at_a_time(demo_dir, prompt_subset):
     local = demo_dir("demo_llama", "base")
     kwargs = dict(checkpoint="l-base", family="l", variant="base")
-    one = extract_checkpoint(local, prompt_subset, settings={**SETTINGS, "batch_size": 1}, **kwargs)
-    many = extract_checkpoint(local, prompt_subset, settings={**SETTINGS, "batch_size": 9}, **kwargs)
+    one = extract_checkpoint(local, prompt_subset, settings=dataclasses.replace(SETTINGS, batch_size=1), **kwargs)
+    many = extract_checkpoint(local, prompt_subset, settings=dataclasses.replace(SETTINGS, batch_size=9), **kwargs)
     assert one["n_tokens"].nunique() > 1, "the subset must have prompts of different lengths to test padding"
     pd.testing.assert_frame_equal(one.drop(columns=["entropy", "entropy_no_bos", "entropy_normalised"]),
                                   many.drop(columns=["entropy", "entropy_no_bos", "entropy_normalised"]))
@@ -123,23 +127,30 @@ def test_length_sorted_batches_cover_every_prompt_once():
     assert [lengths[i] for i in flat] == sorted(lengths)
 
 
-def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, monkeypatch, caplog):
-    """A batch that raises MemoryError is halved and retried with a log line; results are unchanged."""
-    from analysis.inference import EntropyRunner
+HOST_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)")
+
+
+@pytest.mark.parametrize("failure", [MemoryError("simulated"), HOST_OOM, torch.OutOfMemoryError("CUDA out of memory")],
+                         ids=["python", "host-allocator", "device"])
+def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, monkeypatch, caplog, failure):
+    """A batch whose allocation fails (Python, torch's CPU allocator, a device) is halved and retried with
+    a log line; results are unchanged."""
+    from analysis.extraction import EntropyRunner
 
     folder = demo_dir("demo_llama", "base")
     kwargs = dict(checkpoint="demo_llama-base", family="demo_llama", variant="base",
-                  settings={**SETTINGS, "batch_size": 8})
+                  settings=dataclasses.replace(SETTINGS, batch_size=8))
     expected = extract_checkpoint(folder, prompt_subset, **kwargs)
     original = EntropyRunner._forward
 
     def small_memory(self, prompts):
         if len(prompts) > 3:
-            raise MemoryError("simulated")
+            raise failure
         return original(self, prompts)
 
     monkeypatch.setattr(EntropyRunner, "_forward", small_memory)
-    with caplog.at_level("WARNING", logger="analysis.inference"):
+    with caplog.at_level("WARNING", logger="analysis.extraction"):
         got = extract_checkpoint(folder, prompt_subset, **kwargs)
     pd.testing.assert_frame_equal(got, expected, check_exact=False, atol=1e-6, rtol=0)
     assert "out of memory on a batch of 8 prompts; retrying as 4 + 4" in caplog.text
@@ -147,9 +158,34 @@ def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, mo
 
 def test_out_of_memory_on_one_prompt_is_a_clear_error(demo_dir, prompt_subset, monkeypatch):
     """When even one prompt does not fit, the error says what to change instead of crashing."""
-    from analysis.inference import EntropyRunner
+    from analysis.extraction import EntropyRunner
 
     monkeypatch.setattr(EntropyRunner, "_forward", lambda self, prompts: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(UserError, match="out of memory on a single prompt"):
         extract_checkpoint(demo_dir("demo_null", "base"), prompt_subset.head(2), checkpoint="demo_null-base",
                            family="demo_null", variant="base", settings=SETTINGS)
+
+
+def test_other_runtime_errors_are_not_taken_for_out_of_memory(demo_dir, prompt_subset, monkeypatch):
+    from analysis.extraction import EntropyRunner
+
+    monkeypatch.setattr(EntropyRunner, "_forward",
+                        lambda self, prompts: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        extract_checkpoint(demo_dir("demo_null", "base"), prompt_subset.head(4), checkpoint="demo_null-base",
+                           family="demo_null", variant="base", settings=SETTINGS)
+
+
+def test_a_prompt_longer_than_the_context_is_named(demo_dir, prompt_subset, tmp_path):
+    """A prompt the model's position table cannot hold is refused before any forward pass, by its id."""
+    import json
+    import shutil
+
+    folder = tmp_path / "short-context"
+    shutil.copytree(demo_dir("demo_null", "base"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 6
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"prompt \S+ is \d+ tokens, longer than the model's context of 6"):
+        extract_checkpoint(folder, prompt_subset, checkpoint="demo_null-base", family="demo_null", variant="base",
+                           settings=SETTINGS)

@@ -9,18 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from analysis import cli, paths
-from analysis.inference import EntropyRunner
+from analysis import checkpoints, cli, config
+from analysis.extraction import EntropyRunner
+from analysis.prompts import load_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_interrupted_extract_leaves_no_partial_file_and_reruns(project, monkeypatch):
-    from analysis import params as params_mod
-    from analysis import checkpoints
-
-    ckpt = params_mod.find_checkpoint(params_mod.load(), "demo_null-base")
-    checkpoints.pull_demo(ckpt, list(cli._prompts(params_mod.load())["text"]))
+    cfg = config.load()
+    ckpt = cfg.checkpoint("demo_null-base")
+    checkpoints.pull_demo(ckpt, list(load_prompts(cfg.paths.prompts, 40)["text"]), cfg.paths)
     calls = {"n": 0}
     original = EntropyRunner._forward
 
@@ -33,7 +32,7 @@ def test_interrupted_extract_leaves_no_partial_file_and_reruns(project, monkeypa
     monkeypatch.setattr(EntropyRunner, "_forward", dying)
     with pytest.raises(KeyboardInterrupt):
         cli.extract("demo_null-base", "raw")
-    target = paths.entropy_table("demo_null-base", "raw")
+    target = cfg.paths.entropy_table("demo_null-base", "raw")
     leftovers = list(target.parent.glob("*")) if target.parent.exists() else []
     assert leftovers == [], "an interrupted extract must leave neither the table nor a temporary file"
 
@@ -62,12 +61,10 @@ def _close(actual, expected, where: str = "metrics") -> None:
 
 def test_extract_twice_gives_identical_files(project):
     """Two CPU runs of the same checkpoint write byte-identical entropy tables."""
-    from analysis import checkpoints
-    from analysis import params as params_mod
-
-    ckpt = params_mod.find_checkpoint(params_mod.load(), "demo_null-instruct")
-    checkpoints.pull_demo(ckpt, list(cli._prompts(params_mod.load())["text"]))
-    target = paths.entropy_table("demo_null-instruct", "chat")
+    cfg = config.load()
+    ckpt = cfg.checkpoint("demo_null-instruct")
+    checkpoints.pull_demo(ckpt, list(load_prompts(cfg.paths.prompts, 40)["text"]), cfg.paths)
+    target = cfg.paths.entropy_table("demo_null-instruct", "chat")
     cli.extract("demo_null-instruct", "chat")
     first = target.read_bytes()
     target.unlink()
@@ -111,4 +108,4 @@ def test_stats_without_entropy_tables_names_the_missing_file_and_writes_nothing(
 
     with pytest.raises(UserError, match=r"data/entropy/raw/demo_\w+-base.parquet: missing; run `selfref extract"):
         cli.stats()
-    assert not paths.STATS.exists()
+    assert not (project / "data" / "stats").exists()

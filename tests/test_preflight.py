@@ -12,15 +12,15 @@ from safetensors.torch import save_file
 import torch
 from typer.testing import CliRunner
 
-from analysis import params as params_mod
 from analysis import preflight
+from analysis.config import read_yaml
 from analysis.cli import app
 
 GIB = 2**30
 
 
 def _suite(project, families: dict) -> None:
-    params = params_mod.load()
+    params = read_yaml(project / "params.yaml")
     params["suites"]["probe"] = {"families": families}
     params["extract"]["device"] = "cpu"
     import yaml

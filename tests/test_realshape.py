@@ -13,11 +13,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from analysis import paths, realshape
-from analysis import params as params_mod
+from analysis import config, realshape
 from analysis.cli import app
+from analysis.checkpoints import local_dir
 from analysis.errors import UserError
-from analysis.inference import encode, load_bridge
+from analysis.layout import project_paths
+from analysis.extraction import encode, load_bridge
 
 # What the real checkpoints put first in a raw prompt (None: no BOS, the prompt's own first token).
 FIRST_RAW = {"llama31_8b": "<|begin_of_text|>", "llama32_1b": "<|begin_of_text|>", "mistral_7b": "<s>",
@@ -75,7 +76,7 @@ def realshape_project(project, prompts, realshape_dir):
                  f"        instruct: {{local: {realshape_dir(family, 'instruct')}}}\n")
         text = text.replace("suites:\n", "suites:\n" + suite, 1)
         (project / "params.yaml").write_text(text, encoding="utf-8")
-        params_mod.use_suite("realshape")
+        config.use_suite("realshape")
         return subset.reset_index(drop=True)
 
     return make
@@ -97,7 +98,7 @@ def test_pull_and_extract_match_eager_attention(realshape_project, realshape_dir
         _cli("pull", f"{family}-{variant}")
     for variant in ("base", "instruct"):
         name = f"{family}-{variant}"
-        manifest = json.loads(paths.manifest(name).read_text())
+        manifest = json.loads(project_paths().manifest(name).read_text())
         assert manifest["source"] == "local" and manifest["revision"].startswith("local-")
         assert (manifest["n_heads"], manifest["n_kv_heads"]) == (spec["heads"], spec["kv_heads"])
         local = realshape_dir(family, variant)
@@ -108,7 +109,7 @@ def test_pull_and_extract_match_eager_attention(realshape_project, realshape_dir
         tok = AutoTokenizer.from_pretrained(local)
         for fmt in ("raw", "chat"):
             _cli("extract", name, "--format", fmt)
-            table = pd.read_parquet(paths.entropy_table(name, fmt))
+            table = pd.read_parquet(project_paths().entropy_table(name, fmt))
             encoded = [encode(tok, t, fmt, instruct_tok if fmt == "chat" else None, "default", DATE)
                        for t in prompts["text"]]
             per_prompt = table.drop_duplicates("prompt_id").set_index("prompt_id").loc[prompts["prompt_id"]]
@@ -148,7 +149,7 @@ def test_a_sliding_window_shorter_than_the_prompt_matches_eager(realshape_dir, r
     tok = AutoTokenizer.from_pretrained(local)
     encoded = [encode(tok, t, "raw") for t in prompts["text"].head(4)]
     assert all(len(e.input_ids) > 4 for e in encoded)
-    from analysis.inference import EntropyRunner, pad_id
+    from analysis.extraction import EntropyRunner, pad_id
 
     bridge = load_bridge(local, "cpu", torch.float32)
     got = EntropyRunner(bridge, 2, spec["heads"], pad_id(tok), "cpu").run(encoded, 4)
@@ -156,36 +157,16 @@ def test_a_sliding_window_shorter_than_the_prompt_matches_eager(realshape_dir, r
     np.testing.assert_allclose(got["raw"], ref["raw"], atol=1e-5, rtol=0)
 
 
-def test_local_source_is_validated(project):
-    params = params_mod.load()
-    params["suites"]["bad"] = {"families": {"x": {"base": {"local": ""}, "instruct": {"local": "a", "repo": "b/c"}}}}
-    with pytest.raises(UserError, match="local: expected the path"):
-        params_mod.suite_checkpoints(params, "bad")
-    params["suites"]["bad"]["families"]["x"]["base"] = {"local": "models/none"}
-    with pytest.raises(UserError, match="not repo and local|one of repo, demo, local"):
-        params_mod.suite_checkpoints(params, "bad")
-    params["suites"]["bad"]["families"]["x"]["instruct"] = {"local": "models/none"}
-    ckpt = params_mod.suite_checkpoints(params, "bad")[0]
-    assert ckpt.source == "local" and ckpt.local_path == project / "models" / "none"
-    from analysis.checkpoints import pull_local
-
-    with pytest.raises(UserError, match="does not exist"):
-        pull_local(ckpt)
-    (project / "models" / "none").mkdir(parents=True)
-    (project / "models" / "none" / "config.json").write_text("{}")
-    with pytest.raises(UserError, match="no .safetensors"):
-        pull_local(ckpt)
-
-
 def test_local_checkpoint_changed_after_pull_is_refused(realshape_project, realshape_dir):
     realshape_project("qwen25_05b")
     _cli("pull", "qwen25_05b-base")
+    paths = project_paths()
     manifest = json.loads(paths.manifest("qwen25_05b-base").read_text())
+    assert local_dir(manifest, None, [], paths) == realshape_dir("qwen25_05b", "base")
     manifest["files"][0]["sha256"] = "0" * 64
-    from analysis.checkpoints import local_dir
-
-    with pytest.raises(UserError, match="differs from its manifest"):
-        local_dir(manifest, None, [])
+    with pytest.raises(UserError, match=r"does not match data/models/qwen25_05b-base.json .*restore the folder, "
+                                        r"or run `selfref pull qwen25_05b-base`"):
+        local_dir(manifest, None, [], paths)
 
 
 def test_an_architecture_the_bridge_cannot_load_is_named(realshape_dir, monkeypatch):

@@ -137,8 +137,6 @@ def test_chart_markdown_escapes_for_both_outputs(tmp_path, document):
 def test_quarto_is_preferred_and_its_outputs_land_in_report_output(tmp_path, monkeypatch):
     """With `quarto` on PATH, `auto` runs `quarto render` from the project root, with this Python as its
     kernel, and moves the project's outputs to report/_output/index.{html,pdf}."""
-    from analysis import paths
-
     root = tmp_path / "project"
     (root / "report").mkdir(parents=True)
     qmd = root / "report" / "index.qmd"
@@ -149,11 +147,7 @@ def test_quarto_is_preferred_and_its_outputs_land_in_report_output(tmp_path, mon
                     'echo pdf > report/_output/report/index.pdf\n')
     fake.chmod(0o755)
     monkeypatch.setattr(rendering.shutil, "which", lambda name: str(fake) if name == "quarto" else None)
-    paths.use_root(root)
-    try:
-        result = rendering.render_report(qmd, root / "report" / "_output")
-    finally:
-        paths.use_root(Path(__file__).resolve().parent.parent)
+    result = rendering.render_report(qmd, root / "report" / "_output", root=root)
     assert result.renderer == "quarto"
     assert result.html == root / "report" / "_output" / "index.html" and result.pdf.read_text() == "pdf\n"
     assert result.html.read_text().strip() == sys.executable

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader
 
-from analysis import paths, rendering
+from analysis import rendering
+from analysis.layout import project_paths
 from analysis.reporting import format_number, lookup, ranked_values
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,11 +32,8 @@ def built(tmp_path_factory):
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
-    paths.use_root(root)
-    try:
-        result = rendering.render_report(paths.REPORT_QMD, paths.REPORT_OUTPUT, renderer="fallback")
-    finally:
-        paths.use_root(REPO)
+    paths = project_paths(root)
+    result = rendering.render_report(paths.report_qmd, paths.report_output, renderer="fallback", root=root)
     return root, result
 
 

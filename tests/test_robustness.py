@@ -86,11 +86,12 @@ def test_split_half_high_for_a_planted_profile_and_near_zero_for_noise():
     assert abs(low["split_half_r"]) < 0.2
 
 
-def test_split_half_of_an_exact_null_is_zero_not_nan():
+def test_split_half_of_an_exact_null_is_undefined_not_zero():
+    """Instruct equal to base: every half-profile is constant, no split has a correlation, r is undefined."""
     table = synthetic_table(7)
     table.loc[table["variant"] == "instruct", "entropy"] = table.loc[table["variant"] == "base", "entropy"].to_numpy()
     out = split_half(table, "entropy", n_splits=50, seed=0).iloc[0]
-    assert out["split_half_r"] == 0.0
+    assert np.isnan(out["split_half_r"]) and np.isnan(out["spearman_brown"]) and out["n_splits_defined"] == 0
 
 
 def test_split_half_is_deterministic_given_the_seed():

@@ -10,6 +10,7 @@ Three kinds of evidence:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -19,27 +20,30 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from analysis.correlation import comparison_grid, compare_profiles, interpolation_matrix, relative_depth
+from analysis.config import StatsSettings
+from analysis.correlation import comparison_grid, compare_profiles, interpolation_matrix
 from analysis.errors import UserError
 from analysis.heads import EPS, head_scores, zscore
-from analysis.metrics import (_change, build_statistics, family_arrays, head_t_interval, layer_ratios)
+from analysis.layer_statistics import _change, build_statistics, family_arrays, head_t_interval
+from analysis.quantities import CATEGORIES, layer_ratios, relative_depth
 from analysis.resampling import (bootstrap_group_means, circular_shift_pvalue, fdr_bh, group_means, index_counts,
                                  paired_permutation_test, percentile_ci, permutation_pvalue, permuted_group_means,
                                  rng_for, rowwise_pearson, sign_flips, stratified_bootstrap_indices)
 
-CATS = ("self_referent", "neutral", "third_person", "confounder")
+CATS = CATEGORIES
 ALL_DEFINITIONS = ["raw", "no_bos", "normalised"]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def settings(**overrides) -> dict:
-    """Small, fast stats settings (same keys as params.yaml `stats`)."""
+def settings(**overrides) -> StatsSettings:
+    """Small, fast stats settings (the fields of params.yaml `stats`)."""
     out = {"seed": 7, "n_resamples": 200, "n_permutations": 200, "confidence": 0.95, "alpha": 0.05,
-           "near_zero": 0.01, "neutral_floor": 0.05, "depth_grid": 8, "top_k_heads": 3,
-           "definitions": ["raw"], "headline_definition": "raw"}
+           "near_zero": 0.01, "neutral_floor": 0.05, "depth_grid": 8, "top_k_heads": 3, "split_half_splits": 50,
+           "definitions": ("raw",), "headline_definition": "raw", "headline_format": "raw"}
     out.update(overrides)
-    return out
+    out["definitions"] = tuple(out["definitions"])
+    return StatsSettings(**out)
 
 
 def long_table(family: str, base: np.ndarray, instruct: np.ndarray, categories, prompt_ids=None) -> pd.DataFrame:
@@ -567,7 +571,7 @@ def test_planted_layer_is_compression_and_others_no_change(planted):
     for definition in ALL_DEFINITIONS:
         deep = d[(d["family"] == "deep") & (d["definition"] == definition)].set_index("layer")
         hit = deep.loc[PLANTED_LAYER]
-        assert hit["layer_class"] == "compression" and hit["q_value"] < s["alpha"]
+        assert hit["layer_class"] == "compression" and hit["q_value"] < s.alpha
         assert hit["delta_rfc_hi"] < 0 and hit["delta_rfc_lo"] <= hit["delta_rfc"] <= hit["delta_rfc_hi"]
         assert hit["delta_diff_lo"] > 0  # self entropy rose relative to neutral
         assert (deep.drop(PLANTED_LAYER)["layer_class"] == "no_change").all()
@@ -580,9 +584,9 @@ def test_planted_head_ranks_first_and_is_significant(planted):
     h = out["heads"][out["heads"]["definition"] == "raw"]
     deep = h[h["family"] == "deep"].set_index(["layer", "head"])
     top = deep.loc[(PLANTED_LAYER, PLANTED_HEAD)]
-    assert top["rank"] == 1 and top["q_value"] < s["alpha"] and top["top_k"]
-    assert (deep["q_value"] < s["alpha"]).sum() == 1
-    assert (h.loc[h["family"] == "shallow", "q_value"] >= s["alpha"]).all()
+    assert top["rank"] == 1 and top["q_value"] < s.alpha and top["top_k"]
+    assert (deep["q_value"] < s.alpha).sum() == 1
+    assert (h.loc[h["family"] == "shallow", "q_value"] >= s.alpha).all()
 
 
 def test_metrics_are_json_ready_and_complete(planted):
@@ -614,11 +618,11 @@ def test_families_of_different_depth_compared_on_relative_depth(planted):
     _, s, out = planted
     row = out["cross_family"].query("definition == 'raw'").iloc[0]
     assert (row["family_a"], row["family_b"]) == ("deep", "shallow")
-    assert row["grid"] == "relative_depth" and row["n_points"] == s["depth_grid"]
+    assert row["grid"] == "relative_depth" and row["n_points"] == s.depth_grid
     assert (row["depth_lo"], row["depth_hi"]) == (pytest.approx(0.125), pytest.approx(0.875))
     assert bool(row["joint_resampling"])  # same prompts -> same resample indices
     d = out["deltas"].query("definition == 'raw'")
-    grid = np.linspace(0.125, 0.875, s["depth_grid"])
+    grid = np.linspace(0.125, 0.875, s.depth_grid)
     x = np.interp(grid, relative_depth(6), d.loc[d["family"] == "deep", "delta_rfc"].to_numpy())
     y = np.interp(grid, relative_depth(4), d.loc[d["family"] == "shallow", "delta_rfc"].to_numpy())
     assert row["pearson_r"] == pytest.approx(stats.pearsonr(x, y).statistic)
@@ -631,7 +635,7 @@ def test_same_seed_same_results_other_seed_other_intervals(planted):
     for key in ("layers", "deltas", "cross_family", "heads"):
         pd.testing.assert_frame_equal(out[key], again[key])
     assert again["metrics"] == out["metrics"]
-    other = build_statistics(table, {**s, "seed": s["seed"] + 1})
+    other = build_statistics(table, dataclasses.replace(s, seed=s.seed + 1))
     np.testing.assert_array_equal(other["deltas"]["delta_rfc"], out["deltas"]["delta_rfc"])
     assert not np.array_equal(other["deltas"]["delta_rfc_lo"], out["deltas"]["delta_rfc_lo"])
     assert not np.array_equal(other["deltas"]["p_value"], out["deltas"]["p_value"])
@@ -646,7 +650,7 @@ def test_null_calibration_on_exchangeable_variants():
     shares, seeds_with_head = [], 0
     for seed in range(20):
         base, instruct, categories = synthetic_family(100 + seed, 10, 8, 6, noise=0.05)
-        out = build_statistics(long_table("null", base, instruct, categories), {**s, "seed": seed})
+        out = build_statistics(long_table("null", base, instruct, categories), dataclasses.replace(s, seed=seed))
         shares.append(float(np.mean(out["deltas"]["q_value"] < alpha)))
         seeds_with_head += bool((out["heads"]["q_value"] < alpha).any())
         assert out["deltas"]["p_value"].min() >= 1 / 1000  # p = (1 + #)/(1 + 999) is never below 1/1000

@@ -14,8 +14,7 @@ import pandas as pd
 import vl_convert as vlc
 
 from analysis.artefacts import atomic_path
-from analysis.metrics import choice_rows
-from analysis.prompts import CATEGORIES
+from analysis.quantities import CATEGORIES, choice_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
 CLASS_COLOURS = alt.Scale(domain=["compression", "preservation", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])

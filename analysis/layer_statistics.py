@@ -1,9 +1,9 @@
-"""Layer-level statistics of the study and the entry point `build_statistics`.
+"""Layer-level statistics of one prompt format: `build_statistics` from an entropy table.
 
 Per family and entropy definition, prompt-level layer entropies (mean over the layer's query heads)
 are reduced to category means H_c(l), from which RFC = 1 - H_self/H_neutral, RSI = (H_conf - H_self)
-/ H_neutral and the plain difference H_self - H_neutral (trap 4) follow. Uncertainty comes from
-resampling prompts (trap 1) with a paired design (trap 2): bootstrap prompt indices within category,
+/ H_neutral and the plain difference H_self - H_neutral follow (analysis.quantities). Uncertainty comes from
+resampling prompts with a paired design (docs/method.md, "Inference"): bootstrap prompt indices within category,
 applied to base and instruct alike; permutation tests swap base and instruct per prompt.
 Resamples depend only on the seed and the family's prompt set (category and prompt id of every
 prompt), so every definition of a family sees the same resamples, and families run on the same
@@ -23,22 +23,19 @@ from scipy import stats
 from analysis.correlation import cross_family_table
 from analysis.errors import UserError
 from analysis.heads import head_scores
-from analysis.prompts import CATEGORIES
+from analysis.config import StatsSettings
+from analysis.quantities import CATEGORIES, DELTAS, RATIOS, ENTROPY_COLUMNS, NEUTRAL, SELF, layer_ratios, relative_depth, rfc
+from analysis.quantities import deltas as ratio_deltas
 from analysis.resampling import (bootstrap_group_means, fdr_bh, group_means, paired_permutation_test,
                                  percentile_ci, rng_for, sign_flips, stratified_bootstrap_indices)
 
-SELF, NEUTRAL, THIRD, CONFOUNDER = CATEGORIES
-DEFINITION_COLUMNS = {"raw": "entropy", "no_bos": "entropy_no_bos", "normalised": "entropy_normalised"}
-SETTINGS = ("seed", "n_resamples", "n_permutations", "confidence", "alpha", "near_zero", "neutral_floor",
-            "depth_grid", "top_k_heads", "definitions", "headline_definition")
-STUDY_SETTINGS = SETTINGS + ("headline_format", "split_half_splits")
 REQUIRED_COLUMNS = ("family", "variant", "prompt_id", "category", "layer", "head")
 SIGNIFICANT_DIGITS = 6
 N_TOP_LAYERS = 5
 
 LAYER_COLUMNS = (["definition", "family", "variant", "layer", "n_layers", "depth"]
                  + [f"h_{c}{s}" for c in CATEGORIES for s in ("", "_lo", "_hi")]
-                 + [f"{m}{s}" for m in ("rfc", "rsi", "diff_self_neutral") for s in ("", "_lo", "_hi")]
+                 + [f"{m}{s}" for m in RATIOS for s in ("", "_lo", "_hi")]
                  + [f"n_prompts_{c}" for c in CATEGORIES] + ["low_neutral"])
 DELTA_COLUMNS = ["definition", "family", "layer", "n_layers", "depth",
                  "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "delta_rsi", "delta_rsi_lo", "delta_rsi_hi",
@@ -79,7 +76,7 @@ class FamilyArrays:
 
 def family_arrays(entropy: pd.DataFrame, definitions: list[str]) -> dict[str, FamilyArrays]:
     """Check the entropy table and reshape it per family; raises UserError naming what is wrong."""
-    missing = [c for c in REQUIRED_COLUMNS + tuple(DEFINITION_COLUMNS[d] for d in definitions)
+    missing = [c for c in REQUIRED_COLUMNS + tuple(ENTROPY_COLUMNS[d] for d in definitions)
                if c not in entropy.columns]
     if missing:
         raise UserError(f"entropy table lacks column(s) {', '.join(missing)}")
@@ -123,38 +120,29 @@ def family_arrays(entropy: pd.DataFrame, definitions: list[str]) -> dict[str, Fa
         arrays = FamilyArrays(str(family), ids, prompts["category"].to_numpy().astype(str))
         for definition in definitions:
             values = np.empty(2 * n_p * n_l * n_h)
-            values[flat] = frame[DEFINITION_COLUMNS[definition]].to_numpy(dtype=float)
+            values[flat] = frame[ENTROPY_COLUMNS[definition]].to_numpy(dtype=float)
             if not np.all(np.isfinite(values)):
                 raise UserError(f"{where}: {np.sum(~np.isfinite(values))} non-finite values in column "
-                                f"{DEFINITION_COLUMNS[definition]} (definition {definition})")
+                                f"{ENTROPY_COLUMNS[definition]} (definition {definition})")
             values = values.reshape(2, n_p, n_l, n_h)
             arrays.base[definition], arrays.instruct[definition] = values[0], values[1]
         out[str(family)] = arrays
     return out
 
 
-def layer_ratios(means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """RFC, RSI and H_self - H_neutral from category means (any shape, e.g. [resamples, layers])."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return {"rfc": 1.0 - means[SELF] / means[NEUTRAL],
-                "rsi": (means[CONFOUNDER] - means[SELF]) / means[NEUTRAL],
-                "diff_self_neutral": means[SELF] - means[NEUTRAL]}
-
-
 def _change(base_means: dict[str, np.ndarray], instruct_means: dict[str, np.ndarray]) -> np.ndarray:
     """[k, 2, L]: ΔRFC and Δ(H_self - H_neutral), instruct - base; the permutation test's statistics."""
-    b, i = layer_ratios(base_means), layer_ratios(instruct_means)
-    return np.stack([i["rfc"] - b["rfc"], i["diff_self_neutral"] - b["diff_self_neutral"]], axis=1)
+    change = ratio_deltas(layer_ratios(base_means), layer_ratios(instruct_means))
+    return np.stack([change["delta_rfc"], change["delta_diff"]], axis=1)
 
 
 def head_t_interval(base: np.ndarray, instruct: np.ndarray, categories: np.ndarray,
                     confidence: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The original study's interval, kept only for comparison: per layer, mean and t-interval of the
-    per-head ΔRFC across the layer's heads. Heads are not samples of anything (trap 1), so this
-    describes the spread of heads, not the uncertainty of ΔRFC. Heads with H_neutral = 0 are left out."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rfc_b = 1.0 - base[categories == SELF].mean(0) / base[categories == NEUTRAL].mean(0)
-        rfc_i = 1.0 - instruct[categories == SELF].mean(0) / instruct[categories == NEUTRAL].mean(0)
+    per-head ΔRFC across the layer's heads. Heads are not samples of anything, so this
+    describes the spread of heads, not the uncertainty of ΔRFC (docs/method.md). Heads with H_neutral = 0 are left out."""
+    rfc_b = rfc(base[categories == SELF].mean(0), base[categories == NEUTRAL].mean(0))
+    rfc_i = rfc(instruct[categories == SELF].mean(0), instruct[categories == NEUTRAL].mean(0))
     per_head = np.where(np.isfinite(rfc_i - rfc_b), rfc_i - rfc_b, np.nan)  # [L, H]
     n = np.sum(np.isfinite(per_head), axis=1)
     with warnings.catch_warnings():
@@ -167,16 +155,16 @@ def head_t_interval(base: np.ndarray, instruct: np.ndarray, categories: np.ndarr
 
 
 def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.ndarray, signs: np.ndarray,
-                            settings: dict) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
+                            settings: StatsSettings) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
     """Layers and deltas rows of one family and definition, plus its bootstrap ΔRFC and Δdiff [B, L]."""
-    confidence = float(settings["confidence"])
+    confidence = settings.confidence
     cats = arrays.categories
     base_prompt = arrays.base[definition].mean(axis=2)  # [P, L]: mean over the layer's query heads
     instruct_prompt = arrays.instruct[definition].mean(axis=2)
     n_layers = base_prompt.shape[1]
     layer = np.arange(n_layers)
-    depth = (layer + 0.5) / n_layers
-    floor = float(settings["neutral_floor"])
+    depth = relative_depth(n_layers)
+    floor = settings.neutral_floor
 
     point, boot, layer_frames = {}, {}, []
     for variant, values in (("base", base_prompt), ("instruct", instruct_prompt)):
@@ -189,7 +177,7 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
         for c in CATEGORIES:
             frame[f"h_{c}"] = means[c]
             frame[f"h_{c}_lo"], frame[f"h_{c}_hi"] = percentile_ci(resampled[c], confidence)
-        for metric in ("rfc", "rsi", "diff_self_neutral"):
+        for metric in RATIOS:
             frame[metric] = point[variant][metric]
             frame[f"{metric}_lo"], frame[f"{metric}_hi"] = percentile_ci(boot[variant][metric], confidence)
         for c in CATEGORIES:
@@ -200,7 +188,7 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
     deltas = {"definition": definition, "family": arrays.family, "layer": layer, "n_layers": n_layers,
               "depth": depth}
     resampled_delta = {}
-    for name, metric in (("delta_rfc", "rfc"), ("delta_rsi", "rsi"), ("delta_diff", "diff_self_neutral")):
+    for name, metric in DELTAS.items():
         deltas[name] = point["instruct"][metric] - point["base"][metric]
         resampled_delta[name] = boot["instruct"][metric] - boot["base"][metric]
         deltas[f"{name}_lo"], deltas[f"{name}_hi"] = percentile_ci(resampled_delta[name], confidence)
@@ -208,7 +196,7 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
     deltas["h_neutral_base"], deltas["h_neutral_instruct"] = point["base"]["h_neutral"], point["instruct"]["h_neutral"]
 
     _, p = paired_permutation_test(base_prompt, instruct_prompt, cats, _change, signs)
-    alpha, near_zero = float(settings["alpha"]), float(settings["near_zero"])
+    alpha, near_zero = settings.alpha, settings.near_zero
     deltas["p_value"], deltas["q_value"] = p[0], fdr_bh(p[0])
     flagged = deltas["q_value"] < alpha
     deltas["layer_class"] = np.where(flagged & (deltas["delta_rfc"] < 0), "compression",
@@ -224,7 +212,7 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
             resampled_delta["delta_rfc"], resampled_delta["delta_diff"])
 
 
-def _clean(value):
+def metric_value(value):
     """A JSON-ready scalar: None for NaN/inf, floats to SIGNIFICANT_DIGITS significant digits."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
@@ -244,27 +232,27 @@ def _mean_with_ci(values: np.ndarray, resampled: np.ndarray, confidence: float, 
         return {key: None, f"{key}_lo": None, f"{key}_hi": None}
     with np.errstate(invalid="ignore"):
         lo, hi = percentile_ci(resampled.mean(axis=1), confidence)
-    return {key: _clean(values.mean()), f"{key}_lo": _clean(lo), f"{key}_hi": _clean(hi)}
+    return {key: metric_value(values.mean()), f"{key}_lo": metric_value(lo), f"{key}_hi": metric_value(hi)}
 
 
 def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndarray, boot_diff: np.ndarray,
-                   heads: pd.DataFrame, settings: dict) -> dict:
+                   heads: pd.DataFrame, settings: StatsSettings) -> dict:
     """metrics.json entry of one family (headline definition); plain JSON values, no NaN."""
-    confidence, alpha = float(settings["confidence"]), float(settings["alpha"])
+    confidence, alpha = settings.confidence, settings.alpha
     d = deltas.sort_values("layer")
-    rfc = d["delta_rfc"].to_numpy()
+    delta_rfc = d["delta_rfc"].to_numpy()
     keep = ~d["low_neutral"].to_numpy()
     out = {"n_layers": arrays.n_layers, "n_heads": arrays.n_heads,
            "n_prompts": {c: arrays.n_prompts(c) for c in CATEGORIES}}
-    out.update(_mean_with_ci(rfc, boot_rfc, confidence, "mean_delta_rfc"))
-    out.update(_mean_with_ci(rfc[keep], boot_rfc[:, keep], confidence, "mean_delta_rfc_excl_low_neutral"))
+    out.update(_mean_with_ci(delta_rfc, boot_rfc, confidence, "mean_delta_rfc"))
+    out.update(_mean_with_ci(delta_rfc[keep], boot_rfc[:, keep], confidence, "mean_delta_rfc_excl_low_neutral"))
     out.update(_mean_with_ci(d["delta_diff"].to_numpy(), boot_diff, confidence, "mean_delta_diff"))
     for cls in ("compression", "preservation", "no_change"):
-        out[f"share_{cls}"] = _clean(np.mean(d["layer_class"] == cls))
-    out["share_near_zero"] = _clean(np.mean(d["near_zero"]))
-    out["share_below_minus_near_zero"] = _clean(np.mean(rfc < -float(settings["near_zero"])))
-    negative = np.flatnonzero(rfc < 0)  # a layer whose ΔRFC is not negative is no compression layer
-    order = negative[np.argsort(rfc[negative], kind="stable")]
+        out[f"share_{cls}"] = metric_value(np.mean(d["layer_class"] == cls))
+    out["share_near_zero"] = metric_value(np.mean(d["near_zero"]))
+    out["share_below_minus_near_zero"] = metric_value(np.mean(delta_rfc < -settings.near_zero))
+    negative = np.flatnonzero(delta_rfc < 0)  # a layer whose ΔRFC is not negative is no compression layer
+    order = negative[np.argsort(delta_rfc[negative], kind="stable")]
     # keyed by rank, not a list, so that `dvc metrics show` (which skips lists) prints them
     out["top_compression_layers"] = {f"rank_{i}": int(x) for i, x in
                                      enumerate(d["layer"].to_numpy()[order[:N_TOP_LAYERS]], start=1)}
@@ -279,26 +267,11 @@ PAIR_KEYS = ("pearson_r", "pearson_p", "pearson_p_shift", "pearson_r_lo", "pears
              "spearman_p", "spearman_p_shift", "spearman_r_lo", "spearman_r_hi", "n_points", "grid")
 
 
-def _check_settings(settings: dict) -> dict:
-    missing = [k for k in SETTINGS if k not in settings]
-    if missing:
-        raise UserError(f"stats settings lack {', '.join(missing)} (params.yaml, section stats)")
-    definitions = list(settings["definitions"])
-    unknown = [d for d in definitions if d not in DEFINITION_COLUMNS]
-    if unknown or not definitions:
-        raise UserError(f"stats.definitions: unknown {unknown}; use some of {', '.join(DEFINITION_COLUMNS)}")
-    if settings["headline_definition"] not in definitions:
-        raise UserError(f"stats.headline_definition {settings['headline_definition']!r} is not in stats.definitions")
-    if int(settings["n_resamples"]) < 1 or int(settings["n_permutations"]) < 1:
-        raise UserError("stats.n_resamples and stats.n_permutations must be at least 1")
-    return {**settings, "definitions": definitions}
-
-
-def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
+def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
     """All statistics of the study from the entropy table.
 
     Returns {"layers", "deltas", "cross_family", "heads": DataFrames with a `definition` column, one
-    block per definition in settings["definitions"]; "metrics": the headline definition's numbers,
+    block per definition in settings.definitions; "metrics": the headline definition's numbers,
     {"families": {family: {...}}, "pairs": {"famA~famB": {...}}}, JSON-ready, None where undefined;
     "summaries": {definition: {family: {...}}}, the same family numbers for every definition}.
 
@@ -318,16 +291,15 @@ def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
     cross_family: see analysis.correlation.cross_family_table, plus definition.
     heads: see analysis.heads.head_scores, plus definition and family.
     """
-    settings = _check_settings(settings)
-    definitions = settings["definitions"]
+    definitions = settings.definitions
     families = family_arrays(entropy, definitions)
-    seed = int(settings["seed"])
+    seed = settings.seed
     indices, signs = {}, {}
     for arrays in families.values():
         if arrays.design not in indices:
             indices[arrays.design] = stratified_bootstrap_indices(
-                arrays.categories, int(settings["n_resamples"]), rng_for(seed, "bootstrap", arrays.design))
-            signs[arrays.design] = sign_flips(len(arrays.prompt_ids), int(settings["n_permutations"]),
+                arrays.categories, settings.n_resamples, rng_for(seed, "bootstrap", arrays.design))
+            signs[arrays.design] = sign_flips(len(arrays.prompt_ids), settings.n_permutations,
                                               rng_for(seed, "permutation", arrays.design))
 
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
@@ -339,7 +311,7 @@ def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
             layers, deltas, boot_rfc, boot_diff = family_layer_statistics(
                 arrays, definition, indices[arrays.design], signs[arrays.design], settings)
             heads = head_scores(arrays.base[definition], arrays.instruct[definition], arrays.categories,
-                                signs[arrays.design], top_k=int(settings["top_k_heads"]))
+                                signs[arrays.design], top_k=settings.top_k_heads)
             heads.insert(0, "family", family)
             heads.insert(0, "definition", definition)
             tables["layers"].append(layers)
@@ -348,72 +320,15 @@ def build_statistics(entropy: pd.DataFrame, settings: dict) -> dict:
             profiles[family], resamples[family] = deltas["delta_rfc"].to_numpy(), boot_rfc
             summaries[definition][family] = family_metrics(arrays, deltas, boot_rfc, boot_diff, heads, settings)
         joint = {(a, b): families[a].design == families[b].design for a in families for b in families}
-        cross = cross_family_table(profiles, depth_grid=int(settings["depth_grid"]),
-                                   confidence=float(settings["confidence"]), resamples=resamples, joint=joint)
+        cross = cross_family_table(profiles, depth_grid=settings.depth_grid,
+                                   confidence=settings.confidence, resamples=resamples, joint=joint)
         cross.insert(0, "definition", definition)
         tables["cross_family"].append(cross)
-        if definition == settings["headline_definition"]:
+        if definition == settings.headline_definition:
             for row in cross.to_dict("records"):
-                metrics["pairs"][f"{row['family_a']}~{row['family_b']}"] = {k: _clean(row[k]) for k in PAIR_KEYS}
-    metrics["families"] = summaries[settings["headline_definition"]]
+                metrics["pairs"][f"{row['family_a']}~{row['family_b']}"] = {k: metric_value(row[k]) for k in PAIR_KEYS}
+    metrics["families"] = summaries[settings.headline_definition]
     out = {k: pd.concat(v, ignore_index=True) for k, v in tables.items()}
     out["metrics"] = metrics
     out["summaries"] = summaries
-    return out
-
-
-def choice_rows(frame: pd.DataFrame, definition: str, prompt_format: str) -> pd.DataFrame:
-    """The rows of a stats table (layers, deltas, heads, cross_family) for one entropy definition and prompt format."""
-    return frame[(frame["definition"] == definition) & (frame["format"] == prompt_format)]
-
-
-def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
-    """Per family and category: count, mean, sd, min and max of the tokens fed per prompt."""
-    per_prompt = entropy[entropy["variant"] == "base"].drop_duplicates(["family", "prompt_id"])
-    out = per_prompt.groupby(["family", "category"])["n_tokens"].agg(["count", "mean", "std", "min", "max"])
-    return out.reset_index()
-
-
-def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: dict) -> dict:
-    """Everything the stats stage writes, from the entropy tables of each prompt format (raw, chat).
-
-    The tables of `build_statistics` for every format with a `format` column; token_lengths; the
-    robustness table of every (definition, format) conclusion; length control and split-half
-    reliability on the headline definition and format; the headline ΔRFC for `dvc plots`; and metrics.
-    """
-    from analysis import robustness
-
-    missing = [k for k in STUDY_SETTINGS if k not in settings]
-    if missing:
-        raise UserError(f"stats settings lack {', '.join(missing)} (params.yaml, section stats)")
-    settings = _check_settings(settings)
-    definition, headline_format = settings["headline_definition"], settings["headline_format"]
-    if headline_format not in entropy_by_format:
-        raise UserError(f"stats.headline_format {headline_format!r}: use one of {', '.join(entropy_by_format)}")
-    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
-    summaries, lengths = [], []
-    for prompt_format, entropy in entropy_by_format.items():
-        result = build_statistics(entropy, settings)
-        for key in tables:
-            tables[key].append(result[key].assign(format=prompt_format))
-        summaries.append(robustness.family_summaries(result, prompt_format))
-        lengths.append(token_length_table(entropy).assign(format=prompt_format))
-        if prompt_format == headline_format:
-            metrics = result["metrics"]
-    out: dict = {key: pd.concat(frames, ignore_index=True) for key, frames in tables.items()}
-    headline = choice_rows(out["deltas"], definition, headline_format)
-    entropy, column = entropy_by_format[headline_format], DEFINITION_COLUMNS[definition]
-    out["length_control"] = robustness.length_control(entropy, column, headline, float(settings["alpha"]))
-    out["split_half"] = robustness.split_half(entropy, column, int(settings["split_half_splits"]),
-                                              int(settings["seed"]))
-    out["robustness"] = robustness.robustness_table(pd.concat(summaries, ignore_index=True), definition,
-                                                    headline_format)
-    entries = robustness.metrics_entries(out["robustness"], out["split_half"], out["length_control"])
-    metrics["robustness"] = {f: {k: _clean(v) for k, v in e.items()} for f, e in entries.items()}
-    token_lengths = pd.concat(lengths, ignore_index=True)
-    token_lengths["category"] = pd.Categorical(token_lengths["category"], categories=list(CATEGORIES))
-    out["token_lengths"] = token_lengths.sort_values(["format", "family", "category"], ignore_index=True)
-    out["delta_rfc_plot"] = headline[["family", "layer", "depth", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi",
-                                      "layer_class"]]
-    out["metrics"] = metrics
     return out

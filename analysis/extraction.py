@@ -6,6 +6,7 @@ entropies while the batch is on the device, so memory does not grow with the pro
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis.entropy import COLUMNS, DEFINITIONS, pattern_entropies
+from analysis.config import ExtractSettings
+from analysis.entropy import pattern_entropies
 from analysis.errors import UserError
+from analysis.quantities import DEFINITIONS, ENTROPY_COLUMNS, PROMPT_FORMATS
 
 log = logging.getLogger(__name__)
 
-PROMPT_FORMATS = ("raw", "chat")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,12 +52,7 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     """float32 on CPU, bfloat16 on an accelerator, unless the user names one."""
     if requested == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
-    if requested not in DTYPES:
-        raise UserError(f"params.yaml extract.dtype: unknown {requested!r}; use auto or one of {', '.join(DTYPES)}")
     return DTYPES[requested]
-
-
-CHAT_SYSTEM_CHOICES = ("default", "none")  # besides these, extract.chat_system may be one fixed system text
 
 
 def chat_messages(text: str, chat_system: str = "default") -> list[dict[str, str]]:
@@ -102,7 +99,7 @@ def encode(tokenizer: Any, text: str, prompt_format: str, chat_tokenizer: Any | 
         ids = list(enc["input_ids"])
         mask = [s < end and e > start for s, e in enc["offset_mapping"]]
     else:
-        raise UserError(f"params.yaml extract.prompt_format: unknown {prompt_format!r}; use raw or chat")
+        raise UserError(f"prompt format {prompt_format!r}: use one of {', '.join(PROMPT_FORMATS)}")
     bos = tokenizer.bos_token_id
     if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
         raise UserError(f"prompt {text!r}: BOS token added twice; check the tokenizer's post-processor and template")
@@ -120,8 +117,6 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
 def load_bridge(local_dir: Path, device: str, dtype: torch.dtype, trust_remote_code: bool = False,
                 device_map: str | None = None) -> Any:
     """TransformerBridge over a local Hugging Face folder (safetensors; remote code only if asked)."""
-    import json
-
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
@@ -130,6 +125,8 @@ def load_bridge(local_dir: Path, device: str, dtype: torch.dtype, trust_remote_c
             trust_remote_code=trust_remote_code, device_map=device_map,
         )
     except (ValueError, KeyError, NotImplementedError, AttributeError) as err:
+        if "trust_remote_code" in str(err):
+            raise  # the caller names extract.trust_remote_code (_remote_code_error)
         config = json.loads((Path(local_dir) / "config.json").read_text(encoding="utf-8"))
         arch = ", ".join(config.get("architectures") or [str(config.get("model_type"))])
         raise UserError(f"{local_dir}: TransformerBridge cannot load architecture {arch} "
@@ -157,8 +154,15 @@ def pad_batch(prompts: list[EncodedPrompt], pad: int, device: Any) -> tuple[torc
     return ids.to(device), attention.to(device), query.to(device)
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, MemoryError) or (hasattr(torch, "OutOfMemoryError") and isinstance(err, torch.OutOfMemoryError))
+# How torch reports an allocation failure of host memory: a RuntimeError, not torch.OutOfMemoryError.
+HOST_OOM_MESSAGES = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for an allocation failure on any device: CUDA/MPS (torch.OutOfMemoryError) or host memory."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in HOST_OOM_MESSAGES)
 
 
 class EntropyRunner:
@@ -200,7 +204,7 @@ class EntropyRunner:
                 try:
                     values = self._forward([prompts[i] for i in batch])
                 except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
-                    if not _is_oom(err):
+                    if not is_out_of_memory(err):
                         raise
                     if len(batch) == 1:
                         raise UserError(f"{label}: out of memory on a single prompt; use a smaller dtype, "
@@ -218,6 +222,28 @@ class EntropyRunner:
         return result
 
 
+def _remote_code_error(err: ValueError, checkpoint: str) -> Exception:
+    """A refusal to run a checkpoint's own code, as one line naming the setting; other errors unchanged."""
+    if "trust_remote_code" not in str(err):
+        return err
+    return UserError(f"{checkpoint}: this checkpoint needs its own modelling code to load; read that code, then set "
+                     "`extract.trust_remote_code: true` in params.yaml (it is off so that no downloaded code runs "
+                     "unread)")
+
+
+def check_context(local_dir: Path, prompts: pd.DataFrame, encoded: list[EncodedPrompt], checkpoint: str) -> None:
+    """Refuse prompts longer than the checkpoint's context (config.json max_position_embeddings)."""
+    config = json.loads((Path(local_dir) / "config.json").read_text(encoding="utf-8"))
+    limit = config.get("text_config", config).get("max_position_embeddings")
+    if limit is None:
+        return
+    too_long = [(pid, len(e.input_ids)) for pid, e in zip(prompts["prompt_id"], encoded) if len(e.input_ids) > limit]
+    if too_long:
+        pid, n = too_long[0]
+        raise UserError(f"{checkpoint}: prompt {pid} is {n} tokens, longer than the model's context of {limit} "
+                        f"({len(too_long)} prompt(s) in all); shorten it in data/prompts.csv")
+
+
 def entropy_frame(prompts: pd.DataFrame, encoded: list[EncodedPrompt], values: dict[str, np.ndarray],
                   checkpoint: str, family: str, variant: str, first_tokens: list[str],
                   prompt_format: str) -> pd.DataFrame:
@@ -232,7 +258,7 @@ def entropy_frame(prompts: pd.DataFrame, encoded: list[EncodedPrompt], values: d
         "category": np.repeat(prompts["category"].to_numpy(), per_cell),
         "layer": np.tile(np.repeat(np.arange(n_layers), n_heads), n_prompts).astype("int32"),
         "head": np.tile(np.arange(n_heads), n_prompts * n_layers).astype("int32"),
-        **{COLUMNS[d]: values[d].reshape(-1) for d in DEFINITIONS},
+        **{ENTROPY_COLUMNS[d]: values[d].reshape(-1) for d in DEFINITIONS},
         "n_tokens": np.repeat([len(e.input_ids) for e in encoded], per_cell).astype("int32"),
         "n_query": np.repeat([sum(e.query_mask) for e in encoded], per_cell).astype("int32"),
         "first_token": np.repeat(first_tokens, per_cell),
@@ -247,31 +273,37 @@ def first_token_strings(tokenizer: Any, encoded: list[EncodedPrompt]) -> list[st
 
 
 def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str, family: str, variant: str,
-                       settings: dict[str, Any], prompt_format: str = "raw", chat_dir: Path | None = None,
+                       settings: ExtractSettings, prompt_format: str = "raw", chat_dir: Path | None = None,
                        expected_shape: tuple[int, int] | None = None) -> pd.DataFrame:
     """Entropy table of one checkpoint over the prompt set, with the `extract` settings of params.yaml."""
     from transformers import AutoTokenizer
 
-    trust = bool(settings.get("trust_remote_code", False))
-    device = pick_device(settings.get("device", "auto"))
-    dtype = pick_dtype(settings.get("dtype", "auto"), device)
-    tokenizer = AutoTokenizer.from_pretrained(str(local_dir), trust_remote_code=trust)
-    chat_tokenizer = AutoTokenizer.from_pretrained(str(chat_dir), trust_remote_code=trust) if chat_dir else None
-    chat_system = str(settings.get("chat_system", "default"))
-    chat_date = settings.get("chat_date")
-    encoded = [encode(tokenizer, text, prompt_format, chat_tokenizer, chat_system, chat_date) for text in prompts["text"]]
+    trust = settings.trust_remote_code
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local_dir), trust_remote_code=trust)
+        chat_tokenizer = AutoTokenizer.from_pretrained(str(chat_dir), trust_remote_code=trust) if chat_dir else None
+    except ValueError as err:
+        raise _remote_code_error(err, checkpoint) from None
+    encoded = [encode(tokenizer, text, prompt_format, chat_tokenizer, settings.chat_system, settings.chat_date)
+               for text in prompts["text"]]
+    check_context(local_dir, prompts, encoded, checkpoint)
 
-    bridge = load_bridge(local_dir, device, dtype, trust, settings.get("device_map"))
+    try:
+        bridge = load_bridge(local_dir, device, dtype, trust, settings.device_map)
+    except ValueError as err:
+        raise _remote_code_error(err, checkpoint) from None
     n_layers, n_heads = int(bridge.cfg.n_layers), int(bridge.cfg.n_heads)
     if expected_shape is not None and (n_layers, n_heads) != tuple(expected_shape):
         raise UserError(f"{checkpoint}: loaded model has {n_layers} layers x {n_heads} heads, its manifest says "
                         f"{expected_shape[0]} x {expected_shape[1]}; run `selfref pull {checkpoint}` again")
     runner = EntropyRunner(bridge, n_layers, n_heads, pad_id(tokenizer), device)
-    values = runner.run(encoded, int(settings.get("batch_size", 16)), label=checkpoint)
+    values = runner.run(encoded, settings.batch_size, label=checkpoint)
     for d, array in values.items():
         if not np.isfinite(array).all():
             raise UserError(f"{checkpoint}: non-finite {d} entropies; try dtype float32")
     frame = entropy_frame(prompts, encoded, values, checkpoint, family, variant,
                           first_token_strings(tokenizer, encoded), prompt_format)
-    frame["chat_system"] = chat_system if prompt_format == "chat" else None
+    frame["chat_system"] = settings.chat_system if prompt_format == "chat" else None
     return frame

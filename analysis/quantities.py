@@ -1,0 +1,70 @@
+"""The study's vocabulary and formulas, written once: categories, variants, entropy definitions, prompt
+formats, and the per-layer coefficients RFC and RSI with their instruct - base changes.
+
+Every other module imports these names; see docs/method.md for what each quantity means and why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Prompt categories, in the order tables and figures list them.
+SELF, NEUTRAL, THIRD, CONFOUNDER = "self_referent", "neutral", "third_person", "confounder"
+CATEGORIES = (SELF, NEUTRAL, THIRD, CONFOUNDER)
+
+# The two checkpoints of a family.
+VARIANTS = ("base", "instruct")
+
+# Entropy definitions (docs/method.md, "Entropy definitions") and their column in the entropy tables.
+DEFINITIONS = ("raw", "no_bos", "normalised")
+ENTROPY_COLUMNS = {"raw": "entropy", "no_bos": "entropy_no_bos", "normalised": "entropy_normalised"}
+
+# How a prompt is fed: alone (the original study) or inside the family's instruct chat template.
+PROMPT_FORMATS = ("raw", "chat")
+
+# The per-layer coefficients computed from category means, and their changes (instruct - base).
+RATIOS = ("rfc", "rsi", "diff_self_neutral")
+DELTAS = {"delta_rfc": "rfc", "delta_rsi": "rsi", "delta_diff": "diff_self_neutral"}
+
+
+def rfc(h_self: np.ndarray, h_neutral: np.ndarray) -> np.ndarray:
+    """Role-Focus Coefficient 1 - H_self / H_neutral; > 0 means self-referent attention is more focused."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 - np.asarray(h_self) / np.asarray(h_neutral)
+
+
+def rsi(h_self: np.ndarray, h_neutral: np.ndarray, h_confounder: np.ndarray) -> np.ndarray:
+    """Role-Sensitivity Index (H_confounder - H_self) / H_neutral."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.asarray(h_confounder) - np.asarray(h_self)) / np.asarray(h_neutral)
+
+
+def layer_ratios(means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """RFC, RSI and the plain difference H_self - H_neutral from category means (any shape, e.g. [resamples, layers]).
+
+    The plain difference stands beside every ratio: RFC divides by H_neutral, which can be tiny
+    in sink-dominated layers (docs/method.md, "Ratios of small numbers").
+    """
+    return {"rfc": rfc(means[SELF], means[NEUTRAL]),
+            "rsi": rsi(means[SELF], means[NEUTRAL], means[CONFOUNDER]),
+            "diff_self_neutral": np.asarray(means[SELF]) - np.asarray(means[NEUTRAL])}
+
+
+def deltas(base: dict[str, np.ndarray], instruct: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """ΔRFC, ΔRSI and Δ(H_self - H_neutral), instruct - base, from two `layer_ratios` results."""
+    return {name: instruct[ratio] - base[ratio] for name, ratio in DELTAS.items()}
+
+
+def did(base_means: dict[str, np.ndarray], instruct_means: dict[str, np.ndarray]) -> np.ndarray:
+    """Difference in differences of mean entropy: (instruct - base) on self-referent minus on neutral prompts."""
+    return (instruct_means[SELF] - base_means[SELF]) - (instruct_means[NEUTRAL] - base_means[NEUTRAL])
+
+
+def relative_depth(n_layers: int) -> np.ndarray:
+    """(l + 0.5) / L for each layer l: where families of different depth are compared."""
+    return (np.arange(n_layers) + 0.5) / n_layers
+
+
+def choice_rows(frame, definition: str, prompt_format: str):
+    """The rows of a stats table (layers, deltas, heads, cross_family) for one entropy definition and prompt format."""
+    return frame[(frame["definition"] == definition) & (frame["format"] == prompt_format)]

@@ -1,0 +1,36 @@
+"""Stage `extract@<checkpoint>` / `extract_chat@<checkpoint>`: the entropy table of one checkpoint in one
+prompt format, data/entropy/<format>/<checkpoint>.parquet."""
+
+from __future__ import annotations
+
+import typer
+
+from analysis import checkpoints
+from analysis.artefacts import write_parquet
+from analysis.config import Config
+from analysis.extraction import extract_checkpoint
+from analysis.prompts import load_prompts, token_lengths
+
+
+def run(config: Config, name: str, prompt_format: str) -> None:
+    """Run every prompt through checkpoint `name` and write its entropy table."""
+    paths = config.paths
+    ckpt = config.checkpoint(name)
+    prompts = load_prompts(paths.prompts, config.prompts.min_per_category)
+    texts = list(prompts["text"])
+    manifest = checkpoints.read_manifest(paths, name)
+    local = checkpoints.local_dir(manifest, ckpt.demo, texts, paths)
+    chat_dir = None
+    if prompt_format == "chat":
+        sibling = config.checkpoint(f"{ckpt.family}-instruct")
+        chat_dir = checkpoints.local_dir(checkpoints.read_manifest(paths, sibling.name), sibling.demo, texts, paths)
+    frame = extract_checkpoint(local, prompts, checkpoint=name, family=ckpt.family, variant=ckpt.variant,
+                               settings=config.extract, prompt_format=prompt_format, chat_dir=chat_dir,
+                               expected_shape=(manifest["n_layers"], manifest["n_heads"]))
+    lengths = frame.drop_duplicates("prompt_id")
+    check = token_lengths(prompts, list(lengths["n_tokens"]), name, config.prompts.max_token_gap)
+    if check.warning:
+        typer.secho("warning: " + check.warning, fg="yellow", err=True)
+    target = paths.entropy_table(name, prompt_format)
+    write_parquet(frame, target)
+    typer.echo(f"{name}: {len(frame):,} rows -> {paths.relative(target)}")

@@ -1,0 +1,18 @@
+"""Stage `report`: render report/index.qmd to report/_output/index.html and index.pdf, both from one build."""
+
+from __future__ import annotations
+
+import typer
+
+from analysis.artefacts import atomic_dir
+from analysis.config import Config
+from analysis.rendering import render_report
+
+
+def run(config: Config, renderer: str) -> None:
+    """Render the report into a staging folder and swap it in for report/_output."""
+    paths = config.paths
+    with atomic_dir(paths.report_output) as staging:
+        result = render_report(paths.report_qmd, staging, renderer=renderer, root=paths.root)
+    typer.echo(f"rendered with {result.renderer}: {paths.relative(paths.report_output / result.html.name)} and "
+               f"{paths.relative(paths.report_output / result.pdf.name)}")

@@ -1,0 +1,75 @@
+"""The analysis modules each `selfref` verb runs: a static import closure (every `import analysis...`,
+also inside functions), starting from the CLI and the verb's stage module."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "analysis"
+
+
+def module_file(name: str) -> Path:
+    """analysis.a.b -> analysis/a/b.py (or its package __init__.py)."""
+    path = REPO.joinpath(*name.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """analysis.* modules imported anywhere in one file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "analysis"}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "analysis":
+            for alias in node.names:  # `from analysis import x` may name a module
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if module_file(candidate).exists() else node.module)
+    return found
+
+
+# Modules the CLI imports only inside verbs that are no pipeline stage (`selfref suite check`): no stage runs them.
+VERB_ONLY = ("analysis.preflight",)
+
+
+def closure(start: str, skip_prefix: str | tuple[str, ...] | None = None) -> set[str]:
+    """Every analysis module `start` runs, itself included; `skip_prefix` modules are not followed."""
+    seen, todo = set(), [start]
+    while todo:
+        name = todo.pop()
+        if name in seen or (skip_prefix and name.startswith(skip_prefix) and name != start):
+            continue
+        seen.add(name)
+        todo.extend(imported_modules(module_file(name)))
+    return seen
+
+
+def document_modules(qmd: Path) -> set[str]:
+    """analysis.* modules the report document's Python cells import (they run in the report stage too)."""
+    text = qmd.read_text(encoding="utf-8")
+    found = set()
+    for name, names in re.findall(r"^\s*from (analysis[\w.]*) import ([\w, ]+)", text, re.M):
+        for alias in names.split(","):
+            candidate = f"{name}.{alias.strip()}"
+            found.add(candidate if module_file(candidate).exists() else name)
+    found |= set(re.findall(r"^\s*import (analysis[\w.]*)", text, re.M))
+    return found
+
+
+def stage_files(stage_module: str) -> list[str]:
+    """Repository-relative files a verb runs: the CLI (without the other verbs) and the stage's closure;
+    for the report, also the modules the document imports."""
+    names = closure("analysis.cli", skip_prefix=("analysis.stages", *VERB_ONLY)) | closure(f"analysis.stages.{stage_module}")
+    if stage_module == "report":
+        for name in document_modules(REPO / "report" / "index.qmd"):
+            names |= closure(name)
+    names.add("analysis.stages")
+    names.add("analysis")
+    return sorted(str(module_file(n).relative_to(REPO)) for n in names)
+
+
+if __name__ == "__main__":
+    for stage in ("prompts_check", "pull", "extract", "stats", "figures", "report"):
+        print(stage, stage_files(stage))

@@ -1,0 +1,162 @@
+"""params.yaml is read once into a typed config; every bad value is refused there, in one line that names
+the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from analysis import config
+from analysis.errors import UserError
+from analysis.layout import project_paths
+from conftest import REPO
+
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def _parse(**changes):
+    """Parse this repo's params with `section.key` values replaced."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    return config.parse(params, project_paths(REPO))
+
+
+def test_the_tracked_params_parse():
+    cfg = config.load(project_paths(REPO))
+    assert cfg.suite == "demo" and cfg.stats.definitions == tuple(PARAMS["stats"]["definitions"])
+    assert [c.name for c in cfg.checkpoints] == list(PARAMS["checkpoints"])
+    assert cfg.families == list(PARAMS["suites"]["demo"]["families"])
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("stats__alpha", 2, r"stats.alpha: 2 is out of range; use a number > 0 and <= 0.5"),
+    ("stats__alpha", 0, r"stats.alpha: 0 is out of range"),
+    ("stats__confidence", 1.5, r"stats.confidence: 1.5 is out of range; use a number > 0 and < 1"),
+    ("stats__n_resamples", 0, r"stats.n_resamples: 0 is out of range; use a whole number >= 100"),
+    ("stats__n_permutations", "many", r"stats.n_permutations: 'many' is not a whole number"),
+    ("stats__definitions", ["raw", "entropy"], r"stats.definitions\[1\]: 'entropy' is not allowed; use one of raw"),
+    ("stats__headline_definition", "no_bos2", r"stats.headline_definition: 'no_bos2' is not allowed"),
+    ("stats__headline_format", "html", r"stats.headline_format: 'html' is not allowed; use one of raw, chat"),
+    ("extract__batch_size", 0, r"extract.batch_size: 0 is out of range; use a whole number from 1 to 4096"),
+    ("extract__batch_size", -4, r"extract.batch_size: -4 is out of range"),
+    ("extract__dtype", "fp8", r"extract.dtype: 'fp8' is not allowed; use one of auto, float32, bfloat16, float16"),
+    ("extract__trust_remote_code", "yes", r"extract.trust_remote_code: 'yes' is not true or false"),
+    ("prompts__min_per_category", 1.5, r"prompts.min_per_category: 1.5 is not a whole number"),
+    ("extract__chat_system", "", r"extract.chat_system: '' is not allowed; use default, none, or one fixed system"),
+    ("extract__chat_system", None, r"extract.chat_system: None is not allowed"),
+    ("extract__chat_system", 3, r"extract.chat_system: 3 is not allowed"),
+    ("extract__chat_date", datetime.date(2024, 7, 26), r"extract.chat_date: datetime.date\(2024, 7, 26\) is not "
+     r"allowed; leave it empty or write a date as text"),
+    ("preflight__flops", {"cuda": 1e14}, r"preflight.flops: use a mapping of device kind \(cpu, cuda, mps\) to "
+     r"FLOP/s, with at least cpu"),
+    ("preflight__flops", {"cpu": 1e10, "tpu": 1e14}, r"preflight.flops: 'tpu' is not allowed; use one of cpu, cuda"),
+    ("preflight__flops", {"cpu": "2.0e14"}, r"preflight.flops.cpu: '2.0e14' is not a number; use a number > 0"),
+    ("preflight__flops", {"cpu": 0}, r"preflight.flops.cpu: 0 is out of range; use a number > 0"),
+    ("preflight__disk_margin", 0.5, r"preflight.disk_margin: 0.5 is out of range; use a number >= 1"),
+    ("preflight__memory_margin", "lots", r"preflight.memory_margin: 'lots' is not a number"),
+])
+def test_a_bad_setting_is_refused_with_its_key_and_range(key, value, message):
+    with pytest.raises(UserError, match=message):
+        _parse(**{key: value})
+
+
+def test_a_misspelt_or_missing_key_is_named():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["stats"]["aplha"] = params["stats"].pop("alpha")
+    with pytest.raises(UserError, match=r"stats: missing alpha; unknown aplha"):
+        config.parse(params, project_paths(REPO))
+
+
+def test_an_unknown_suite_and_a_stale_checkpoint_list_name_the_fix():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    with pytest.raises(UserError, match=r"suite: unknown suite 'nosuch'; known: demo, laptop, paper"):
+        config.parse({**params, "suite": "nosuch"}, project_paths(REPO))
+    with pytest.raises(UserError, match=r"does not match suite 'paper'; run `selfref suite use paper`"):
+        config.parse({**params, "suite": "paper"}, project_paths(REPO))
+
+
+def test_a_malformed_repo_id_is_refused():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["suites"]["paper"]["families"]["mistral_7b"]["base"]["repo"] = "https://huggingface.co/mistralai"
+    with pytest.raises(UserError, match=r"mistral_7b.base.repo: .* is not a Hugging Face repository id"):
+        config.parse(params, project_paths(REPO))
+
+
+def test_invalid_yaml_is_one_line_with_line_and_column(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("suite: demo\nstats:\n  alpha: [0.05\n  seed: 1\n")
+    with pytest.raises(UserError) as err:
+        config.read_yaml(bad)
+    text = str(err.value)
+    assert "\n" not in text and "line 4, column" in text and "invalid YAML" in text
+
+
+def test_cli_prints_one_line_without_traceback_and_exit_2(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("alpha: 0.05", "alpha: 2"))
+    env = {**os.environ, "SELFREF_ROOT": str(tmp_path)}
+    env.pop("SELFREF_DEBUG", None)
+    done = subprocess.run([sys.executable, "-m", "analysis.cli", "stats"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: params.yaml stats.alpha: 2 is out of range; "
+                                                "use a number > 0 and <= 0.5"]
+    debug = subprocess.run([sys.executable, "-m", "analysis.cli", "--debug", "stats"], env=env, capture_output=True,
+                           text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_suite_use_rewrites_suite_and_checkpoints_keeping_comments(tmp_path):
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    paths = project_paths(tmp_path)
+    config.use_suite("paper", paths)
+    text = (tmp_path / "params.yaml").read_text()
+    assert "# Every tunable of the pipeline" in text
+    cfg = config.load(paths)
+    assert cfg.suite == "paper" and [c.family for c in cfg.checkpoints][::2] == ["mistral_7b", "qwen25_7b", "llama31_8b"]
+    with pytest.raises(UserError, match="unknown suite 'nosuch'"):
+        config.use_suite("nosuch", paths)
+
+
+def test_the_new_extract_and_preflight_settings_are_typed():
+    cfg = config.load(project_paths(REPO))
+    assert cfg.extract.chat_system == "default" and cfg.extract.chat_date == PARAMS["extract"]["chat_date"]
+    assert cfg.preflight.flops["cpu"] == 5.0e10 and cfg.preflight.disk_margin >= 1
+    assert _parse(extract__chat_system="You are a helpful assistant.").extract.chat_system == \
+        "You are a helpful assistant."
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["extract"]["chat_date"]  # optional: templates without a date ignore it
+    assert config.parse(params, project_paths(REPO)).extract.chat_date is None
+    params["preflight"]["flop"] = params["preflight"].pop("flops")
+    with pytest.raises(UserError, match=r"preflight: missing flops; unknown flop"):
+        config.parse(params, project_paths(REPO))
+
+
+def _with_suite(entries: dict) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["suites"]["mine"] = {"families": {"x": entries}}
+    return params
+
+
+def test_a_local_source_is_validated_and_resolved_from_the_root(tmp_path):
+    paths = project_paths(tmp_path)
+    bad = _with_suite({"base": {"local": ""}, "instruct": {"local": "models/x-instruct"}})
+    with pytest.raises(UserError, match=r"suites.mine.families.x.base.local: '' is not a folder; write the path"):
+        config.parse(bad, paths, check_active=False)
+    both = _with_suite({"base": {"local": "models/x", "repo": "o/x"}, "instruct": {"local": "models/x-instruct"}})
+    with pytest.raises(UserError, match=r"x.base: give one of repo, demo, local, not repo and local"):
+        config.parse(both, paths, check_active=False)
+    neither = _with_suite({"base": {"revision": "main"}, "instruct": {"local": "models/x-instruct"}})
+    with pytest.raises(UserError, match=r"needs `repo: <owner>/<name>` \(hub\), .* or `local: <dir>`"):
+        config.parse(neither, paths, check_active=False)
+    good = _with_suite({"base": {"local": "models/x"}, "instruct": {"local": str(tmp_path / "abs")}})
+    base, instruct = config.parse(good, paths, check_active=False).suites["mine"]
+    assert (base.source, base.local, instruct.source) == ("local", "models/x", "local")
+    assert paths.local_checkpoint(base.local) == tmp_path / "models" / "x"
+    assert paths.local_checkpoint(instruct.local) == tmp_path / "abs"
