@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -127,6 +128,39 @@ def report(renderer: str = typer.Option("auto", help="auto (quarto if installed)
     from analysis.stages import report as stage
 
     stage.run(_config(), renderer)
+
+
+@app.command()
+def original() -> None:
+    """Re-analyse the original study from its published tables: data/original/reanalysis.json and
+    data/original/reanalysis_claims.parquet (checksums of its files checked first)."""
+    from analysis.stages import original as stage
+
+    stage.run(_config())
+
+
+@app.command()
+def verify(keep: Path = typer.Option(None, help="Keep the recomputed artefacts in this folder (default: a "
+                                                "temporary folder, removed afterwards).")) -> None:
+    """Recompute every number of data/stats and data/original from the tracked tables and compare at tolerance."""
+    from analysis.verification import verify_workspace
+
+    report = verify_workspace(keep=keep)
+    for line in report.lines():
+        typer.echo(line)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def explain(key: str = typer.Argument(..., help="a key of data/stats/metrics.json, e.g. "
+                                                "families.demo_llama.mean_delta_rfc, or original.<key of "
+                                                "data/original/reanalysis.json>")) -> None:
+    """Where a number comes from: value, artefact and column, the function, its params and input hashes."""
+    from analysis.provenance import explain as explain_key
+
+    for line in explain_key(key):
+        typer.echo(line)
 
 
 def main() -> None:

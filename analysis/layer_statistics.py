@@ -24,7 +24,7 @@ from analysis.correlation import cross_family_table
 from analysis.errors import UserError
 from analysis.heads import head_scores
 from analysis.config import StatsSettings
-from analysis.quantities import CATEGORIES, DELTAS, RATIOS, ENTROPY_COLUMNS, NEUTRAL, SELF, layer_ratios, relative_depth, rfc
+from analysis.quantities import CATEGORIES, DELTAS, RATIOS, ENTROPY_COLUMNS, NEUTRAL, SELF, layer_ratios, original_class, relative_depth, rfc
 from analysis.quantities import deltas as ratio_deltas
 from analysis.resampling import (bootstrap_group_means, fdr_bh, group_means, paired_permutation_test,
                                  percentile_ci, rng_for, sign_flips, stratified_bootstrap_indices)
@@ -203,8 +203,7 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
                                      np.where(flagged & (deltas["delta_rfc"] > 0), "preservation", "no_change"))
     deltas["p_value_diff"], deltas["q_value_diff"] = p[1], fdr_bh(p[1])
     deltas["near_zero"] = np.abs(deltas["delta_rfc"]) <= near_zero
-    deltas["original_class"] = np.where(deltas["delta_rfc"] < -near_zero, "compression",
-                                        np.where(deltas["delta_rfc"] > near_zero, "preservation", "near_zero"))
+    deltas["original_class"] = original_class(deltas["delta_rfc"], near_zero)
     deltas["head_mean_delta_rfc"], deltas["head_t_lo"], deltas["head_t_hi"] = head_t_interval(
         arrays.base[definition], arrays.instruct[definition], cats, confidence)
     deltas["low_neutral"] = (point["base"]["h_neutral"] < floor) | (point["instruct"]["h_neutral"] < floor)
@@ -235,6 +234,15 @@ def _mean_with_ci(values: np.ndarray, resampled: np.ndarray, confidence: float, 
     return {key: metric_value(values.mean()), f"{key}_lo": metric_value(lo), f"{key}_hi": metric_value(hi)}
 
 
+def top_compression_layers(layers: np.ndarray, delta_rfc: np.ndarray, n: int = N_TOP_LAYERS) -> dict[str, int]:
+    """Up to n layers with the most negative ΔRFC, keyed rank_1 … (a list would be skipped by `dvc metrics show`).
+    A layer whose ΔRFC is not negative is no compression layer; ties keep layer order."""
+    delta_rfc = np.asarray(delta_rfc, dtype=float)
+    negative = np.flatnonzero(delta_rfc < 0)
+    order = negative[np.argsort(delta_rfc[negative], kind="stable")]
+    return {f"rank_{i}": int(x) for i, x in enumerate(np.asarray(layers)[order[:n]], start=1)}
+
+
 def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndarray, boot_diff: np.ndarray,
                    heads: pd.DataFrame, settings: StatsSettings) -> dict:
     """metrics.json entry of one family (headline definition); plain JSON values, no NaN."""
@@ -250,12 +258,8 @@ def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndar
     for cls in ("compression", "preservation", "no_change"):
         out[f"share_{cls}"] = metric_value(np.mean(d["layer_class"] == cls))
     out["share_near_zero"] = metric_value(np.mean(d["near_zero"]))
-    out["share_below_minus_near_zero"] = metric_value(np.mean(delta_rfc < -settings.near_zero))
-    negative = np.flatnonzero(delta_rfc < 0)  # a layer whose ΔRFC is not negative is no compression layer
-    order = negative[np.argsort(delta_rfc[negative], kind="stable")]
-    # keyed by rank, not a list, so that `dvc metrics show` (which skips lists) prints them
-    out["top_compression_layers"] = {f"rank_{i}": int(x) for i, x in
-                                     enumerate(d["layer"].to_numpy()[order[:N_TOP_LAYERS]], start=1)}
+    out["share_below_minus_near_zero"] = metric_value(np.mean(d["original_class"] == "compression"))
+    out["top_compression_layers"] = top_compression_layers(d["layer"].to_numpy(), delta_rfc)
     out["n_low_neutral"] = int(d["low_neutral"].sum())
     out["n_heads_significant"] = int((heads["q_value"] < alpha).sum())
     top = heads[heads["top_k"]].sort_values("rank")

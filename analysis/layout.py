@@ -65,6 +65,31 @@ class ProjectPaths:
         return self.stats / "plots" / "delta_rfc.csv"
 
     @property
+    def original(self) -> Path:
+        """The original study's published tables, copied unchanged (data/original/README.md)."""
+        return self.data / "original"
+
+    @property
+    def original_claims(self) -> Path:
+        """The claims the original study published, with where it states each."""
+        return self.original / "claims.yaml"
+
+    @property
+    def original_sums(self) -> Path:
+        """SHA-256 of every file copied from the original study (sha256sum format)."""
+        return self.original / "SHA256SUMS"
+
+    @property
+    def reanalysis(self) -> Path:
+        """Stage `original`: the re-analysis of the original's tables (DVC metrics)."""
+        return self.original / "reanalysis.json"
+
+    @property
+    def reanalysis_claims(self) -> Path:
+        """Stage `original`: one row per published claim, report-ready."""
+        return self.original / "reanalysis_claims.parquet"
+
+    @property
     def report(self) -> Path:
         return self.root / "report"
 

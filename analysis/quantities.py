@@ -55,6 +55,13 @@ def deltas(base: dict[str, np.ndarray], instruct: dict[str, np.ndarray]) -> dict
     return {name: instruct[ratio] - base[ratio] for name, ratio in DELTAS.items()}
 
 
+def original_class(delta_rfc: np.ndarray, near_zero: float) -> np.ndarray:
+    """The original study's rule on ΔRFC, no test: compression below -near_zero, preservation above
+    +near_zero, else near_zero (docs/method.md)."""
+    d = np.asarray(delta_rfc, dtype=float)
+    return np.where(d < -near_zero, "compression", np.where(d > near_zero, "preservation", "near_zero"))
+
+
 def did(base_means: dict[str, np.ndarray], instruct_means: dict[str, np.ndarray]) -> np.ndarray:
     """Difference in differences of mean entropy: (instruct - base) on self-referent minus on neutral prompts."""
     return (instruct_means[SELF] - base_means[SELF]) - (instruct_means[NEUTRAL] - base_means[NEUTRAL])

@@ -17,10 +17,10 @@ def module_file(name: str) -> Path:
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
-def imported_modules(path: Path) -> set[str]:
-    """analysis.* modules imported anywhere in one file."""
+def _imports(tree: ast.AST) -> set[str]:
+    """analysis.* modules imported anywhere in one syntax tree."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "analysis"}
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "analysis":
@@ -30,16 +30,39 @@ def imported_modules(path: Path) -> set[str]:
     return found
 
 
-# Modules the CLI imports only inside verbs that are no pipeline stage (`selfref suite check`): no stage runs them.
-VERB_ONLY = ("analysis.preflight",)
+def imported_modules(path: Path) -> set[str]:
+    """analysis.* modules imported anywhere in one file."""
+    return _imports(ast.parse(path.read_text(encoding="utf-8")))
 
 
-def closure(start: str, skip_prefix: str | tuple[str, ...] | None = None) -> set[str]:
-    """Every analysis module `start` runs, itself included; `skip_prefix` modules are not followed."""
-    seen, todo = set(), [start]
+def _is_verb(node: ast.stmt) -> bool:
+    """A function of cli.py registered as a typer command (`@app.command()`, `@suite_app.command("use")`)."""
+    return isinstance(node, ast.FunctionDef) and any(
+        isinstance(d, ast.Call) and isinstance(d.func, ast.Attribute) and d.func.attr == "command"
+        for d in node.decorator_list)
+
+
+def cli_modules(stage_module: str) -> set[str]:
+    """analysis.* modules cli.py imports for one stage's verb: at module level, in its helpers, and in
+    the verb that runs analysis.stages.<stage_module>; the bodies of the other verbs (stages or not,
+    e.g. verify, explain) are left out, as the verb never runs them."""
+    tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
+    found = set()
+    for node in tree.body:
+        imports = _imports(node)
+        if _is_verb(node) and f"analysis.stages.{stage_module}" not in imports:
+            continue
+        found |= imports
+    return found
+
+
+def closure(start: str, skip_prefix: str | None = None, imports: set[str] | None = None) -> set[str]:
+    """Every analysis module `start` runs, itself included; `skip_prefix` modules are not followed;
+    `imports`, if given, replaces what `start` itself imports."""
+    seen, todo = {start}, sorted(imports if imports is not None else imported_modules(module_file(start)))
     while todo:
         name = todo.pop()
-        if name in seen or (skip_prefix and name.startswith(skip_prefix) and name != start):
+        if name in seen or (skip_prefix and name.startswith(skip_prefix)):
             continue
         seen.add(name)
         todo.extend(imported_modules(module_file(name)))
@@ -59,9 +82,10 @@ def document_modules(qmd: Path) -> set[str]:
 
 
 def stage_files(stage_module: str) -> list[str]:
-    """Repository-relative files a verb runs: the CLI (without the other verbs) and the stage's closure;
+    """Repository-relative files a verb runs: the CLI (without the other verbs' bodies) and the stage's closure;
     for the report, also the modules the document imports."""
-    names = closure("analysis.cli", skip_prefix=("analysis.stages", *VERB_ONLY)) | closure(f"analysis.stages.{stage_module}")
+    names = (closure("analysis.cli", skip_prefix="analysis.stages", imports=cli_modules(stage_module))
+             | closure(f"analysis.stages.{stage_module}"))
     if stage_module == "report":
         for name in document_modules(REPO / "report" / "index.qmd"):
             names |= closure(name)
@@ -71,5 +95,5 @@ def stage_files(stage_module: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    for stage in ("prompts_check", "pull", "extract", "stats", "figures", "report"):
+    for stage in ("prompts_check", "pull", "extract", "stats", "original", "figures", "report"):
         print(stage, stage_files(stage))

@@ -16,7 +16,7 @@ import yaml
 from stage_modules import REPO, stage_files
 
 STAGE_MODULES = {"prompts": "prompts_check", "pull": "pull", "extract": "extract", "extract_chat": "extract",
-                 "stats": "stats", "figures": "figures", "report": "report"}
+                 "stats": "stats", "original": "original", "figures": "figures", "report": "report"}
 DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
 
 
@@ -43,6 +43,13 @@ def test_stage_deps_list_exactly_the_modules_its_verb_runs(stage):
 def test_every_stage_module_is_a_stage():
     modules = {p.stem for p in (REPO / "analysis" / "stages").glob("*.py") if p.stem != "__init__"}
     assert modules == set(STAGE_MODULES.values())
+
+
+def test_verbs_that_are_no_stage_re_run_no_stage():
+    """verify and explain live in library modules the CLI imports inside their verbs: no stage depends on them."""
+    for stage_module in set(STAGE_MODULES.values()):
+        files = stage_files(stage_module)
+        assert "analysis/verification.py" not in files and "analysis/provenance.py" not in files, stage_module
 
 
 @pytest.mark.skipif(DVC is None or shutil.which("git") is None, reason="needs dvc and git")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import typer
 
 from analysis.artefacts import atomic_dir, read_parquet, write_json, write_parquet
 from analysis.config import Config
 from analysis.errors import UserError
-from analysis.layout import STATS_TABLES
+from analysis.layout import STATS_TABLES, ProjectPaths
 from analysis.layer_statistics import REQUIRED_COLUMNS
 from analysis.quantities import ENTROPY_COLUMNS, PROMPT_FORMATS
 from analysis.study import build_study
@@ -31,17 +33,23 @@ def entropy_tables(config: Config) -> dict[str, pd.DataFrame]:
     return out
 
 
+def write_study(study: dict, paths: ProjectPaths, folder: Path) -> None:
+    """The stage's tables, plot and metrics under `folder`, laid out as data/stats (the stage's staging
+    folder, or verification's temporary one)."""
+    for key in STATS_TABLES:
+        write_parquet(study[key], folder / paths.stats_table(key).relative_to(paths.stats))
+    plot = folder / paths.delta_rfc_plot.relative_to(paths.stats)
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    study["delta_rfc_plot"].to_csv(plot, index=False, float_format="%.6g")
+    write_json(study["metrics"], folder / paths.metrics.relative_to(paths.stats))
+
+
 def run(config: Config) -> dict:
     """Compute the study and replace data/stats with the new tables, plots and metrics in one step."""
     paths = config.paths
     study = build_study(entropy_tables(config), config.stats)
     with atomic_dir(paths.stats) as staging:
-        for key in STATS_TABLES:
-            write_parquet(study[key], staging / paths.stats_table(key).relative_to(paths.stats))
-        plot = staging / paths.delta_rfc_plot.relative_to(paths.stats)
-        plot.parent.mkdir(parents=True)
-        study["delta_rfc_plot"].to_csv(plot, index=False, float_format="%.6g")
-        write_json(study["metrics"], staging / paths.metrics.relative_to(paths.stats))
+        write_study(study, paths, staging)
     for family, values in study["metrics"]["families"].items():
         typer.echo(f"{family}: mean ΔRFC {values['mean_delta_rfc']:+.4f} "
                    f"[{values['mean_delta_rfc_lo']:+.4f}, {values['mean_delta_rfc_hi']:+.4f}], "

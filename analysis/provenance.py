@@ -1,0 +1,195 @@
+"""Where each number of metrics.json and reanalysis.json comes from: ONE registry, by key pattern.
+
+`selfref explain KEY` prints the value, the artefact and column behind it, the function that computes it,
+the params it depends on and the hashes of its stage's inputs from dvc.lock. data/README.md documents
+the same keys; tests check that every key of the artefacts matches exactly one entry here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import yaml
+
+from analysis import config as config_mod
+from analysis.artefacts import read_json
+from analysis.errors import UserError
+from analysis.layout import ProjectPaths, project_paths
+
+ORIGINAL_PREFIX = "original."
+HEADLINE = ("stats.headline_definition", "stats.headline_format")
+BOOT = ("stats.seed", "stats.n_resamples", "stats.confidence")
+PERM = ("stats.seed", "stats.n_permutations", "stats.alpha")
+FAM = r"families\.(?P<family>[A-Za-z0-9_]+)\."
+
+
+@dataclass(frozen=True)
+class Source:
+    """One family of keys: artefact (a ProjectPaths property), the table column it is computed from, the function, params."""
+
+    pattern: str
+    artefact: str
+    column: str
+    function: str
+    params: tuple[str, ...]
+    stage: str
+    meaning: str
+
+
+REGISTRY: tuple[Source, ...] = (
+    Source(FAM + r"n_layers$", "metrics", "data/entropy/<format>/<checkpoint>.parquet: layer",
+           "analysis.layer_statistics:family_arrays", (), "stats", "layers of the family's checkpoints"),
+    Source(FAM + r"n_heads$", "metrics", "data/entropy/<format>/<checkpoint>.parquet: head",
+           "analysis.layer_statistics:family_arrays", (), "stats", "query heads per layer"),
+    Source(FAM + r"n_prompts\.(?P<category>\w+)$", "metrics", "data/entropy/<format>/<checkpoint>.parquet: category",
+           "analysis.layer_statistics:family_metrics", (), "stats", "prompts of the category"),
+    Source(FAM + r"mean_delta_rfc(_lo|_hi)?$", "metrics", "data/stats/deltas.parquet: delta_rfc (mean over layers)",
+           "analysis.layer_statistics:family_metrics", HEADLINE + BOOT, "stats",
+           "mean ΔRFC over layers; _lo/_hi: percentile interval of the prompt-bootstrap means"),
+    Source(FAM + r"mean_delta_rfc_excl_low_neutral(_lo|_hi)?$", "metrics",
+           "data/stats/deltas.parquet: delta_rfc where not low_neutral", "analysis.layer_statistics:family_metrics",
+           HEADLINE + BOOT + ("stats.neutral_floor",), "stats", "mean ΔRFC over layers with H_neutral above the floor"),
+    Source(FAM + r"mean_delta_diff(_lo|_hi)?$", "metrics", "data/stats/deltas.parquet: delta_diff (mean over layers)",
+           "analysis.layer_statistics:family_metrics", HEADLINE + BOOT, "stats", "mean Δ(H_self − H_neutral) over layers"),
+    Source(FAM + r"share_(compression|preservation|no_change)$", "metrics", "data/stats/deltas.parquet: layer_class",
+           "analysis.layer_statistics:family_layer_statistics", HEADLINE + PERM, "stats",
+           "share of layers in the class (permutation test, BH across layers)"),
+    Source(FAM + r"share_near_zero$", "metrics", "data/stats/deltas.parquet: near_zero",
+           "analysis.layer_statistics:family_metrics", HEADLINE + ("stats.near_zero",), "stats",
+           "share of layers with |ΔRFC| <= near_zero (the original study's rule)"),
+    Source(FAM + r"share_below_minus_near_zero$", "metrics", "data/stats/deltas.parquet: original_class",
+           "analysis.layer_statistics:family_metrics", HEADLINE + ("stats.near_zero",), "stats",
+           "share of layers with ΔRFC < −near_zero (the original study's rule)"),
+    Source(FAM + r"top_compression_layers\.rank_\d+$", "metrics", "data/stats/deltas.parquet: delta_rfc",
+           "analysis.layer_statistics:top_compression_layers", HEADLINE, "stats", "layer with the k-th most negative ΔRFC"),
+    Source(FAM + r"n_low_neutral$", "metrics", "data/stats/deltas.parquet: low_neutral",
+           "analysis.layer_statistics:family_layer_statistics", HEADLINE + ("stats.neutral_floor",), "stats",
+           "layers with H_neutral below the floor"),
+    Source(FAM + r"n_heads_significant$", "metrics", "data/stats/heads.parquet: q_value",
+           "analysis.heads:head_scores", HEADLINE + PERM, "stats", "heads with q < alpha (BH across heads)"),
+    Source(FAM + r"top_heads\.rank_\d+$", "metrics", "data/stats/heads.parquet: rank",
+           "analysis.heads:head_scores", HEADLINE + ("stats.top_k_heads",), "stats",
+           "the k-th head by score (L<layer>H<head>)"),
+    Source(r"pairs\.(?P<pair>[A-Za-z0-9_]+~[A-Za-z0-9_]+)\.(?P<stat>pearson_r_lo|pearson_r_hi|spearman_r_lo|spearman_r_hi)$",
+           "metrics", "data/stats/cross_family.parquet: {stat}", "analysis.correlation:compare_profiles",
+           HEADLINE + BOOT + ("stats.depth_grid",), "stats", "bootstrap interval of r over prompt resamples"),
+    Source(r"pairs\.(?P<pair>[A-Za-z0-9_]+~[A-Za-z0-9_]+)\.(?P<stat>pearson_r|pearson_p|pearson_p_shift|spearman_r|"
+           r"spearman_p|spearman_p_shift|n_points|grid)$",
+           "metrics", "data/stats/cross_family.parquet: {stat}", "analysis.correlation:compare_profiles",
+           HEADLINE + ("stats.depth_grid",), "stats",
+           "correlation of the two ΔRFC profiles (_p: scipy; _p_shift: circular shift)"),
+    Source(r"robustness\.(?P<family>[A-Za-z0-9_]+)\.(n_choices|n_choices_differing)$", "metrics",
+           "data/stats/robustness.parquet: differs", "analysis.robustness:robustness_table",
+           HEADLINE + BOOT + ("stats.definitions",), "stats",
+           "(definition, format) choices, and how many change the family's conclusion"),
+    Source(r"robustness\.(?P<family>[A-Za-z0-9_]+)\.(split_half_r|spearman_brown)$", "metrics",
+           "data/stats/split_half.parquet: {leaf}", "analysis.robustness:split_half",
+           HEADLINE + ("stats.seed", "stats.split_half_splits"), "stats", "split-half reliability of the ΔRFC profile"),
+    Source(r"robustness\.(?P<family>[A-Za-z0-9_]+)\.n_layers_length_disagrees$", "metrics",
+           "data/stats/length_control.parquet: disagrees", "analysis.robustness:length_control",
+           HEADLINE + ("stats.alpha",), "stats", "layers the length-controlled model classifies differently"),
+    # data/original/reanalysis.json, keys prefixed `original.`
+    Source(r"source\..+$", "reanalysis", "data/original/SHA256SUMS, data/original/claims.yaml",
+           "analysis.original_study:check_files", (), "original", "the original repository, commit and file hashes"),
+    Source(r"settings\.(near_zero|depth_grid)$", "reanalysis", "params.yaml", "analysis.original_study:reanalyse",
+           ("stats.near_zero", "stats.depth_grid"), "original", "settings the re-analysis used"),
+    Source(FAM + r"(n_layers|n_heads|mean_delta_rfc|share_below_minus_near_zero|share_near_zero|"
+           r"share_above_near_zero|top_compression_layers\.rank_\d+)$", "reanalysis",
+           "data/original/figures/<family>/comparison/detailed_comparison.csv: rfc_diff (n_heads: n_heads_base)",
+           "analysis.original_study:profile_summary", ("stats.near_zero",), "original",
+           "from the original's own per-layer ΔRFC table"),
+    Source(r"pairs\.(?P<pair>[a-z]+~[a-z]+)\.(?P<stat>\w+)$", "reanalysis",
+           "data/original/figures/<family>/comparison/detailed_comparison.csv: rfc_diff",
+           "analysis.correlation:compare_profiles", ("stats.depth_grid",), "original",
+           "correlation of the original's ΔRFC profiles on this project's depth rule"),
+    Source(r"claims\.(?P<claim>[^.]+)\.(published|recomputed|reproduced|autocorr_p)$", "reanalysis",
+           "data/original/reanalysis_claims.parquet (claims from data/original/claims.yaml)",
+           "analysis.original_study:reanalyse", ("stats.near_zero", "stats.depth_grid"), "original",
+           "a published claim, recomputed from the original's tables"),
+    Source(r"(n_claims|n_reproduced)$", "reanalysis", "data/original/reanalysis_claims.parquet: reproduced",
+           "analysis.original_study:reanalyse", (), "original", "claims, and how many its tables reproduce"),
+)
+
+
+def lookup(key: str) -> tuple[Source, re.Match]:
+    """The registry entry of a key (`original.` prefix: data/original/reanalysis.json)."""
+    artefact = "reanalysis" if key.startswith(ORIGINAL_PREFIX) else "metrics"
+    bare = key[len(ORIGINAL_PREFIX):] if artefact == "reanalysis" else key
+    hits = [(s, m) for s in REGISTRY if s.artefact == artefact and (m := re.fullmatch(s.pattern, bare))]
+    if not hits:
+        raise UserError(f"{key}: no such key in the provenance registry (analysis/provenance.py); keys look like "
+                        "families.<family>.mean_delta_rfc, pairs.<a>~<b>.pearson_r or original.claims.<id>.recomputed")
+    return hits[0]
+
+
+def value_of(document: dict, key: str):
+    """The value at a dotted key; a key that itself contains dots (a file name) is matched whole."""
+    parts = key.split(".")
+    node = document
+    while parts:
+        for n in range(len(parts), 0, -1):
+            name = ".".join(parts[:n])
+            if isinstance(node, dict) and name in node:
+                node, parts = node[name], parts[n:]
+                break
+        else:
+            raise KeyError(key)
+    return node
+
+
+def _param(config: config_mod.Config, dotted: str):
+    """The validated value of a params key `section.name` (e.g. stats.near_zero)."""
+    section, name = dotted.split(".", 1)
+    return getattr(getattr(config, section), name)
+
+
+def stage_hashes(stage: str, paths: ProjectPaths) -> list[str]:
+    """`path md5` of every dep and out of a stage in dvc.lock (empty if the stage has not run)."""
+    if not paths.dvc_lock.exists():
+        return []
+    lock = yaml.safe_load(paths.dvc_lock.read_text(encoding="utf-8")) or {}
+    entry = (lock.get("stages") or {}).get(stage)
+    if not entry:
+        return []
+    out = []
+    for kind in ("deps", "outs"):
+        for item in entry.get(kind) or []:
+            out.append(f"{kind[:-1]} {item['path']}  md5 {item.get('md5', '?')}")
+    return out
+
+
+def explain(key: str, paths: ProjectPaths | None = None) -> list[str]:
+    """Lines that say where the number at `key` comes from."""
+    paths = paths or project_paths()
+    source, match = lookup(key)
+    artefact = getattr(paths, source.artefact)
+    bare = key[len(ORIGINAL_PREFIX):] if source.artefact == "reanalysis" else key
+    if not artefact.exists():
+        raise UserError(f"{paths.relative(artefact)}: missing; run `dvc repro`")
+    try:
+        value = value_of(read_json(artefact), bare)
+    except KeyError:
+        raise UserError(f"{key}: matches the registry but is not in {paths.relative(artefact)}") from None
+    config = config_mod.load(paths)
+    column = source.column.format(**{"leaf": bare.rsplit(".", 1)[-1], **match.groupdict()})
+    lines = [f"{key} = {value}",
+             f"  artefact:  {paths.relative(artefact)}  (stage `{source.stage}`, `selfref {source.stage}`)",
+             f"  from:      {column}",
+             f"  function:  {source.function}",
+             f"  meaning:   {source.meaning}",
+             "  params:    " + (", ".join(f"{p}={_param(config, p)}" for p in source.params) or "none")]
+    hashes = stage_hashes(source.stage, paths)
+    lines.append(f"  inputs (dvc.lock, stage {source.stage}):" if hashes else
+                 f"  inputs:    stage {source.stage} not in dvc.lock yet (run `dvc repro`)")
+    lines.extend(f"    {h}" for h in hashes)
+    return lines
+
+
+def all_keys(document: dict, prefix: str = "") -> list[str]:
+    """Every leaf key of a JSON document (dotted)."""
+    out = []
+    for k, v in document.items():
+        key = f"{prefix}{k}"
+        out.extend(all_keys(v, key + ".") if isinstance(v, dict) else [key])
+    return out

@@ -1,0 +1,173 @@
+"""`selfref verify` and `selfref explain` on a small project in tmp_path: a clean build reproduces, one
+perturbed number (in metrics.json or in an entropy table) is named; every key has one provenance entry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+import importlib
+import re
+
+from analysis import cli, config
+from analysis.errors import UserError
+from analysis.layout import project_paths
+from analysis.provenance import REGISTRY, all_keys, explain, lookup
+from analysis.quantities import CATEGORIES as CATS
+from analysis.verification import numbers_agree, tolerance, verify_workspace
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = {"n_resamples": 100, "n_permutations": 100, "split_half_splits": 10}
+
+
+def entropy_table(checkpoint: str, family: str, variant: str, seed: int, prompt_format: str) -> pd.DataFrame:
+    """A small positive entropy table in the extract stage's long format: 3 prompts per category, 3 x 2 heads."""
+    rng = np.random.default_rng(seed)
+    categories = np.repeat(CATS, 3)
+    ids = [f"{c[:4]}_{i:02d}" for i, c in enumerate(categories)]
+    p, layer, head = np.meshgrid(np.arange(categories.size), np.arange(3), np.arange(2), indexing="ij")
+    e = 1.5 + rng.gamma(4.0, 0.1, size=p.shape)
+    n_tokens = (8 + np.arange(categories.size) % 4)[p.ravel()]
+    return pd.DataFrame({
+        "checkpoint": checkpoint, "family": family, "variant": variant, "prompt_id": np.asarray(ids)[p.ravel()],
+        "category": categories[p.ravel()], "layer": layer.ravel(), "head": head.ravel(), "entropy": e.ravel(),
+        "entropy_no_bos": 0.9 * e.ravel(), "entropy_normalised": e.ravel() / np.log(n_tokens + 1.0),
+        "n_tokens": n_tokens, "n_query": n_tokens, "first_token": "<s>", "prompt_format": prompt_format})
+
+
+@pytest.fixture
+def built(project):
+    """The project with small stats settings, synthetic entropy tables for every checkpoint, and the
+    stats and original stages run once."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["stats"].update(SMALL)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    paths = project_paths()
+    for i, ckpt in enumerate(config.load(paths).checkpoints):
+        for j, fmt in enumerate(("raw", "chat")):
+            target = paths.entropy_table(ckpt.name, fmt)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            entropy_table(ckpt.name, ckpt.family, ckpt.variant, 10 * i + j, fmt).to_parquet(target)
+    shutil.copytree(REPO / "data" / "original", project / "data" / "original",
+                    ignore=shutil.ignore_patterns("reanalysis*"))
+    shutil.copy(REPO / "dvc.lock", project / "dvc.lock")
+    cli.stats()
+    cli.original()
+    return project
+
+
+def test_tolerance_is_one_unit_of_the_sixth_significant_digit():
+    assert tolerance(12.3456, 12.3457) == pytest.approx(1e-4)
+    assert tolerance(123456.0, 0.0) == pytest.approx(1.0)
+    assert numbers_agree(-2.32687, -2.326871) and not numbers_agree(-2.32687, -2.32689)
+    assert numbers_agree(-0.0232687, -0.0232689)  # 2e-7: below the absolute floor
+    assert numbers_agree(None, None) and numbers_agree(float("nan"), float("nan"))
+    assert not numbers_agree(None, 0.0) and not numbers_agree(1.0, float("nan"))
+    assert numbers_agree(0.0, 1e-7) and not numbers_agree(0.0, 2e-6)
+    assert tolerance(1e-3, 1e-3) == pytest.approx(1e-6)
+
+
+def test_clean_build_reproduces_and_workspace_is_untouched(built):
+    before = {p: p.read_bytes() for p in (built / "data").rglob("*") if p.is_file()}
+    result = CliRunner().invoke(cli.app, ["verify"])
+    assert result.exit_code == 0, result.output
+    first = result.output.splitlines()[0]
+    n = int(first.split()[0])
+    assert first.startswith(f"{n} of {n} numbers reproduce") and n > 1000
+    assert "Not checked: The entropy tables" in result.output and "dvc repro" in result.output
+    after = {p: p.read_bytes() for p in (built / "data").rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_perturbed_metric_is_named(built):
+    paths = project_paths()
+    metrics = json.loads(paths.metrics.read_text())
+    metrics["families"]["demo_llama"]["mean_delta_rfc"] *= 1.01
+    paths.metrics.write_text(json.dumps(metrics))
+    result = CliRunner().invoke(cli.app, ["verify"])
+    assert result.exit_code == 1
+    bad = [line for line in result.output.splitlines() if "MISMATCH" in line]
+    assert bad == [line for line in bad if "families.demo_llama.mean_delta_rfc" in line] and len(bad) == 1
+    assert "data/stats/metrics.json: families.demo_llama.mean_delta_rfc" in bad[0]
+
+
+def test_perturbed_entropy_value_is_caught(built):
+    paths = project_paths()
+    target = paths.entropy_table("demo_mistral-instruct", "raw")
+    table = pd.read_parquet(target)
+    row = table.index[(table["category"] == "self_referent") & (table["layer"] == 1)][0]
+    table.loc[row, "entropy"] += 0.5
+    table.to_parquet(target)
+    report = verify_workspace()
+    assert not report.ok
+    keys = [key for key, _, _ in report.mismatches]
+    assert any(k.startswith("data/stats/metrics.json: families.demo_mistral.mean_delta_rfc") for k in keys)
+    assert any("data/stats/deltas.parquet[definition=raw, format=raw, family=demo_mistral" in k and
+               k.endswith(".delta_rfc") for k in keys)
+    assert not any("demo_llama" in k and "metrics.json: families" in k for k in keys)
+
+
+def test_perturbed_reanalysis_is_named(built):
+    paths = project_paths()
+    document = json.loads(paths.reanalysis.read_text())
+    document["pairs"]["llama~mistral"]["pearson_p_shift"] = 0.01
+    paths.reanalysis.write_text(json.dumps(document))
+    report = verify_workspace()
+    assert [k for k, _, _ in report.mismatches] == ["data/original/reanalysis.json: pairs.llama~mistral.pearson_p_shift"]
+
+
+def test_every_key_has_exactly_one_provenance_entry(built):
+    paths = project_paths()
+    metrics = json.loads(paths.metrics.read_text())
+    reanalysis = json.loads(paths.reanalysis.read_text())
+    keys = all_keys(metrics) + ["original." + k for k in all_keys(reanalysis)]
+    for key in keys:
+        bare = key.removeprefix("original.")
+        artefact = "reanalysis" if key.startswith("original.") else "metrics"
+        hits = [s for s in REGISTRY if s.artefact == artefact and re.fullmatch(s.pattern, bare)]
+        assert len(hits) == 1, f"{key}: {len(hits)} registry entries"
+    with pytest.raises(UserError, match="no such key"):
+        lookup("families.demo_llama.not_a_metric")
+
+
+def test_every_registry_function_exists():
+    """Each `module:function` of the registry imports and names a callable (a renamed function fails here)."""
+    for source in REGISTRY:
+        module, function = source.function.split(":")
+        assert callable(getattr(importlib.import_module(module), function, None)), source.function
+        assert isinstance(getattr(type(project_paths()), source.artefact), property), source.artefact
+
+
+def test_data_readme_documents_every_registry_function_and_key():
+    readme = (REPO / "data" / "README.md").read_text(encoding="utf-8")
+    for source in REGISTRY:
+        assert source.function.split(":")[1] in readme or source.function in readme, source.function
+
+
+@pytest.mark.parametrize("key, expect", [
+    ("families.demo_llama.mean_delta_rfc", ["data/stats/metrics.json", "deltas.parquet: delta_rfc",
+                                            "analysis.layer_statistics:family_metrics", "stats.n_resamples=100",
+                                            "dep data/entropy/raw"]),
+    ("pairs.demo_llama~demo_mistral.pearson_p_shift", ["cross_family.parquet: pearson_p_shift",
+                                                       "analysis.correlation:compare_profiles", "stats.depth_grid=20"]),
+    ("robustness.demo_null.split_half_r", ["split_half.parquet: split_half_r", "analysis.robustness:split_half",
+                                           "stats.split_half_splits=10"]),
+    ("families.demo_qwen.top_heads.rank_1", ["heads.parquet: rank", "stats.top_k_heads=10"]),
+    ("original.claims.mean_delta_rfc:qwen.recomputed", ["= 0.142385", "data/original/reanalysis.json",
+                                                         "analysis.original_study:reanalyse"]),
+    ("original.source.sha256.figures/llama/comparison/detailed_comparison.csv", ["a08f67be9598"]),
+])
+def test_explain(built, key, expect):
+    result = CliRunner().invoke(cli.app, ["explain", key])
+    assert result.exit_code == 0, result.output
+    for text in expect:
+        assert text in result.output, f"{text!r} not in\n{result.output}"
+    value = explain(key)[0].split(" = ", 1)[1]
+    assert value != ""
