@@ -36,14 +36,16 @@ class EncodedPrompt:
 
 
 def pick_device(requested: str = "auto") -> str:
-    """cuda, then mps, then cpu, unless the user names one."""
+    """cuda, else cpu, unless the user names one; TransformerLens's own picker decides (mps only if opted in).
+
+    TransformerLens leaves Apple's MPS out of automatic choice because of silent correctness problems
+    in PyTorch's MPS kernels; `device: mps` or TRANSFORMERLENS_ALLOW_MPS=1 opts in (README, Apple Silicon).
+    """
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    from transformer_lens.utilities.devices import get_device
+
+    return str(get_device())
 
 
 def pick_dtype(requested: str, device: str) -> torch.dtype:
@@ -53,8 +55,26 @@ def pick_dtype(requested: str, device: str) -> torch.dtype:
     return DTYPES[requested]
 
 
-def encode(tokenizer: Any, text: str, prompt_format: str, chat_tokenizer: Any | None = None) -> EncodedPrompt:
-    """Tokenise one prompt exactly once, with the tokenizer's own special tokens and never two BOS."""
+def chat_messages(text: str, chat_system: str = "default") -> list[dict[str, str]]:
+    """The conversation wrapped by the chat template (docs: README "Chat templates speak too").
+
+    `default` sends the user's text alone, so the template adds whatever system text it has of its own;
+    `none` sends an empty system message, which replaces a template's default system text (a template
+    may still write fixed headers); any other string is sent as the system message for every family.
+    """
+    user = [{"role": "user", "content": text}]
+    if chat_system == "default":
+        return user
+    return [{"role": "system", "content": "" if chat_system == "none" else chat_system}, *user]
+
+
+def encode(tokenizer: Any, text: str, prompt_format: str, chat_tokenizer: Any | None = None,
+           chat_system: str = "default", chat_date: str | None = None) -> EncodedPrompt:
+    """Tokenise one prompt exactly once, with the tokenizer's own special tokens and never two BOS.
+
+    `chat_date` is passed to the template as `date_string`, so a template that writes today's date
+    renders the same text on every day (unused by templates without one).
+    """
     if prompt_format == "raw":
         ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
         mask = [True] * len(ids)
@@ -63,8 +83,13 @@ def encode(tokenizer: Any, text: str, prompt_format: str, chat_tokenizer: Any | 
         if not template.chat_template:
             raise UserError("prompt_format chat: the family's instruct tokenizer has no chat template; "
                             "use prompt_format raw")
-        rendered = template.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, tokenize=False)
+        extra = {"date_string": chat_date} if chat_date else {}
+        try:
+            rendered = template.apply_chat_template(chat_messages(text, chat_system), add_generation_prompt=True,
+                                                    tokenize=False, **extra)
+        except Exception as err:  # noqa: BLE001 - jinja's TemplateError and raise_exception() of the template
+            raise UserError(f"prompt_format chat: the chat template refused extract.chat_system={chat_system!r}: "
+                            f"{err}; use chat_system default") from err
         start = rendered.find(text)
         if start < 0:
             raise UserError(f"prompt_format chat: the chat template does not contain the prompt {text!r} verbatim")
@@ -94,10 +119,19 @@ def load_bridge(local_dir: Path, device: str, dtype: torch.dtype, trust_remote_c
     """TransformerBridge over a local Hugging Face folder (safetensors; remote code only if asked)."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(
-        str(local_dir), device=None if device_map else device, dtype=dtype,
-        trust_remote_code=trust_remote_code, device_map=device_map,
-    )
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            str(local_dir), device=None if device_map else device, dtype=dtype,
+            trust_remote_code=trust_remote_code, device_map=device_map,
+        )
+    except (ValueError, KeyError, NotImplementedError, AttributeError) as err:
+        if "trust_remote_code" in str(err):
+            raise  # the caller names extract.trust_remote_code (_remote_code_error)
+        config = json.loads((Path(local_dir) / "config.json").read_text(encoding="utf-8"))
+        arch = ", ".join(config.get("architectures") or [str(config.get("model_type"))])
+        raise UserError(f"{local_dir}: TransformerBridge cannot load architecture {arch} "
+                        f"(model_type {config.get('model_type')}): {err}. Check that the installed "
+                        "transformer-lens supports it, or choose another checkpoint") from err
     bridge.eval()
     return bridge
 
@@ -252,7 +286,8 @@ def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: st
         chat_tokenizer = AutoTokenizer.from_pretrained(str(chat_dir), trust_remote_code=trust) if chat_dir else None
     except ValueError as err:
         raise _remote_code_error(err, checkpoint) from None
-    encoded = [encode(tokenizer, text, prompt_format, chat_tokenizer) for text in prompts["text"]]
+    encoded = [encode(tokenizer, text, prompt_format, chat_tokenizer, settings.chat_system, settings.chat_date)
+               for text in prompts["text"]]
     check_context(local_dir, prompts, encoded, checkpoint)
 
     try:
@@ -268,5 +303,7 @@ def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: st
     for d, array in values.items():
         if not np.isfinite(array).all():
             raise UserError(f"{checkpoint}: non-finite {d} entropies; try dtype float32")
-    return entropy_frame(prompts, encoded, values, checkpoint, family, variant,
-                         first_token_strings(tokenizer, encoded), prompt_format)
+    frame = entropy_frame(prompts, encoded, values, checkpoint, family, variant,
+                          first_token_strings(tokenizer, encoded), prompt_format)
+    frame["chat_system"] = settings.chat_system if prompt_format == "chat" else None
+    return frame

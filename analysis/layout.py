@@ -140,6 +140,11 @@ class ProjectPaths:
         """Local Hugging Face directory of a synthetic demo checkpoint."""
         return self.demo_models / checkpoint
 
+    def local_checkpoint(self, folder: str) -> Path:
+        """The folder of a `local:` checkpoint as written in params.yaml: relative paths from the root."""
+        path = Path(folder).expanduser()
+        return path if path.is_absolute() else self.root / path
+
     def relative(self, path: Path) -> str:
         """`path` as shown to users: relative to the root when inside it."""
         try:

@@ -12,7 +12,8 @@ from analysis.errors import UserError
 from analysis.config import ExtractSettings
 from analysis.extraction import encode, extract_checkpoint, length_sorted_batches
 
-SETTINGS = ExtractSettings(batch_size=7, device="cpu", dtype="auto", trust_remote_code=False, device_map=None)
+SETTINGS = ExtractSettings(batch_size=7, device="cpu", dtype="auto", trust_remote_code=False, device_map=None,
+                           chat_system="default", chat_date=None)
 CHECKPOINTS = [("demo_llama", "base"), ("demo_mistral", "base"), ("demo_qwen", "instruct")]
 
 
