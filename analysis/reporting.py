@@ -80,6 +80,7 @@ class Artefacts:
     robustness: pd.DataFrame
     length_control: pd.DataFrame
     split_half: pd.DataFrame
+    stage_shares: pd.DataFrame
     manifests: dict[str, dict[str, Any]]
     prompt_summary: dict[str, Any]
 
@@ -112,6 +113,7 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         robustness=pd.read_parquet(paths.stats_table("robustness")),
         length_control=pd.read_parquet(paths.stats_table("length_control")),
         split_half=pd.read_parquet(paths.stats_table("split_half")),
+        stage_shares=pd.read_parquet(paths.stats_table("stage_shares")),
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
     )
