@@ -83,6 +83,14 @@ class StatsSettings:
 
 
 @dataclass(frozen=True)
+class FigureSettings:
+    """`figures:` — the size of the report's charts."""
+
+    width: int    # px: the report's text column; every chart fits it
+    columns: int  # facet panels per row of a wrapped chart
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of params.yaml: the active suite's checkpoints and the settings of each stage."""
 
@@ -92,6 +100,7 @@ class Config:
     prompts: PromptSettings
     extract: ExtractSettings
     stats: StatsSettings
+    figures: FigureSettings
     paths: ProjectPaths
 
     @property
@@ -223,6 +232,12 @@ def _stats_settings(params: dict[str, Any]) -> StatsSettings:
     )
 
 
+def _figure_settings(params: dict[str, Any]) -> FigureSettings:
+    s = _section(params, "figures", FigureSettings)
+    return FigureSettings(width=_integer(s["width"], "figures.width", 300, 4000),
+                          columns=_integer(s["columns"], "figures.columns", 1, 8))
+
+
 # --- suites ----------------------------------------------------------------------------------------
 
 def _checkpoint(suite: str, family: str, variant: str, spec: Any) -> Checkpoint:
@@ -318,7 +333,8 @@ def parse(params: dict[str, Any], paths: ProjectPaths, *, check_active: bool = T
     if check_active and params.get("checkpoints") != checkpoint_entries(parsed[suite]):
         raise UserError(f"{_where('checkpoints')}: does not match suite {suite!r}; run `selfref suite use {suite}`")
     return Config(suite=suite, checkpoints=parsed[suite], suites=parsed, prompts=_prompt_settings(params),
-                  extract=_extract_settings(params), stats=_stats_settings(params), paths=paths)
+                  extract=_extract_settings(params), stats=_stats_settings(params),
+                  figures=_figure_settings(params), paths=paths)
 
 
 def load(paths: ProjectPaths | None = None, *, check_active: bool = True) -> Config:

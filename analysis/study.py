@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis import robustness, stage_statistics
+from analysis import report_tables, robustness, stage_statistics
 from analysis.config import StatsSettings
 from analysis.errors import UserError
 from analysis.layer_statistics import build_statistics, metric_value
@@ -38,7 +38,8 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     endpoints (base and instruct); token_lengths; the robustness table of every (definition, format)
     conclusion; length control and split-half reliability on the headline definition and format; the
     headline ΔRFC for `dvc plots`; the stage tables of families with more than two training stages
-    (`stages`: family -> stages in order; analysis.stage_statistics); and metrics.
+    (`stages`: family -> stages in order; analysis.stage_statistics); and metrics; the report's
+    selections (analysis.report_tables).
     """
     stages = stages or {}
     full_by_format = entropy_by_format
@@ -77,5 +78,7 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     out["token_lengths"] = token_lengths.sort_values(["format", "family", "category"], ignore_index=True)
     out["delta_rfc_plot"] = headline[["family", "layer", "depth", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi",
                                       "layer_class"]]
+    out.update(report_tables.build(choice_rows(out["heads"], definition, headline_format), out["length_control"],
+                                   choice_rows(out["cross_family"], definition, headline_format), settings))
     out["metrics"] = metrics
     return out

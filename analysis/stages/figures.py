@@ -17,5 +17,6 @@ def run(config: Config) -> None:
     with atomic_dir(paths.figures) as staging:
         built = charts.build_all(tables["layers"], tables["deltas"], tables["heads"], tables["token_lengths"],
                                  staging, config.stats.headline_definition, config.stats.headline_format,
+                                 config.figures.width, config.figures.columns,
                                  stage_deltas=tables["stage_deltas"])
     typer.echo(f"{len(built)} charts -> {paths.relative(paths.figures)}/")
