@@ -156,13 +156,11 @@ def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
 
 
 def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, lengths: pd.DataFrame,
-              folder: Path, definition: str, prompt_format: str,
+              folder: Path, definition: str, prompt_format: str, width: int, columns: int,
               stage_deltas: pd.DataFrame | None = None) -> dict[str, dict[str, Path]]:
-    """Every chart of the report for the headline definition and prompt format (`stage_profiles` only when
-    a family has more than two training stages)."""
-              folder: Path, definition: str, prompt_format: str, width: int, columns: int) -> dict[str, dict[str, Path]]:
     """Every chart of the report for the headline definition and prompt format, `width` pixels wide
-    with facets wrapped into `columns` columns (params.yaml `figures`)."""
+    with facets wrapped into `columns` columns (params.yaml `figures`); `stage_profiles` only when a
+    family has more than two training stages."""
     alt.data_transformers.disable_max_rows()
     charts = {
         "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format), width, columns),
