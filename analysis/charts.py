@@ -94,6 +94,25 @@ def depth_profiles(deltas: pd.DataFrame, width: int) -> alt.Chart:
     return (rule + chart).properties(width=panel_width(width, 1), height=240)
 
 
+def stage_profiles(stage_deltas: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """ΔRFC per layer of each training step (a stage against the one before it) with bootstrap CIs, per
+    family with more than two stages; the steps add up to instruct − base."""
+    steps = stage_deltas[stage_deltas["contrast"] == "step"].copy()
+    steps["step_name"] = [f"{i}. {a} → {b}" for i, a, b in zip(steps["step"], steps["from_stage"], steps["to_stage"])]
+    base = alt.Chart().encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)),
+                              color=alt.Color("step_name:N", title="step", sort=None))
+    rule = alt.Chart().mark_rule(color="black", strokeDash=[3, 3]).encode(y=alt.datum(0))
+    bars = base.mark_errorbar().encode(y=alt.Y("delta_rfc_lo:Q", title="ΔRFC of the step"), y2="delta_rfc_hi:Q")
+    lines = base.mark_line(point=True).encode(
+        y="delta_rfc:Q",
+        tooltip=["family", "step_name", "layer", alt.Tooltip("delta_rfc:Q", format=".4f"),
+                 alt.Tooltip("delta_rfc_lo:Q", format=".4f"), alt.Tooltip("delta_rfc_hi:Q", format=".4f"),
+                 alt.Tooltip("q_value:Q", format=".3g"), "layer_class"])
+    columns = ["family", "step_name", "layer", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "q_value", "layer_class"]
+    return alt.layer(rule, bars, lines, data=steps[columns]).properties(width=panel_width(width, columns), height=170).facet(
+        facet=alt.Facet("family:N", title=None), columns=columns)
+
+
 def head_scores(heads: pd.DataFrame, width: int, columns: int) -> alt.Chart:
     """Layer x head heatmap of the candidate-head score per family; top-k heads outlined."""
     base = alt.Chart().encode(x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"))
@@ -137,9 +156,11 @@ def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
 
 
 def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, lengths: pd.DataFrame,
-              folder: Path, definition: str, prompt_format: str, width: int, columns: int) -> dict[str, dict[str, Path]]:
+              folder: Path, definition: str, prompt_format: str, width: int, columns: int,
+              stage_deltas: pd.DataFrame | None = None) -> dict[str, dict[str, Path]]:
     """Every chart of the report for the headline definition and prompt format, `width` pixels wide
-    with facets wrapped into `columns` columns (params.yaml `figures`)."""
+    with facets wrapped into `columns` columns (params.yaml `figures`); `stage_profiles` only when a
+    family has more than two training stages."""
     alt.data_transformers.disable_max_rows()
     charts = {
         "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format), width, columns),
@@ -148,4 +169,7 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
         "head_scores": head_scores(choice_rows(heads, definition, prompt_format), width, columns),
         "prompt_lengths": prompt_lengths(lengths, width, columns),
     }
+    if stage_deltas is not None and len(choice_rows(stage_deltas, definition, prompt_format)):
+        charts["stage_profiles"] = stage_profiles(choice_rows(stage_deltas, definition, prompt_format), width,
+                                                  columns)
     return {name: save(chart, folder, name) for name, chart in charts.items()}

@@ -18,6 +18,7 @@ from analysis.layout import ProjectPaths, project_paths
 from analysis.quantities import DEFINITIONS, PROMPT_FORMATS, VARIANTS
 
 FAMILY_NAME = re.compile(r"[A-Za-z0-9_]+")
+STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -28,7 +29,8 @@ CHAT_SYSTEM_CHOICES = ("default", "none")  # besides these, extract.chat_system 
 @dataclass(frozen=True)
 class Checkpoint:
     """One checkpoint of a family: a hub repo at a revision, a synthetic demo spec, or a local folder
-    (`local`, as written in params.yaml; ProjectPaths.local_checkpoint resolves it)."""
+    (`local`, as written in params.yaml; ProjectPaths.local_checkpoint resolves it). `variant` is its
+    training stage (base, ..., instruct: the family's mapping in params.yaml, in training order)."""
 
     family: str
     variant: str
@@ -121,6 +123,11 @@ class Config:
     def families(self) -> list[str]:
         """Family names of the active suite, in params order."""
         return list(dict.fromkeys(c.family for c in self.checkpoints))
+
+    @property
+    def stages(self) -> dict[str, tuple[str, ...]]:
+        """Each family of the active suite -> its training stages in order (base first, instruct last)."""
+        return family_stages(self.checkpoints)
 
     def checkpoint(self, name: str) -> Checkpoint:
         """The active suite's checkpoint called `<family>-<variant>`."""
@@ -303,19 +310,41 @@ def _checkpoint(suite: str, family: str, variant: str, spec: Any) -> Checkpoint:
 
 
 def _suite(params: dict[str, Any], suite: str) -> tuple[Checkpoint, ...]:
+    """A suite's checkpoints. A family's mapping lists its training stages in order: `base` first, `instruct`
+    last (the two endpoints every family has), any stages between them (e.g. sft, dpo) in the order trained."""
     families = (params["suites"][suite] or {}).get("families") or {}
     if not isinstance(families, dict) or not families:
         raise UserError(f"{_where(f'suites.{suite}')}: needs `families:` with at least one family")
     out = []
+    first, last = VARIANTS
     for family, variants in families.items():
+        where = _where(f"suites.{suite}.families.{family}")
         if not FAMILY_NAME.fullmatch(str(family)):
             raise UserError(f"{_where(f'suites.{suite}')}: family name {family!r} may use only letters, digits "
                             "and _ (it becomes part of DVC stage names and params keys)")
-        missing = [v for v in VARIANTS if v not in (variants or {})]
+        if not isinstance(variants, dict):
+            raise UserError(f"{where}: expected a mapping of training stages ({first}, ..., {last}) to checkpoints")
+        missing = [v for v in VARIANTS if v not in variants]
         if missing:
-            raise UserError(f"{_where(f'suites.{suite}.families.{family}')}: missing {', '.join(missing)} checkpoint")
-        out.extend(_checkpoint(suite, str(family), v, variants[v]) for v in VARIANTS)
+            raise UserError(f"{where}: missing {', '.join(missing)} checkpoint")
+        stages = [str(v) for v in variants]
+        bad = [v for v in stages if not STAGE_NAME.fullmatch(v)]
+        if bad:
+            raise UserError(f"{where}: stage name {bad[0]!r} may use only lower-case letters, digits and _, "
+                            "starting with a letter (it becomes part of checkpoint names)")
+        if stages[0] != first or stages[-1] != last:
+            raise UserError(f"{where}: list the stages in training order, {first} first and {last} last "
+                            f"(found {', '.join(stages)})")
+        out.extend(_checkpoint(suite, str(family), v, variants[v]) for v in stages)
     return tuple(out)
+
+
+def family_stages(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> dict[str, tuple[str, ...]]:
+    """family -> its stages in training order, from checkpoints listed in params order."""
+    out: dict[str, list[str]] = {}
+    for c in checkpoints:
+        out.setdefault(c.family, []).append(c.variant)
+    return {f: tuple(v) for f, v in out.items()}
 
 
 def checkpoint_entries(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> dict[str, dict[str, str]]:

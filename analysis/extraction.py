@@ -6,6 +6,7 @@ entropies while the batch is on the device, so memory does not grow with the pro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -260,11 +261,17 @@ def entropy_frame(prompts: pd.DataFrame, encoded: list[EncodedPrompt], values: d
         "head": np.tile(np.arange(n_heads), n_prompts * n_layers).astype("int32"),
         **{ENTROPY_COLUMNS[d]: values[d].reshape(-1) for d in DEFINITIONS},
         "n_tokens": np.repeat([len(e.input_ids) for e in encoded], per_cell).astype("int32"),
+        "input_ids_sha1": np.repeat([ids_digest(e.input_ids) for e in encoded], per_cell),
         "n_query": np.repeat([sum(e.query_mask) for e in encoded], per_cell).astype("int32"),
         "first_token": np.repeat(first_tokens, per_cell),
         "prompt_format": prompt_format,
     })
     return frame
+
+
+def ids_digest(input_ids: list[int]) -> str:
+    """SHA-1 of the token ids fed (first 16 hex digits): whether two checkpoints tokenised a prompt identically."""
+    return hashlib.sha1(",".join(map(str, input_ids)).encode("ascii")).hexdigest()[:16]
 
 
 def first_token_strings(tokenizer: Any, encoded: list[EncodedPrompt]) -> list[str]:

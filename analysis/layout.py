@@ -15,7 +15,8 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 # The stats stage's tables, by name: data/stats/<name>.parquet (the last four: the report's selections,
 # analysis.report_tables).
 STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
-                "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs")
+                "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs",
+                "stage_deltas", "stage_shares", "stage_heads")
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,18 @@ REGISTRY: tuple[Source, ...] = (
     Source(r"robustness\.(?P<family>[A-Za-z0-9_]+)\.n_layers_length_disagrees$", "metrics",
            "data/stats/length_control.parquet: disagrees", "analysis.robustness:length_control",
            HEADLINE + ("stats.alpha",), "stats", "layers the length-controlled model classifies differently"),
+    Source(r"stages\.(?P<family>[A-Za-z0-9_]+)\.(?P<stage>[a-z][a-z0-9_]*)\.(?P<stat>mean_delta_rfc|share_delta_rfc)"
+           r"(_lo|_hi)?$", "metrics", "data/stats/stage_shares.parquet: {stat} (the step ending at {stage})",
+           "analysis.stage_statistics:stage_statistics", HEADLINE + BOOT, "stats",
+           "mean ΔRFC over layers of one training step and its share of the total (instruct − base); _lo/_hi: "
+           "percentile interval over prompt resamples"),
+    Source(r"stages\.(?P<family>[A-Za-z0-9_]+)\.largest_step$", "metrics",
+           "data/stats/stage_shares.parquet: largest_step", "analysis.stage_statistics:stage_statistics", HEADLINE,
+           "stats", "the training step (named by the stage it ends at) with the largest |mean ΔRFC|"),
+    Source(r"stages\.(?P<family>[A-Za-z0-9_]+)\.head_steps\.L\d+H\d+$", "metrics",
+           "data/stats/stage_heads.parquet: largest_step where candidate",
+           "analysis.stage_statistics:stage_statistics", HEADLINE + ("stats.top_k_heads",), "stats",
+           "for a candidate head (top-k of heads.parquet), the step where its difference in differences changes most"),
     # data/original/reanalysis.json, keys prefixed `original.`
     Source(r"source\..+$", "reanalysis", "data/original/SHA256SUMS, data/original/claims.yaml",
            "analysis.original_study:check_files", (), "original", "the original repository, commit and file hashes"),

@@ -84,6 +84,7 @@ class Artefacts:
     robustness: pd.DataFrame
     length_control: pd.DataFrame
     split_half: pd.DataFrame
+    stage_shares: pd.DataFrame
     head_families: pd.DataFrame
     candidate_heads: pd.DataFrame
     length_disagreements: pd.DataFrame
@@ -123,6 +124,7 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         robustness=pd.read_parquet(paths.stats_table("robustness")),
         length_control=pd.read_parquet(paths.stats_table("length_control")),
         split_half=pd.read_parquet(paths.stats_table("split_half")),
+        stage_shares=pd.read_parquet(paths.stats_table("stage_shares")),
         head_families=pd.read_parquet(paths.stats_table("head_families")),
         candidate_heads=pd.read_parquet(paths.stats_table("candidate_heads")),
         length_disagreements=pd.read_parquet(paths.stats_table("length_disagreements")),

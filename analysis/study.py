@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis import report_tables, robustness
+from analysis import report_tables, robustness, stage_statistics
 from analysis.config import StatsSettings
 from analysis.errors import UserError
 from analysis.layer_statistics import build_statistics, metric_value
-from analysis.quantities import CATEGORIES, ENTROPY_COLUMNS, choice_rows
+from analysis.quantities import CATEGORIES, ENTROPY_COLUMNS, VARIANTS, choice_rows
+
+STAGE_TABLES = ("stage_deltas", "stage_shares", "stage_heads")
 
 
 def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
@@ -22,21 +24,36 @@ def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSettings) -> dict:
+def endpoints(entropy: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the base and instruct checkpoints: every family's endpoints, what base vs instruct compares."""
+    keep = entropy["variant"].isin(VARIANTS)
+    return entropy if keep.all() else entropy[keep].reset_index(drop=True)
+
+
+def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSettings,
+                stages: dict[str, tuple[str, ...]] | None = None) -> dict:
     """Everything the stats stage writes, from the entropy tables of each prompt format (raw, chat).
 
-    The tables of `build_statistics` for every format with a `format` column; token_lengths; the
-    robustness table of every (definition, format) conclusion; length control and split-half
-    reliability on the headline definition and format; the headline ΔRFC for `dvc plots`; the report's
-    selections (analysis.report_tables); and metrics.
+    The tables of `build_statistics` for every format with a `format` column, computed on each family's
+    endpoints (base and instruct); token_lengths; the robustness table of every (definition, format)
+    conclusion; length control and split-half reliability on the headline definition and format; the
+    headline ΔRFC for `dvc plots`; the stage tables of families with more than two training stages
+    (`stages`: family -> stages in order; analysis.stage_statistics); and metrics; the report's
+    selections (analysis.report_tables).
     """
+    stages = stages or {}
+    full_by_format = entropy_by_format
+    entropy_by_format = {f: endpoints(e) for f, e in full_by_format.items()}
     definition, headline_format = settings.headline_definition, settings.headline_format
     if headline_format not in entropy_by_format:
         raise UserError(f"stats.headline_format {headline_format!r}: use one of {', '.join(entropy_by_format)}")
-    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
+    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads",
+                                                                *STAGE_TABLES)}
     summaries, lengths = [], []
     for prompt_format, entropy in entropy_by_format.items():
         result = build_statistics(entropy, settings)
+        result.update(stage_statistics.stage_statistics(full_by_format[prompt_format], stages, result["heads"],
+                                                        settings, prompt_format))
         for key in tables:
             tables[key].append(result[key].assign(format=prompt_format))
         summaries.append(robustness.family_summaries(result, prompt_format))
@@ -53,6 +70,9 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
                                                     headline_format)
     entries = robustness.metrics_entries(out["robustness"], out["split_half"], out["length_control"])
     metrics["robustness"] = {f: {k: metric_value(v) for k, v in e.items()} for f, e in entries.items()}
+    if stage_statistics.staged_families(stages):
+        metrics["stages"] = stage_statistics.stage_metrics(choice_rows(out["stage_shares"], definition, headline_format),
+                                                           choice_rows(out["stage_heads"], definition, headline_format))
     token_lengths = pd.concat(lengths, ignore_index=True)
     token_lengths["category"] = pd.Categorical(token_lengths["category"], categories=list(CATEGORIES))
     out["token_lengths"] = token_lengths.sort_values(["format", "family", "category"], ignore_index=True)

@@ -8,6 +8,12 @@ self-referent tokens. `planted` heads are wired the same way in base and instruc
 query row, so the two variants differ only where the spec says. `noise` perturbs only weights that
 no attention pattern reads (last layer's value/output/MLP, final norm, unembedding), so a family
 meant to show no effect holds that null exactly (docs/method.md, "Exact nulls").
+
+For families with several training stages: `clones` ([layer, head, of_head]) makes a head compute
+exactly the pattern of another head of its key/value group, and `mute_planted` zeroes the output of the
+planted heads, so that changing their focus changes no other head. A layer with k identical self-focus
+heads that lose their focus one by one over the stages then changes by exactly j/k of its total at a
+step where j of them do: a planted split of the change that the step shares must recover.
 """
 
 from __future__ import annotations
@@ -78,6 +84,19 @@ def check_spec(spec: dict[str, Any], where: str) -> None:
     stray = {tuple(x) for x in spec.get("self_focus", [])} - {tuple(x) for x in spec.get("planted", [])}
     if stray:
         raise UserError(f"{where}: self_focus heads {sorted(stray)} must also be listed under planted")
+    group = heads // kv
+    for entry in spec.get("clones", []):
+        if len(entry) != 3:
+            raise UserError(f"{where}: clones entry {entry} must be [layer, head, of_head]")
+        layer, head, source = map(int, entry)
+        if not (0 <= layer < int(spec["layers"]) and 0 <= head < heads and 0 <= source < heads) or head == source:
+            raise UserError(f"{where}: clones entry {entry} names a head outside {spec['layers']} layers x {heads} "
+                            "heads, or a head cloning itself")
+        if head // group != source // group:
+            raise UserError(f"{where}: clones entry {entry}: a clone must share its key/value head with its source "
+                            f"({group} query heads per key/value head)")
+    if not isinstance(spec.get("mute_planted", False), bool):
+        raise UserError(f"{where}: mute_planted must be true or false")
 
 
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -139,6 +158,11 @@ def build_model(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> tor
 
     head_dim = hidden // heads
     group = heads // kv
+    for layer, head, source in spec.get("clones", []):
+        q = model.model.layers[layer].self_attn.q_proj
+        q.weight[head * head_dim:(head + 1) * head_dim] = q.weight[source * head_dim:(source + 1) * head_dim]
+        if q.bias is not None:
+            q.bias[head * head_dim:(head + 1) * head_dim] = q.bias[source * head_dim:(source + 1) * head_dim]
     row, partner = head_dim // 2 - 1, head_dim - 1  # lowest-frequency rotary pair
     gain = _focus_gain(hidden, head_dim)
     focus = {tuple(x) for x in spec.get("self_focus", [])}
@@ -155,8 +179,13 @@ def build_model(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> tor
             if attn.k_proj.bias is not None:
                 attn.k_proj.bias[r] = 0.0
         attn.k_proj.weight[kv_head * head_dim + row, SELF_DIM] = gain
+        if spec.get("mute_planted", False):
+            attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = 0.0
+    # The focus rows are set after every planted head's group was cleared, so planted heads sharing a
+    # key/value head keep their focus.
+    for layer, head in spec.get("planted", []):
         if (layer, head) in focus:
-            attn.q_proj.weight[head * head_dim + row, CONST_DIM] = gain
+            model.model.layers[layer].self_attn.q_proj.weight[head * head_dim + row, CONST_DIM] = gain
 
     noise = float(spec.get("noise", 0.0))
     if noise:

@@ -26,8 +26,8 @@ from analysis.layout import ProjectPaths, project_paths
 # Entropies are accumulated in float32 (7 significant digits of a few nats), so no number derived from them
 # is meaningful below about 1e-7 in absolute terms; 1e-6 is far below anything the report prints.
 ABSOLUTE_TOLERANCE = 1e-6
-ID_COLUMNS = ("definition", "format", "family", "family_a", "family_b", "variant", "category", "layer", "head",
-              "claim")
+ID_COLUMNS = ("definition", "format", "family", "family_a", "family_b", "variant", "contrast", "from_stage",
+              "to_stage", "category", "layer", "head", "claim")
 NOT_CHECKED = ("The entropy tables (data/entropy/**) are the input of this check and need the models to "
                "recompute: run `dvc repro` (it re-extracts every table whose inputs changed; `dvc repro --force "
                "extract@<checkpoint>` re-extracts one) and compare the new tables with the old ones at tolerance, "
@@ -192,7 +192,7 @@ def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None
         raise UserError(f"--keep {keep}: choose a folder outside data/, verify never writes into the workspace")
     copy = project_paths(tmp)
     try:
-        study = _stats_function()(entropy_tables(config), config.stats)
+        study = _stats_function()(entropy_tables(config), config.stats, config.stages)
         write_study(study, paths, copy.stats)
 
         if paths.reanalysis.exists() or paths.reanalysis_claims.exists():
