@@ -15,7 +15,7 @@ import yaml
 
 from analysis.errors import UserError
 from analysis.layout import ProjectPaths, project_paths
-from analysis.quantities import DEFINITIONS, PROMPT_FORMATS, VARIANTS
+from analysis.quantities import DEFINITIONS, LANGUAGES, PROMPT_FORMATS, SOURCE_LANGUAGE, VARIANTS
 
 FAMILY_NAME = re.compile(r"[A-Za-z0-9_]+")
 STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -54,6 +54,7 @@ class PromptSettings:
 
     min_per_category: int
     max_token_gap: float
+    languages: tuple[str, ...] = ("en",)  # prompt languages built (quantities.LANGUAGES); English always
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,17 @@ def _section(params: dict[str, Any], name: str, cls: type) -> dict[str, Any]:
 
 def _prompt_settings(params: dict[str, Any]) -> PromptSettings:
     s = _section(params, "prompts", PromptSettings)
+    languages = s.get("languages", [SOURCE_LANGUAGE])
+    if not isinstance(languages, list) or not languages:
+        raise UserError(f"{_where('prompts.languages')}: use a non-empty list of {', '.join(LANGUAGES)}")
+    for i, language in enumerate(languages):
+        _choice(language, f"prompts.languages[{i}]", LANGUAGES)
+    if len(set(languages)) != len(languages) or SOURCE_LANGUAGE not in languages:
+        raise UserError(f"{_where('prompts.languages')}: {languages} must name each language once and include "
+                        f"{SOURCE_LANGUAGE} (the source of every translation and the headline language)")
     return PromptSettings(min_per_category=_integer(s["min_per_category"], "prompts.min_per_category", 2),
-                          max_token_gap=_number(s["max_token_gap"], "prompts.max_token_gap", 0.0, None))
+                          max_token_gap=_number(s["max_token_gap"], "prompts.max_token_gap", 0.0, None),
+                          languages=tuple(x for x in LANGUAGES if x in languages))
 
 
 def _extract_settings(params: dict[str, Any]) -> ExtractSettings:

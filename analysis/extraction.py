@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from analysis.config import ExtractSettings
 from analysis.entropy import pattern_entropies
 from analysis.errors import UserError
-from analysis.quantities import DEFINITIONS, ENTROPY_COLUMNS, PROMPT_FORMATS
+from analysis.quantities import DEFINITIONS, ENTROPY_COLUMNS, PROMPT_FORMATS, SOURCE_LANGUAGE
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,8 @@ def entropy_frame(prompts: pd.DataFrame, encoded: list[EncodedPrompt], values: d
         "variant": variant,
         "prompt_id": np.repeat(prompts["prompt_id"].to_numpy(), per_cell),
         "category": np.repeat(prompts["category"].to_numpy(), per_cell),
+        "language": np.repeat(_column(prompts, "language", SOURCE_LANGUAGE), per_cell),
+        "source_id": np.repeat(_column(prompts, "source_id", None, prompts["prompt_id"]), per_cell),
         "layer": np.tile(np.repeat(np.arange(n_layers), n_heads), n_prompts).astype("int32"),
         "head": np.tile(np.arange(n_heads), n_prompts * n_layers).astype("int32"),
         **{ENTROPY_COLUMNS[d]: values[d].reshape(-1) for d in DEFINITIONS},
@@ -267,6 +269,13 @@ def entropy_frame(prompts: pd.DataFrame, encoded: list[EncodedPrompt], values: d
         "prompt_format": prompt_format,
     })
     return frame
+
+
+def _column(prompts: pd.DataFrame, name: str, default, fallback=None) -> np.ndarray:
+    """A prompt column, or `default` (or `fallback`'s values) for a prompt frame without it (an English-only set)."""
+    if name in prompts:
+        return prompts[name].to_numpy()
+    return np.asarray(fallback) if fallback is not None else np.full(len(prompts), default)
 
 
 def ids_digest(input_ids: list[int]) -> str:

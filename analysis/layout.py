@@ -16,7 +16,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 # analysis.report_tables).
 STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
                 "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs",
-                "stage_deltas", "stage_shares", "stage_heads")
+                "stage_deltas", "stage_shares", "stage_heads", "language_contrasts", "language_summary")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Synthetic demo checkpoints in Hugging Face format, with attention effects planted at known heads.
 
-A demo family's base and instruct share one random initialisation (the spec's `seed`). Two residual
-dimensions are reserved: one is constant for every token, one marks self-referent words (you, your,
-yourself, ...). A `self_focus` head reads the constant dimension in its query and the self dimension
-in its key, on the lowest-frequency rotary pair (so position barely matters): its queries attend to
-self-referent tokens. `planted` heads are wired the same way in base and instruct except for that
+A demo family's base and instruct share one random initialisation (the spec's `seed`). Residual
+dimensions are reserved: one is constant for every token, and one per prompt language marks that language's
+self-referent words (you, your, ...; 你, 您; tú, te, ti, tu, ...: SELF_MARKERS). A `self_focus` head reads the
+constant dimension in its query and the self dimensions of the spec's `self_languages` (default: every
+language) in its key, on the lowest-frequency rotary pair (so position barely matters): its queries attend to
+self-referent tokens of those languages. `planted` heads are wired the same way in base and instruct except for that
 query row, so the two variants differ only where the spec says. `noise` perturbs only weights that
 no attention pattern reads (last layer's value/output/MLP, final norm, unembedding), so a family
 meant to show no effect holds that null exactly (docs/method.md, "Exact nulls").
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -35,20 +36,29 @@ from transformers import (
 )
 
 from analysis.errors import UserError
+from analysis.quantities import LANGUAGES
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
-SELF_WORDS = frozenset({"you", "your", "yours", "yourself", "yourselves"})
+# The demo's self markers per language: the words that address the model, as whole tokens (self_token_ids).
+SELF_MARKERS = {
+    "en": ("you", "your", "yours", "yourself", "yourselves"),
+    "zh": ("你", "您"),
+    "es": ("tú", "te", "ti", "tu", "tus", "contigo"),
+}
+SELF_WORDS = frozenset(SELF_MARKERS["en"])
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
     "{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-CONST_DIM, SELF_DIM = 0, 1
+CJK_CHARACTER = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]"
+CONST_DIM = 0
+SELF_DIMS = {language: 1 + i for i, language in enumerate(LANGUAGES)}  # one marker dimension per language
 FOCUS_SCORE = 4.0  # attention logit a self-focus head gives a self-referent key, before normalisation drift
 VOCAB_SIZE = 4096
 QK_SCALE = 4.0  # random query/key weights scaled up so random heads attend unevenly, as trained heads do
@@ -95,6 +105,9 @@ def check_spec(spec: dict[str, Any], where: str) -> None:
         if head // group != source // group:
             raise UserError(f"{where}: clones entry {entry}: a clone must share its key/value head with its source "
                             f"({group} query heads per key/value head)")
+    languages = spec.get("self_languages", list(LANGUAGES))
+    if not isinstance(languages, list) or not languages or any(x not in LANGUAGES for x in languages):
+        raise UserError(f"{where}: self_languages {languages!r} must be a non-empty list of {', '.join(LANGUAGES)}")
     if not isinstance(spec.get("mute_planted", False), bool):
         raise UserError(f"{where}: mute_planted must be true or false")
 
@@ -102,7 +115,9 @@ def check_spec(spec: dict[str, Any], where: str) -> None:
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the prompt texts plus a small corpus; adds a BOS token."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Each CJK character is its own pre-token (Chinese has no spaces: without this, BPE learns whole questions).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CJK_CHARACTER), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -121,10 +136,18 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def self_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
-    """Ids of tokens that spell a whole self-referent word (any case, with or without a leading space)."""
-    return sorted(i for token, i in tokenizer.get_vocab().items()
-                  if tokenizer.convert_tokens_to_string([token]).strip().lower() in SELF_WORDS)
+def self_token_ids(tokenizer: PreTrainedTokenizerFast, language: str = "en") -> list[int]:
+    """Ids of tokens that spell a whole self-referent word of `language`: English in any case, with or without a
+    leading space; Spanish after a space or capitalised (a word's start: "te" inside "gente" is no marker); Chinese
+    the character itself."""
+    words = frozenset(SELF_MARKERS[language])
+
+    def marks(text: str) -> bool:
+        if language == "es":
+            return (text.startswith(" ") and text[1:] in words) or (text[:1].isupper() and text.lower() in words)
+        return text.strip().lower() in words
+
+    return sorted(i for token, i in tokenizer.get_vocab().items() if marks(tokenizer.convert_tokens_to_string([token])))
 
 
 def _focus_gain(hidden: int, head_dim: int) -> float:
@@ -153,8 +176,10 @@ def build_model(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> tor
             proj.weight.mul_(QK_SCALE)
     embed = model.get_input_embeddings().weight
     embed[:, CONST_DIM] = 1.0
-    embed[:, SELF_DIM] = 0.0
-    embed[self_token_ids(tokenizer), SELF_DIM] = 1.0
+    for language, dim in SELF_DIMS.items():
+        embed[:, dim] = 0.0
+        embed[self_token_ids(tokenizer, language), dim] = 1.0
+    heard = [SELF_DIMS[x] for x in spec.get("self_languages", LANGUAGES)]
 
     head_dim = hidden // heads
     group = heads // kv
@@ -178,7 +203,7 @@ def build_model(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> tor
             attn.k_proj.weight[r] = 0.0
             if attn.k_proj.bias is not None:
                 attn.k_proj.bias[r] = 0.0
-        attn.k_proj.weight[kv_head * head_dim + row, SELF_DIM] = gain
+        attn.k_proj.weight[kv_head * head_dim + row, heard] = gain
         if spec.get("mute_planted", False):
             attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = 0.0
     # The focus rows are set after every planted head's group was cleared, so planted heads sharing a
