@@ -167,7 +167,8 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
         "delta_profiles": delta_profiles(choice_rows(deltas, definition, prompt_format), width, columns),
         "depth_profiles": depth_profiles(choice_rows(deltas, definition, prompt_format), width),
         "head_scores": head_scores(choice_rows(heads, definition, prompt_format), width, columns),
-        "prompt_lengths": prompt_lengths(lengths, width, columns),
+        "prompt_lengths": prompt_lengths(lengths[lengths["language"] == "en"] if "language" in lengths else lengths,
+                                         width, columns),
     }
     if stage_deltas is not None and len(choice_rows(stage_deltas, definition, prompt_format)):
         charts["stage_profiles"] = stage_profiles(choice_rows(stage_deltas, definition, prompt_format), width,

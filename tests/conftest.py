@@ -18,7 +18,13 @@ REPO_CONFIG = config.load(project_paths(REPO))
 
 @pytest.fixture(scope="session")
 def prompts() -> pd.DataFrame:
-    return load_prompts(REPO / "data" / "prompts.csv", min_per_category=40)
+    """The English prompts (the tests of the language factor use every language: tests/test_languages.py)."""
+    return load_prompts(REPO / "data" / "prompts.csv", min_per_category=40, languages=("en",))
+
+
+def every_prompt_text() -> list[str]:
+    """Every language's prompt texts: what a demo tokenizer is trained on (as `selfref pull` does)."""
+    return list(load_prompts(REPO / "data" / "prompts.csv", min_per_category=40)["text"])
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +58,7 @@ def demo_dir(tmp_path_factory, prompts):
         name = f"{family}-{variant}"
         if name not in built:
             out = tmp_path_factory.mktemp(name)
-            synthetic.generate(demo_spec(family, variant), list(prompts["text"]), out, where=name)
+            synthetic.generate(demo_spec(family, variant), every_prompt_text(), out, where=name)
             built[name] = out
         return built[name]
 
