@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import re
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.artefacts import file_sha256
 from analysis.errors import UserError
 from analysis.quantities import CATEGORIES
 REQUIRED_COLUMNS = ("prompt_id", "category", "text")
@@ -87,10 +87,6 @@ def load_prompts(path: Path, min_per_category: int) -> pd.DataFrame:
     if problems:
         raise UserError(f"{path}: {len(problems)} problem(s) in the prompt set:\n  " + "\n  ".join(problems))
     return frame.reset_index(drop=True)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def summary(prompts: pd.DataFrame, path: Path) -> dict:
