@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from analysis.artefacts import atomic_dir, read_json, write_json
+from analysis.artefacts import atomic_dir, file_sha256, read_json, write_json
 from analysis.config import Checkpoint
 from analysis.errors import UserError
 from analysis.layout import ProjectPaths
@@ -26,14 +26,6 @@ HUB_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "chat_template.jinja", "chat_template.json",
 ]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _parameter_count(local_dir: Path) -> int:
@@ -67,7 +59,7 @@ def describe(local_dir: Path) -> dict[str, Any]:
     tok_config = json.loads(tok_config_path.read_text(encoding="utf-8")) if tok_config_path.exists() else {}
     bos = tok_config.get("bos_token")
     files = [
-        {"path": f.name, "size": f.stat().st_size, "sha256": _sha256(f)}
+        {"path": f.name, "size": f.stat().st_size, "sha256": file_sha256(f)}
         for f in sorted(local_dir.iterdir()) if f.is_file() and not f.name.startswith(".")
     ]
     return {
@@ -136,7 +128,7 @@ def verify_files(local: Path, manifest: dict[str, Any], paths: ProjectPaths) -> 
         key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
         digest = record.get(key)
         if digest is None:
-            digest = _sha256(real) if stat.st_size == entry["size"] else None
+            digest = file_sha256(real) if stat.st_size == entry["size"] else None
         if stat.st_size != entry["size"] or digest != entry["sha256"]:
             raise UserError(f"{name}: {file} does not match {pinned} (size {stat.st_size} vs {entry['size']}, "
                             f"sha256 {str(digest)[:12]}... vs {entry['sha256'][:12]}...; file {real}); {damaged_fix}")
@@ -266,7 +258,7 @@ def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt
     expected = {f["path"]: f["sha256"] for f in manifest["files"]}
 
     def matches() -> bool:
-        return target.exists() and all((target / p).exists() and _sha256(target / p) == h for p, h in expected.items())
+        return target.exists() and all((target / p).exists() and file_sha256(target / p) == h for p, h in expected.items())
 
     if not matches():
         if demo_spec != manifest.get("demo"):

@@ -8,7 +8,6 @@ duplicates are checked per language.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.artefacts import file_sha256
 from analysis.errors import UserError
 from analysis.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE
 
@@ -151,10 +151,6 @@ def _translation_problems(rows: list[dict]) -> list[str]:
             else:
                 rendered[key] = r["line"]
     return problems
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def summary(prompts: pd.DataFrame, path: Path) -> dict:

@@ -7,7 +7,6 @@ These helpers format; what to show is selected by the stats stage (analysis.repo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -20,6 +19,7 @@ import pandas as pd
 import yaml
 
 from analysis import config as config_mod
+from analysis.artefacts import file_sha256
 from analysis.config import Config, StatsSettings
 from analysis.layout import ProjectPaths, project_paths
 from analysis.quantities import choice_rows
@@ -187,7 +187,7 @@ def git_state(paths: ProjectPaths | None = None) -> dict[str, str]:
     return {
         "commit": git("rev-parse", "HEAD"),
         "dirty": "yes" if git("status", "--porcelain", "--untracked-files=no") else "no",
-        "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else "no dvc.lock",
+        "dvc_lock_sha256": file_sha256(lock) if lock.exists() else "no dvc.lock",
     }
 
 

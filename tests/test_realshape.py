@@ -19,6 +19,7 @@ from analysis.checkpoints import local_dir
 from analysis.errors import UserError
 from analysis.layout import project_paths
 from analysis.extraction import encode, load_bridge
+from reference_entropy import eager_entropies
 
 # What the real checkpoints put first in a raw prompt (None: no BOS, the prompt's own first token).
 FIRST_RAW = {"llama31_8b": "<|begin_of_text|>", "llama32_1b": "<|begin_of_text|>", "mistral_7b": "<s>",
@@ -31,34 +32,8 @@ DATE = "26 Jul 2024"
 
 
 def reference(local, encoded) -> dict[str, np.ndarray]:
-    """Entropies [prompt, layer, head] from transformers' eager attention, one prompt at a time, float64 loops."""
-    model = AutoModelForCausalLM.from_pretrained(local, attn_implementation="eager").eval()
-    out = {"raw": [], "no_bos": [], "normalised": []}
-    for e in encoded:
-        with torch.no_grad():
-            attn = model(torch.tensor([e.input_ids]), output_attentions=True).attentions
-        counted = [q for q, m in enumerate(e.query_mask) if m]
-        rows = {k: [] for k in out}
-        for layer in attn:
-            p = layer[0].double().numpy()
-            raw, nob, norm = [], [], []
-            for h in range(p.shape[0]):
-                ent = {q: -sum(x * np.log(x) for x in p[h, q, : q + 1] if x > 0) for q in counted}
-                raw.append(np.mean([ent[q] for q in counted]))
-                later = [q for q in counted if q >= 1]
-                norm.append(np.mean([ent[q] / np.log(q + 1) for q in later]))
-                rest = []
-                for q in later:
-                    r = p[h, q, 1: q + 1]
-                    r = r / r.sum() if r.sum() > 0 else r
-                    rest.append(-sum(x * np.log(x) for x in r if x > 0))
-                nob.append(np.mean(rest))
-            rows["raw"].append(raw)
-            rows["no_bos"].append(nob)
-            rows["normalised"].append(norm)
-        for k in out:
-            out[k].append(rows[k])
-    return {k: np.array(v) for k, v in out.items()}
+    """The independent computation on encoded prompts (their own query masks)."""
+    return eager_entropies(local, [(e.input_ids, e.query_mask) for e in encoded])
 
 
 @pytest.fixture
