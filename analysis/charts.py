@@ -14,7 +14,7 @@ import pandas as pd
 import vl_convert as vlc
 
 from analysis.artefacts import atomic_path
-from analysis.quantities import CATEGORIES, choice_rows
+from analysis.quantities import CATEGORIES, LANGUAGES, choice_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
 CLASS_COLOURS = alt.Scale(domain=["compression", "preservation", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
@@ -114,6 +114,28 @@ def stage_profiles(stage_deltas: pd.DataFrame, width: int, columns: int) -> alt.
         width=panel_width(width, panels), height=170).facet(facet=alt.Facet("family:N", title=None), columns=panels)
 
 
+def language_profiles(deltas: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """ΔRFC per layer with bootstrap CIs for each prompt language, one panel per family: where the language of
+    the question changes the effect of instruction tuning (data/stats/language_contrasts.parquet tests it)."""
+    fields = ["family", "language", "layer", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "q_value", "layer_class"]
+    order = [x for x in LANGUAGES if x in set(deltas["language"])]
+    base = alt.Chart().encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)),
+                              color=alt.Color("language:N", title="prompt language", sort=order,
+                                              scale=alt.Scale(domain=order)))
+    rule = alt.Chart().mark_rule(color="black", strokeDash=[3, 3]).encode(y=alt.datum(0))
+    bars = base.mark_errorbar(opacity=0.6).encode(y=alt.Y("delta_rfc_lo:Q", title="ΔRFC (instruct − base)"),
+                                                  y2="delta_rfc_hi:Q")
+    lines = base.mark_line(point=True).encode(
+        y="delta_rfc:Q",
+        tooltip=["family", "language", "layer", alt.Tooltip("delta_rfc:Q", format=".4f"),
+                 alt.Tooltip("delta_rfc_lo:Q", format=".4f"), alt.Tooltip("delta_rfc_hi:Q", format=".4f"),
+                 alt.Tooltip("q_value:Q", format=".3g"), "layer_class"])
+    panels = min(columns, deltas["family"].nunique())
+    return alt.layer(rule, bars, lines, data=deltas[fields]).properties(
+        width=panel_width(width, panels), height=150).facet(facet=alt.Facet("family:N", title=None),
+                                                            columns=panels).resolve_scale(y="independent")
+
+
 def head_scores(heads: pd.DataFrame, width: int, columns: int) -> alt.Chart:
     """Layer x head heatmap of the candidate-head score per family; top-k heads outlined."""
     base = alt.Chart().encode(x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"))
@@ -161,7 +183,7 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
               stage_deltas: pd.DataFrame | None = None) -> dict[str, dict[str, Path]]:
     """Every chart of the report for the headline definition and prompt format, `width` pixels wide
     with facets wrapped into `columns` columns (params.yaml `figures`); `stage_profiles` only when a
-    family has more than two training stages."""
+    family has more than two training stages; `language_profiles` only when the build has translations."""
     alt.data_transformers.disable_max_rows()
     charts = {
         "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format), width, columns),
@@ -171,6 +193,9 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
         "prompt_lengths": prompt_lengths(lengths[lengths["language"] == "en"] if "language" in lengths else lengths,
                                          width, columns),
     }
+    every_language = choice_rows(deltas, definition, prompt_format, None)
+    if "language" in every_language and every_language["language"].nunique() > 1:
+        charts["language_profiles"] = language_profiles(every_language, width, columns)
     if stage_deltas is not None and len(choice_rows(stage_deltas, definition, prompt_format)):
         charts["stage_profiles"] = stage_profiles(choice_rows(stage_deltas, definition, prompt_format), width,
                                                   columns)

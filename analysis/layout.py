@@ -12,11 +12,12 @@ from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
-# The stats stage's tables, by name: data/stats/<name>.parquet (the last four: the report's selections,
-# analysis.report_tables).
+# The stats stage's tables, by name: data/stats/<name>.parquet (head_families … correlation_pairs and the
+# language_contrast_peaks, language_token_counts: the report's selections, analysis.report_tables).
 STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
                 "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs",
-                "stage_deltas", "stage_shares", "stage_heads", "language_contrasts", "language_summary")
+                "stage_deltas", "stage_shares", "stage_heads", "language_contrasts", "language_summary",
+                "language_contrast_peaks", "language_token_counts")
 
 
 @dataclass(frozen=True)

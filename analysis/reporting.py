@@ -90,6 +90,8 @@ class Artefacts:
     candidate_heads: pd.DataFrame
     length_disagreements: pd.DataFrame
     correlation_pairs: pd.DataFrame
+    language_contrast_peaks: pd.DataFrame
+    language_token_counts: pd.DataFrame
     manifests: dict[str, dict[str, Any]]
     prompt_summary: dict[str, Any]
     original: Numbers
@@ -132,6 +134,8 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         candidate_heads=pd.read_parquet(paths.stats_table("candidate_heads")),
         length_disagreements=pd.read_parquet(paths.stats_table("length_disagreements")),
         correlation_pairs=pd.read_parquet(paths.stats_table("correlation_pairs")),
+        language_contrast_peaks=pd.read_parquet(paths.stats_table("language_contrast_peaks")),
+        language_token_counts=pd.read_parquet(paths.stats_table("language_token_counts")),
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
         original=Numbers(json.loads(paths.reanalysis.read_text()), source=paths.relative(paths.reanalysis)),

@@ -20,7 +20,8 @@ from analysis.stages import report as report_stage
 REPO = Path(__file__).resolve().parent.parent
 INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json", "data/original",
           "report/index.qmd", "report/figures"]
-SECTIONS = ["The question", "Method", "Results", "Candidate heads for activation patching", "Does it hold?",
+SECTIONS = ["The question", "Method", "Results", "Candidate heads for activation patching",
+            "Does the language of the question matter?", "Does it hold?",
             "Limitations and next steps", "Appendix: provenance"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars",
