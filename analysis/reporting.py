@@ -227,7 +227,7 @@ def ranked_values(value: dict[str, Any]) -> list[Any]:
 def layer_list(numbers: Numbers, key: str) -> str:
     """A ranked metric (layer indices keyed by rank) as text, traceable like any other number."""
     text = ", ".join(str(v) for v in ranked_values(numbers.value(key)))
-    return f'[{text}]{{.num key="{key}" fmt="list" title="{numbers.source}: {key}"}}'
+    return f'[{text}]{{.num key="{key}" fmt="list" artefact="{numbers.source}" title="{numbers.source}: {key}"}}'
 
 
 def original_claim_rows(claims: pd.DataFrame) -> pd.DataFrame:
