@@ -143,7 +143,8 @@ def markdown_table(frame: pd.DataFrame) -> Markdown:
     """A pipe table (pandoc and Quarto both read it); its caption and number come from the cell's
     `label` and `tbl-cap`."""
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    cells = [[str(v) for v in row] for row in frame.itertuples(index=False)]
+    # a | inside a cell (e.g. |ΔRFC|) would end the cell: escape it
+    cells = [[str(v).replace("|", "\\|") for v in row] for row in frame.itertuples(index=False)]
     # pandoc sizes the columns of a table with long source lines (number spans) by the dashes under the
     # header: give each column as many as the widest text a reader sees in it
     widths = [max([len(visible_text(str(c)))] + [len(visible_text(row[i])) for row in cells])
@@ -226,24 +227,37 @@ def layer_list(numbers: Numbers, key: str) -> str:
     return f'[{text}]{{.num key="{key}" fmt="list" title="{numbers.source}: {key}"}}'
 
 
+# Claims whose recomputed form is a sentence, not a number: the report states them as a list under the table.
+DESCRIBED_CLAIMS = ("compression_band",)
+
+
 def original_claim_rows(claims: pd.DataFrame) -> pd.DataFrame:
-    """The original study's claims as the report's table: published, recomputed from its own tables, whether
-    they agree, the circular-shift p where the claim is about layers, and this build's value or why none."""
-    def shift_p(row) -> str:
-        return format_number(row["autocorr_p"], "p") if pd.notna(row["autocorr_p"]) else "–"
-
-    def build(row) -> str:
-        return row["build_text"] if isinstance(row["build_text"], str) and row["build_text"] else "–"
-
-    return pd.DataFrame({
-        "claim (where stated)": [f"{s} ({w})" if isinstance(w, str) and w else s
-                                 for s, w in zip(claims["statement"], claims["stated_at"])],
+    """The original study's claims as the report's table: where stated, published, recomputed from its own
+    tables, whether they agree, the circular-shift p where the claim is about layers, and this build's value
+    (a column only when this build ran any of the original's checkpoints; the text says why otherwise)."""
+    claims = claims[~claims["quantity"].isin(DESCRIBED_CLAIMS)]
+    rows = pd.DataFrame({
+        "claim (where stated)": [f"{c} ({w})" if isinstance(w, str) and w else c
+                                 for c, w in zip(claims["statement"], claims["stated_at"])],
         "published": claims["published_text"].fillna("–"),
         "recomputed": claims["recomputed_text"].fillna("–"),
         "reproduced": claims["reproduced"].map({True: "yes", False: "**no**"}),
-        "shift p": claims.apply(shift_p, axis=1),
-        "this build": claims.apply(build, axis=1),
+        "shift p": [format_number(p, "p") if pd.notna(p) else "–" for p in claims["autocorr_p"]],
     })
+    built = claims["build_text"].fillna("")
+    if (built != "").any():
+        rows["this build"] = built.replace("", "–")
+    return rows
+
+
+def original_claim_notes(claims: pd.DataFrame) -> Markdown:
+    """The claims of DESCRIBED_CLAIMS as a list: the claim, what its tables show, and the shift p."""
+    items = []
+    for _, c in claims[claims["quantity"].isin(DESCRIBED_CLAIMS)].iterrows():
+        verdict = "holds" if c["reproduced"] else "does not hold"
+        shift = f"; circular-shift p = {format_number(c['autocorr_p'], 'p')}" if pd.notna(c["autocorr_p"]) else ""
+        items.append(f"- *{c['statement']}* ({verdict} by its rule): {c['recomputed_text']}{shift}.")
+    return Markdown("\n".join(items) + "\n")
 
 
 def build_values_note(claims: pd.DataFrame) -> str:
