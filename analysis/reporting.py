@@ -224,7 +224,8 @@ def ranked_values(value: dict[str, Any]) -> list[Any]:
 def layer_list(numbers: Numbers, key: str) -> str:
     """A ranked metric (layer indices keyed by rank) as text, traceable like any other number."""
     text = ", ".join(str(v) for v in ranked_values(numbers.value(key)))
-    return f'[{text}]{{.num key="{key}" fmt="list" title="{numbers.source}: {key}"}}'
+    return (f'[{text}]{{.num key="{key}" fmt="list" artefact="{numbers.source}" '
+            f'title="{numbers.source}: {key}"}}')
 
 
 # Claims whose recomputed form is a sentence, not a number: the report states them as a list under the table.
@@ -265,3 +266,37 @@ def build_values_note(claims: pd.DataFrame) -> str:
     missing = claims["build_text"].isna() | (claims["build_text"] == "")
     notes = claims.loc[missing, "build_note"].dropna().unique()
     return "; ".join(notes)
+
+
+def staged_families(art: Artefacts) -> list[str]:
+    """Families run at more than two training stages."""
+    return [f for f, order in art.config.stages.items() if len(order) > 2]
+
+
+def stage_step_rows(art: Artefacts) -> pd.DataFrame:
+    """One row per training step of every staged family: its mean ΔRFC and share of the total, with intervals."""
+    rows = []
+    for f in staged_families(art):
+        order, k = art.config.stages[f], f"stages.{f}"
+        rows += [{"family": f, "step": f"{before} → {stage}",
+                  "mean ΔRFC [CI]": art.numbers.interval(f"{k}.{stage}.mean_delta_rfc"),
+                  "share of the total [CI]": art.numbers.interval(f"{k}.{stage}.share_delta_rfc", "pct1")}
+                 for stage, before in zip(order[1:], order[:-1])]
+    if not rows:
+        return pd.DataFrame([{"family": "–", "step": "no family with more than two stages", "mean ΔRFC [CI]": "–",
+                              "share of the total [CI]": "–"}])
+    return pd.DataFrame(rows)
+
+
+def stage_step_notes(art: Artefacts) -> Markdown:
+    """Per staged family: the total change, the step with the largest change, and where each candidate head
+    changes most."""
+    lines = []
+    for f in staged_families(art):
+        k, num = f"stages.{f}", art.numbers
+        heads = num.value(f"{k}.head_steps")
+        where = "; ".join(f"{h} at the step to {s}" for h, s in heads.items())
+        lines.append(f"**{f}**: total mean ΔRFC {num.interval(f'families.{f}.mean_delta_rfc')}; the largest step "
+                     f"ends at **{num.value(f'{k}.largest_step')}**"
+                     + (f"; candidate heads change most: {where}" if where else "") + ".")
+    return Markdown("\n\n".join(lines) + "\n")
