@@ -270,7 +270,7 @@ def build_values_note(claims: pd.DataFrame) -> str:
 
 def staged_families(art: Artefacts) -> list[str]:
     """Families run at more than two training stages."""
-    return [f for f, order in art.config.stages.items() if len(order) > 2]
+    return list(config_mod.staged_families(art.config.stages))
 
 
 def stage_step_rows(art: Artefacts) -> pd.DataFrame:
