@@ -14,7 +14,7 @@ import pandas as pd
 import vl_convert as vlc
 
 from analysis.artefacts import atomic_path
-from analysis.quantities import CATEGORIES, LANGUAGES, choice_rows
+from analysis.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
 CLASS_COLOURS = alt.Scale(domain=["compression", "preservation", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
@@ -98,6 +98,9 @@ def stage_profiles(stage_deltas: pd.DataFrame, width: int, columns: int) -> alt.
     """ΔRFC per layer of each training step (a stage against the one before it) with bootstrap CIs, per
     family with more than two stages; the steps add up to instruct − base."""
     steps = stage_deltas[stage_deltas["contrast"] == "step"].copy()
+    if steps.empty:  # no family with more than two stages: the figure says so instead of being absent
+        return alt.Chart(pd.DataFrame({"text": ["no family in this build has more than two training stages"]})
+                         ).mark_text(size=14).encode(text="text:N").properties(width=width, height=60)
     steps["step_name"] = [f"{i}. {a} → {b}" for i, a, b in zip(steps["step"], steps["from_stage"], steps["to_stage"])]
     base = alt.Chart().encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)),
                               color=alt.Color("step_name:N", title="step", sort=None))
@@ -180,23 +183,19 @@ def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
 
 def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, lengths: pd.DataFrame,
               folder: Path, definition: str, prompt_format: str, width: int, columns: int,
-              stage_deltas: pd.DataFrame | None = None) -> dict[str, dict[str, Path]]:
+              stage_deltas: pd.DataFrame) -> dict[str, dict[str, Path]]:
     """Every chart of the report for the headline definition and prompt format, `width` pixels wide
-    with facets wrapped into `columns` columns (params.yaml `figures`); `stage_profiles` only when a
-    family has more than two training stages; `language_profiles` only when the build has translations."""
+    with facets wrapped into `columns` columns (params.yaml `figures`); `stage_profiles` for the families with
+    more than two training stages (otherwise a chart that says there is none);
+    `language_profiles` for every prompt language the build has."""
     alt.data_transformers.disable_max_rows()
     charts = {
         "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format), width, columns),
         "delta_profiles": delta_profiles(choice_rows(deltas, definition, prompt_format), width, columns),
         "depth_profiles": depth_profiles(choice_rows(deltas, definition, prompt_format), width),
         "head_scores": head_scores(choice_rows(heads, definition, prompt_format), width, columns),
-        "prompt_lengths": prompt_lengths(lengths[lengths["language"] == "en"] if "language" in lengths else lengths,
-                                         width, columns),
+        "prompt_lengths": prompt_lengths(lengths[lengths["language"] == SOURCE_LANGUAGE], width, columns),
+        "language_profiles": language_profiles(choice_rows(deltas, definition, prompt_format, None), width, columns),
     }
-    every_language = choice_rows(deltas, definition, prompt_format, None)
-    if "language" in every_language and every_language["language"].nunique() > 1:
-        charts["language_profiles"] = language_profiles(every_language, width, columns)
-    if stage_deltas is not None and len(choice_rows(stage_deltas, definition, prompt_format)):
-        charts["stage_profiles"] = stage_profiles(choice_rows(stage_deltas, definition, prompt_format), width,
-                                                  columns)
+    charts["stage_profiles"] = stage_profiles(choice_rows(stage_deltas, definition, prompt_format), width, columns)
     return {name: save(chart, folder, name) for name, chart in charts.items()}

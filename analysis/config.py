@@ -357,6 +357,11 @@ def family_stages(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> dic
     return {f: tuple(v) for f, v in out.items()}
 
 
+def staged_families(stages: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The families with a stage between base and instruct (only these get stage tables and a report section)."""
+    return {f: tuple(s) for f, s in stages.items() if len(s) > len(VARIANTS)}
+
+
 def checkpoint_entries(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> dict[str, dict[str, str]]:
     """The `checkpoints:` mapping that dvc.yaml iterates over (stage names `extract@<checkpoint>`)."""
     return {c.name: {"family": c.family, "variant": c.variant} for c in checkpoints}

@@ -4,7 +4,7 @@ Its tables give one ΔRFC per layer and family, so what can be recomputed is eve
 determines: the mean, the share of layers on each side of its ±near_zero rule, the most compressing
 layers, and the correlation between families, here on this project's relative-depth rule
 (analysis.correlation.compare_profiles) and with the circular-shift p that keeps the correlation
-between neighbouring layers (trap 7). Each published claim
+between neighbouring layers (docs/method.md, "Correlated layers"). Each published claim
 (data/original/claims.yaml) is then checked against the original's own tables, and set beside this
 build's value when the active suite runs the original's checkpoints.
 """

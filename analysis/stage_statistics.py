@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.config import StatsSettings
+from analysis.config import StatsSettings, staged_families
 from analysis.errors import UserError
 from analysis.heads import head_scores
 from analysis.layer_statistics import (FamilyArrays, contrast_statistics, family_arrays, metric_value,
                                        resampling_draws, stage_ratios)
-from analysis.quantities import DELTAS, VARIANTS, relative_depth
+from analysis.quantities import DELTAS, relative_depth
 from analysis.resampling import percentile_ci
 
 # How two stages are compared: each stage against base, and each stage against the one before it.
@@ -36,11 +36,6 @@ STAGE_SHARE_COLUMNS = (["definition", "family", "step", "from_stage", "to_stage"
 STAGE_HEAD_COLUMNS = ["definition", "family", "step", "from_stage", "to_stage", "layer", "head", "delta_self",
                       "delta_neutral", "did", "did_log_ratio", "p_value", "q_value", "total_did", "share_did",
                       "candidate", "largest_step"]
-
-
-def staged_families(stages: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
-    """The families with a stage between base and instruct (only these get stage tables)."""
-    return {f: tuple(s) for f, s in stages.items() if len(s) > len(VARIANTS)}
 
 
 def check_tokenisation(entropy: pd.DataFrame, stages: dict[str, tuple[str, ...]], prompt_format: str) -> None:

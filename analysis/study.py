@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis import language_statistics, report_tables, robustness, stage_statistics
-from analysis.config import StatsSettings
+from analysis.config import StatsSettings, staged_families
 from analysis.errors import UserError
 from analysis.layer_statistics import build_statistics, metric_value
 from analysis.quantities import (CATEGORIES, ENTROPY_COLUMNS, LANGUAGES, SOURCE_LANGUAGE, VARIANTS,
@@ -123,7 +123,7 @@ def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: Stat
                                                     headline_format)
     entries = robustness.metrics_entries(out["robustness"], out["split_half"], out["length_control"])
     metrics["robustness"] = {f: {k: metric_value(v) for k, v in e.items()} for f, e in entries.items()}
-    if stage_statistics.staged_families(stages):
+    if staged_families(stages):
         metrics["stages"] = stage_statistics.stage_metrics(choice_rows(out["stage_shares"], definition, headline_format),
                                                            choice_rows(out["stage_heads"], definition, headline_format))
     token_lengths = pd.concat(lengths, ignore_index=True)

@@ -59,7 +59,8 @@ CHAT_TEMPLATE = (
 CJK_CHARACTER = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]"
 CONST_DIM = 0
 SELF_DIMS = {language: 1 + i for i, language in enumerate(LANGUAGES)}  # one marker dimension per language
-FOCUS_SCORE = 4.0  # attention logit a self-focus head gives a self-referent key, before normalisation drift
+FOCUS_SCORE = 8.0  # attention logit a self-focus head gives a self-referent key, before normalisation drift;
+# strong enough that attending to a marker late in an English prompt still lowers the head's entropy
 VOCAB_SIZE = 4096
 QK_SCALE = 4.0  # random query/key weights scaled up so random heads attend unevenly, as trained heads do
 
