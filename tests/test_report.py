@@ -118,6 +118,13 @@ def test_every_stated_number_equals_its_artefact_at_its_precision(built):
             assert {f"pairs.{pair}.pearson_r", f"pairs.{pair}.pearson_p", f"pairs.{pair}.pearson_p_shift"} <= keys
 
 
+def test_every_inline_expression_was_evaluated(built):
+    """No `{python} ...` is left in the page: Quarto prints an inline expression literally when it fails or
+    returns nothing."""
+    _, result = built
+    assert "{python}" not in result.html.read_text()
+
+
 def test_demo_build_says_it_is_synthetic_and_names_its_sources(built):
     """A demo report opens with the synthetic warning; each results section names its artefact."""
     _, result = built
