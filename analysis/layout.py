@@ -122,6 +122,23 @@ class ProjectPaths:
             raise KeyError(f"unknown stats table {name!r}; known: {', '.join(STATS_TABLES)}")
         return self.stats / f"{name}.parquet"
 
+    @property
+    def patching(self) -> Path:
+        """data/patching: one patch@<family> stage's tables and summary per family."""
+        return self.data / "patching"
+
+    def patch_table(self, family: str) -> Path:
+        """Per (intervention, metric, head) effects of one family's candidate and control heads."""
+        return self.patching / f"{family}.parquet"
+
+    def patch_prompts(self, family: str) -> Path:
+        """Per (intervention, head, prompt) KL and later-layer entropy of one family."""
+        return self.patching / f"{family}.prompts.parquet"
+
+    def patch_summary(self, family: str) -> Path:
+        """The family's headline patching numbers (a DVC metrics file)."""
+        return self.patching / f"{family}.json"
+
     def manifest(self, checkpoint: str) -> Path:
         """Tracked manifest of one checkpoint (`<family>-<variant>`)."""
         return self.manifests / f"{checkpoint}.json"

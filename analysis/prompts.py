@@ -12,8 +12,26 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.errors import UserError
-from analysis.quantities import CATEGORIES
+from analysis.quantities import CATEGORIES, NEUTRAL
 REQUIRED_COLUMNS = ("prompt_id", "category", "text")
+# Optional column: the word(s) that make a prompt first, second or third person ("your", "she her"),
+# space-separated, each a whole word of the text; empty for neutral prompts, which have no person.
+MARKER_COLUMN = "person_marker"
+
+
+def marker_words(text: str, marker: str) -> list[str]:
+    """The marker's words, each checked to occur in `text` as a whole word (case-sensitive)."""
+    words = marker.split()
+    missing = [w for w in words if not re.search(rf"(?<!\w){re.escape(w)}(?!\w)", text)]
+    if missing:
+        raise ValueError(f"person_marker word(s) {', '.join(map(repr, missing))} not in the text as whole words")
+    return words
+
+
+def marker_spans(text: str, marker: str) -> list[tuple[int, int]]:
+    """Character spans of every occurrence of the marker's words in `text` (for token offsets)."""
+    return sorted((m.start(), m.end()) for w in marker_words(text, marker)
+                  for m in re.finditer(rf"(?<!\w){re.escape(w)}(?!\w)", text))
 
 
 def normalise_text(text: str) -> str:
@@ -74,10 +92,22 @@ def load_prompts(path: Path, min_per_category: int) -> pd.DataFrame:
                 problems.append(f"{where}: duplicate text {text!r} (same as line {seen_texts[key]} up to case and spacing)")
             else:
                 seen_texts[key] = line
+        marker = (row.get(MARKER_COLUMN) or "").strip()
+        if MARKER_COLUMN in columns and category in CATEGORIES and text:
+            if category == NEUTRAL and marker:
+                problems.append(f"{where}: neutral prompts have no person marker; empty the {MARKER_COLUMN} field")
+            elif category != NEUTRAL and not marker:
+                problems.append(f"{where}: empty {MARKER_COLUMN}; name the word(s) that carry the person, e.g. 'your'")
+            elif marker:
+                try:
+                    marker_words(text, marker)
+                except ValueError as err:
+                    problems.append(f"{where}: {err}")
         rows.append({**{k: (v or "").strip() for k, v in row.items()}, "prompt_id": prompt_id,
-                     "category": category, "text": text, "order": index})
+                     "category": category, "text": text, MARKER_COLUMN: marker, "order": index})
 
-    frame = pd.DataFrame(rows, columns=[*columns, "order"] if rows else [*REQUIRED_COLUMNS, "order"])
+    names = [*columns, *([] if MARKER_COLUMN in columns else [MARKER_COLUMN]), "order"]
+    frame = pd.DataFrame(rows, columns=names if rows else [*REQUIRED_COLUMNS, MARKER_COLUMN, "order"])
     counts = frame["category"].value_counts() if len(frame) else pd.Series(dtype=int)
     for category in CATEGORIES:
         n = int(counts.get(category, 0))
