@@ -85,6 +85,7 @@ class PatchSettings:
     """`patch:` — which heads the patching stage intervenes on and how its effects are tested."""
 
     top_k: int                   # candidate heads per family, by rank in data/stats/heads.parquet
+    batch_size: int              # prompts per intervened forward pass (halved automatically on out-of-memory)
     controls_per_candidate: int  # seeded random heads of the same layer and similar base entropy
     n_resamples: int             # prompt-bootstrap resamples for the effect intervals
     n_permutations: int          # per-prompt sign flips of candidate minus control effect
@@ -234,6 +235,7 @@ def _patch_settings(params: dict[str, Any]) -> PatchSettings:
     s = _section(params, "patch", PatchSettings)
     return PatchSettings(
         top_k=_integer(s["top_k"], "patch.top_k", 1),
+        batch_size=_integer(s["batch_size"], "patch.batch_size", 1, 4096),
         controls_per_candidate=_integer(s["controls_per_candidate"], "patch.controls_per_candidate", 3),
         n_resamples=_integer(s["n_resamples"], "patch.n_resamples", 100),
         n_permutations=_integer(s["n_permutations"], "patch.n_permutations", 100),

@@ -14,7 +14,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 
 # The stats stage's tables, by name: data/stats/<name>.parquet.
 STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
-                "split_half")
+                "split_half", "attention_mass")
 
 
 @dataclass(frozen=True)

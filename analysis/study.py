@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis import robustness
+from analysis.attention_mass import mass_changes
 from analysis.config import StatsSettings
 from analysis.errors import UserError
 from analysis.layer_statistics import build_statistics, metric_value
@@ -32,10 +33,13 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     definition, headline_format = settings.headline_definition, settings.headline_format
     if headline_format not in entropy_by_format:
         raise UserError(f"stats.headline_format {headline_format!r}: use one of {', '.join(entropy_by_format)}")
-    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
+    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads",
+                                                               "attention_mass")}
     summaries, lengths = [], []
     for prompt_format, entropy in entropy_by_format.items():
         result = build_statistics(entropy, settings)
+        result["attention_mass"] = mass_changes(entropy, n_resamples=settings.n_resamples,
+                                                confidence=settings.confidence, seed=settings.seed)
         for key in tables:
             tables[key].append(result[key].assign(format=prompt_format))
         summaries.append(robustness.family_summaries(result, prompt_format))

@@ -143,3 +143,22 @@ def test_patching_refuses_different_token_ids():
     check_identical_ids(a, [EncodedPrompt([1, 2, 3], [True] * 3)], ["p1"], "fam")
     with pytest.raises(UserError, match="prompt p1 tokenises differently"):
         check_identical_ids(a, [EncodedPrompt([1, 2, 4], [True] * 3)], ["p1"], "fam")
+
+
+def test_mass_changes_by_hand():
+    from analysis.attention_mass import mass_changes
+
+    rows = []
+    for variant, shift in (("base", 0.0), ("instruct", 0.1)):
+        for pid, category, first, marker in (("s1", "self_referent", 0.5, 0.2), ("s2", "self_referent", 0.7, 0.4),
+                                             ("n1", "neutral", 0.6, np.nan), ("t1", "third_person", 0.1, 0.3),
+                                             ("c1", "confounder", 0.2, 0.2)):
+            rows.append({"family": "f", "variant": variant, "prompt_id": pid, "category": category, "layer": 0,
+                         "head": 0, "mass_first": first + shift, "mass_marker": marker + 2 * shift})
+    out = mass_changes(pd.DataFrame(rows), n_resamples=200, confidence=0.95, seed=1).set_index(["category", "mass"])
+    assert out.loc[("self_referent", "marker"), "base"] == pytest.approx(0.3)
+    assert out.loc[("self_referent", "marker"), "delta"] == pytest.approx(0.2)
+    assert out.loc[("self_referent", "first"), "delta"] == pytest.approx(0.1)
+    # every prompt moves by the same amount, so every resample does too
+    assert out.loc[("self_referent", "marker"), "delta_lo"] == pytest.approx(0.2)
+    assert ("neutral", "marker") not in out.index and ("neutral", "first") in out.index

@@ -16,7 +16,8 @@ import yaml
 from stage_modules import REPO, stage_files
 
 STAGE_MODULES = {"prompts": "prompts_check", "pull": "pull", "extract": "extract", "extract_chat": "extract",
-                 "stats": "stats", "original": "original", "figures": "figures", "report": "report"}
+                 "stats": "stats", "original": "original", "figures": "figures", "report": "report",
+                 "patch": "patch"}
 DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
 
 

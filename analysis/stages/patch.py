@@ -71,7 +71,7 @@ def run(config: Config, family: str) -> None:
     check_identical_ids(encoded["base"], encoded["instruct"], list(prompts["prompt_id"]), family)
 
     per_prompt, _ = run_interventions({v: loaded[v].runner for v in VARIANTS}, encoded["base"], prompts, selection,
-                                      config.extract.batch_size, stats.headline_definition, family)
+                                      settings.batch_size, stats.headline_definition, family)
     table = summarise(per_prompt, selection, seed=stats.seed, n_resamples=settings.n_resamples,
                       n_permutations=settings.n_permutations, confidence=stats.confidence,
                       effect_floor=settings.effect_floor)
