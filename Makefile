@@ -3,9 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
-export PATH := $(abspath $(BIN)):$(PATH)
+# `make quarto` installs Quarto for `selfref report`: quarto-cli from PyPI into $(VENV), or, where GitHub and
+# quarto.org are out of reach, an offline installer (`make quarto QUARTO_INSTALLER=../shared/quarto/install.sh`)
+# into $(QUARTO_OFFLINE). `selfref report` finds either without PATH changes.
+QUARTO_INSTALLER ?=
+QUARTO_OFFLINE ?= .quarto-offline
+export PATH := $(abspath $(BIN)):$(abspath $(QUARTO_OFFLINE))/bin:$(PATH)
 
-.PHONY: install repro test test-fast bench clean-models
+.PHONY: install repro test test-fast bench clean-models quarto
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,6 +20,15 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 install: $(STAMP)
+
+quarto: install
+ifeq ($(QUARTO_INSTALLER),)
+	$(BIN)/python -m pip install --quiet quarto-cli
+	$(BIN)/quarto --version
+else
+	PY=$(PYTHON) bash $(QUARTO_INSTALLER) $(abspath $(QUARTO_OFFLINE))
+	$(QUARTO_OFFLINE)/bin/quarto --version
+endif
 
 repro: install
 	$(BIN)/dvc repro

@@ -18,11 +18,24 @@ from analysis.quantities import CATEGORIES, choice_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
 CLASS_COLOURS = alt.Scale(domain=["compression", "preservation", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
-WIDTH = 170
+AXIS_PX, LEGEND_PX = 60, 140  # room an independent y axis and a legend take beside the panels (approximate)
 
 
-def layer_entropy(layers: pd.DataFrame) -> alt.Chart:
-    """Mean entropy per category and layer with 95% bands, base and instruct side by side, per family."""
+def panel_width(width: int, columns: int) -> int:
+    """Width of one facet panel so that `columns` panels, their axes and a legend fit `width` pixels
+    (the report's text column, `figures.width` in params.yaml)."""
+    return max(80, (int(width) - LEGEND_PX) // int(columns) - AXIS_PX)
+
+
+def _panels(data: pd.DataFrame, first: str, second: str) -> tuple[pd.DataFrame, list[str]]:
+    """A `panel` column "<first> · <second>" for a wrapped facet, and its order (first, then second)."""
+    data = data.assign(panel=data[first].astype(str) + " · " + data[second].astype(str))
+    order = list(dict.fromkeys(data.sort_values([first, second], kind="stable")["panel"]))
+    return data, order
+
+
+def layer_entropy(layers: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """Mean entropy per category and layer with bootstrap bands, base and instruct side by side, per family."""
     rows = []
     for c in CATEGORIES:
         part = layers[["family", "variant", "layer", f"h_{c}", f"h_{c}_lo", f"h_{c}_hi"]].copy()
@@ -40,19 +53,20 @@ def layer_entropy(layers: pd.DataFrame) -> alt.Chart:
         tooltip=["family", "variant", "category", "layer", alt.Tooltip("entropy:Q", format=".4f"),
                  alt.Tooltip("lo:Q", format=".4f"), alt.Tooltip("hi:Q", format=".4f")],
     )
-    return alt.layer(band, line, data=data).properties(width=WIDTH, height=150).facet(
-        row=alt.Row("family:N", title=None), column=alt.Column("variant:N", title=None)
+    data, order = _panels(data, "family", "variant")
+    return alt.layer(band, line, data=data).properties(width=panel_width(width, columns), height=140).facet(
+        facet=alt.Facet("panel:N", title=None, sort=order), columns=columns
     ).resolve_scale(y="independent")
 
 
-def delta_profiles(deltas: pd.DataFrame) -> alt.Chart:
+def delta_profiles(deltas: pd.DataFrame, width: int, columns: int) -> alt.Chart:
     """ΔRFC and ΔRSI per layer with bootstrap CIs; layers with FDR-significant ΔRFC coloured by class."""
     rows = []
     for metric, label in (("delta_rfc", "ΔRFC"), ("delta_rsi", "ΔRSI")):
         part = deltas[["family", "layer", "layer_class", "q_value", metric, f"{metric}_lo", f"{metric}_hi"]].copy()
         part.columns = ["family", "layer", "layer_class", "q_value", "value", "lo", "hi"]
         rows.append(part.assign(metric=label))
-    data = pd.concat(rows, ignore_index=True)
+    data, order = _panels(pd.concat(rows, ignore_index=True), "family", "metric")
     base = alt.Chart().encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)))
     rule = alt.Chart().mark_rule(color="black", strokeDash=[3, 3]).encode(y=alt.datum(0))
     bars = base.mark_errorbar().encode(y=alt.Y("lo:Q", title="instruct − base"), y2="hi:Q")
@@ -62,12 +76,12 @@ def delta_profiles(deltas: pd.DataFrame) -> alt.Chart:
         tooltip=["family", "metric", "layer", alt.Tooltip("value:Q", format=".4f"), alt.Tooltip("lo:Q", format=".4f"),
                  alt.Tooltip("hi:Q", format=".4f"), alt.Tooltip("q_value:Q", format=".3g"), "layer_class"],
     )
-    return alt.layer(rule, bars, points, data=data).properties(width=WIDTH, height=150).facet(
-        row=alt.Row("metric:N", title=None), column=alt.Column("family:N", title=None)
+    return alt.layer(rule, bars, points, data=data).properties(width=panel_width(width, columns), height=130).facet(
+        facet=alt.Facet("panel:N", title=None, sort=order), columns=columns
     ).resolve_scale(y="independent")
 
 
-def depth_profiles(deltas: pd.DataFrame) -> alt.Chart:
+def depth_profiles(deltas: pd.DataFrame, width: int) -> alt.Chart:
     """Every family's ΔRFC profile on relative depth (layer + 0.5) / n_layers, in one chart."""
     chart = alt.Chart(deltas).mark_line(point=True).encode(
         x=alt.X("depth:Q", title="relative depth", scale=alt.Scale(domain=[0, 1])),
@@ -77,10 +91,10 @@ def depth_profiles(deltas: pd.DataFrame) -> alt.Chart:
                  "layer_class"],
     )
     rule = alt.Chart(pd.DataFrame({"zero": [0.0]})).mark_rule(color="black", strokeDash=[3, 3]).encode(y="zero:Q")
-    return (rule + chart).properties(width=480, height=240)
+    return (rule + chart).properties(width=panel_width(width, 1), height=240)
 
 
-def head_scores(heads: pd.DataFrame) -> alt.Chart:
+def head_scores(heads: pd.DataFrame, width: int, columns: int) -> alt.Chart:
     """Layer x head heatmap of the candidate-head score per family; top-k heads outlined."""
     base = alt.Chart().encode(x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"))
     cells = base.mark_rect().encode(
@@ -89,11 +103,11 @@ def head_scores(heads: pd.DataFrame) -> alt.Chart:
                  alt.Tooltip("did:Q", format=".4f"), alt.Tooltip("q_value:Q", format=".3g")],
     )
     top = base.transform_filter(alt.datum.top_k).mark_point(shape="square", size=120, color="white", strokeWidth=2)
-    return alt.layer(cells, top, data=heads).properties(width=WIDTH, height=160).facet(column=alt.Column("family:N", title=None)
-                                                                    ).resolve_scale(x="independent", y="independent")
+    return alt.layer(cells, top, data=heads).properties(width=panel_width(width, columns), height=160).facet(
+        facet=alt.Facet("family:N", title=None), columns=columns).resolve_scale(x="independent", y="independent")
 
 
-def prompt_lengths(lengths: pd.DataFrame) -> alt.Chart:
+def prompt_lengths(lengths: pd.DataFrame, width: int, columns: int) -> alt.Chart:
     """Prompt counts and mean token length per category, for each family's tokenizer."""
     bars = alt.Chart().mark_bar().encode(
         x=alt.X("category:N", title=None, sort=list(CATEGORIES)),
@@ -104,8 +118,9 @@ def prompt_lengths(lengths: pd.DataFrame) -> alt.Chart:
     )
     errs = alt.Chart().mark_errorbar().encode(x=alt.X("category:N", sort=list(CATEGORIES)),
                                                        y="min:Q", y2="max:Q")
-    return alt.layer(bars, errs, data=lengths).properties(width=150, height=140).facet(
-        column=alt.Column("family:N", title=None), row=alt.Row("format:N", title=None))
+    data, order = _panels(lengths, "family", "format")
+    return alt.layer(bars, errs, data=data).properties(width=panel_width(width, columns), height=120).facet(
+        facet=alt.Facet("panel:N", title=None, sort=order), columns=columns)
 
 
 def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
@@ -122,14 +137,15 @@ def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
 
 
 def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, lengths: pd.DataFrame,
-              folder: Path, definition: str, prompt_format: str) -> dict[str, dict[str, Path]]:
-    """Every chart of the report for the headline definition and prompt format."""
+              folder: Path, definition: str, prompt_format: str, width: int, columns: int) -> dict[str, dict[str, Path]]:
+    """Every chart of the report for the headline definition and prompt format, `width` pixels wide
+    with facets wrapped into `columns` columns (params.yaml `figures`)."""
     alt.data_transformers.disable_max_rows()
     charts = {
-        "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format)),
-        "delta_profiles": delta_profiles(choice_rows(deltas, definition, prompt_format)),
-        "depth_profiles": depth_profiles(choice_rows(deltas, definition, prompt_format)),
-        "head_scores": head_scores(choice_rows(heads, definition, prompt_format)),
-        "prompt_lengths": prompt_lengths(lengths),
+        "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format), width, columns),
+        "delta_profiles": delta_profiles(choice_rows(deltas, definition, prompt_format), width, columns),
+        "depth_profiles": depth_profiles(choice_rows(deltas, definition, prompt_format), width),
+        "head_scores": head_scores(choice_rows(heads, definition, prompt_format), width, columns),
+        "prompt_lengths": prompt_lengths(lengths, width, columns),
     }
     return {name: save(chart, folder, name) for name, chart in charts.items()}

@@ -93,6 +93,14 @@ class PatchSettings:
 
 
 @dataclass(frozen=True)
+class FigureSettings:
+    """`figures:` — the size of the report's charts."""
+
+    width: int    # px: the report's text column; every chart fits it
+    columns: int  # facet panels per row of a wrapped chart
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole of params.yaml: the active suite's checkpoints and the settings of each stage."""
 
@@ -103,6 +111,7 @@ class Config:
     extract: ExtractSettings
     stats: StatsSettings
     patch: PatchSettings
+    figures: FigureSettings
     paths: ProjectPaths
 
     @property
@@ -229,6 +238,12 @@ def _stats_settings(params: dict[str, Any]) -> StatsSettings:
     )
 
 
+def _figure_settings(params: dict[str, Any]) -> FigureSettings:
+    s = _section(params, "figures", FigureSettings)
+    return FigureSettings(width=_integer(s["width"], "figures.width", 300, 4000),
+                          columns=_integer(s["columns"], "figures.columns", 1, 8))
+
+
 # --- suites ----------------------------------------------------------------------------------------
 
 def _patch_settings(params: dict[str, Any]) -> PatchSettings:
@@ -322,7 +337,7 @@ def parse(params: dict[str, Any], paths: ProjectPaths, *, check_active: bool = T
         raise UserError(f"{_where('families')}: does not match suite {suite!r}; run `selfref suite use {suite}`")
     return Config(suite=suite, checkpoints=parsed[suite], suites=parsed, prompts=_prompt_settings(params),
                   extract=_extract_settings(params), stats=_stats_settings(params),
-                  patch=_patch_settings(params), paths=paths)
+                  patch=_patch_settings(params), figures=_figure_settings(params), paths=paths)
 
 
 def load(paths: ProjectPaths | None = None, *, check_active: bool = True) -> Config:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
-# The stats stage's tables, by name: data/stats/<name>.parquet.
+# The stats stage's tables, by name: data/stats/<name>.parquet (head_families ... correlation_pairs: the report's
+# selections, analysis.report_tables; attention_mass: where heads look, analysis.attention_mass).
 STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
-                "split_half", "attention_mass")
+                "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs",
+                "attention_mass")
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,11 @@ class ProjectPaths:
     @property
     def report_output(self) -> Path:
         return self.report / "_output"
+
+    @property
+    def quarto_offline(self) -> Path:
+        """Quarto installed by `make quarto QUARTO_INSTALLER=...` (git-ignored; the Makefile's QUARTO_OFFLINE)."""
+        return self.root / ".quarto-offline"
 
     @property
     def verified_files(self) -> Path:

@@ -3,10 +3,12 @@
 Quarto is the primary renderer (`quarto render`, configured by _quarto.yml). Where Quarto is not
 installed, the same document is rendered here with the subset of Quarto it uses: the document's
 Python cells run in a Jupyter kernel (nbclient + ipykernel) with the cell options `include`, `echo`,
-`output: asis`, `label` and `fig-cap`; inline `{python} expr` expressions are evaluated in the same
-kernel; pandoc (pypandoc-binary) writes HTML with every resource embedded, and pandoc's typst writer
-plus the `typst` compiler write the PDF. Charts appear as raw `{=html}` (interactive Vega-Lite) and
-`{=typst}` (static SVG) blocks, which both renderers pass through untouched.
+`output: asis`, `label` and `fig-cap`/`tbl-cap`; inline `{python} expr` expressions are evaluated in the
+same kernel (a value with a Markdown representation is inserted as markdown, as Quarto does); cells
+labelled `fig-*`/`tbl-*` become numbered figures and tables, and `@fig-*`/`@tbl-*` references become
+"Figure n"/"Table n" links; pandoc (pypandoc-binary) writes HTML with every resource embedded, and
+pandoc's typst writer plus the `typst` compiler write the PDF. Charts appear as raw `{=html}`
+(interactive Vega-Lite) and `{=typst}` (static SVG) blocks, which both renderers pass through untouched.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 RENDERERS = ("auto", "quarto", "fallback")
 CELL = re.compile(r"^```\{python\}[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 INLINE = re.compile(r"`\{python\}\s+([^`]+)`")
+XREF = re.compile(r"(?<![\w@])@((fig|tbl)-[\w-]*\w)")
+FLOATS = {"fig": ("Figure", "fig-cap", "bottom"), "tbl": ("Table", "tbl-cap", "top")}  # prefix: name, caption, where
 OPTION = re.compile(r"^#\|\s?(.*)$")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 KERNEL_TIMEOUT_S = 600
@@ -49,6 +53,8 @@ th, td { border-bottom: 1px solid #ddd; padding: 0.25rem 0.6rem; text-align: lef
 .num { border-bottom: 1px dotted #888; } figure { margin: 1.5rem 0; } figcaption { color: #555; font-size: 0.9rem; }
 .vega-chart { overflow-x: auto; }
 nav#TOC { background: #f6f6f6; padding: 0.5rem 1rem; font-size: 0.9rem; }
+.quarto-float { margin: 1.5rem 0; } .quarto-float table { margin: 0.3rem 0; }
+.quarto-float-caption { color: #555; font-size: 0.9rem; }
 pre { background: #f6f6f6; padding: 0.5rem; overflow-x: auto; }
 """
 
@@ -74,22 +80,33 @@ def _raw_block(fmt: str, text: str) -> str:
     return f"{fence}{{={fmt}}}\n{text}\n{fence}\n"
 
 
+class Markdown(str):
+    """Text that Quarto (and the fallback) insert as markdown, from an inline expression or a cell's value."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
 def _typst_text(text: str) -> str:
     """Escape characters with a meaning in typst markup."""
     return re.sub(r"([\\#\[\]*_`$<>@~])", r"\\\1", text)
 
 
-def vega_bundle_markdown() -> str:
+def vega_bundle_markdown() -> Markdown:
     """A raw HTML block defining `vegaEmbed` from vl-convert's bundle of Vega, Vega-Lite and
-    Vega-Embed, so the page needs no network. Include it once, before the first chart."""
+    Vega-Embed, so the page needs no network. Include it once, before the first chart.
+
+    `<table` in the bundle's code is written `<\\u0074able` (the same characters to JavaScript, in strings,
+    regular expressions and names alike) so that Quarto does not try to read an HTML table out of it."""
     import vl_convert
 
-    bundle = vl_convert.javascript_bundle("window.vegaEmbed = vegaEmbed;")
-    return _raw_block("html", f'<script>\n{bundle}\n</script>')
+    bundle = vl_convert.javascript_bundle("window.vegaEmbed = vegaEmbed;").replace("<table", "<\\u0074able")
+    return Markdown(_raw_block("html", f'<script>\n{bundle}\n</script>'))
 
 
-def chart_markdown(spec_json: Path | str, svg: Path | str, caption: str, label: str) -> str:
-    """A chart for both outputs: interactive Vega-Lite in HTML, the static SVG in the PDF.
+def chart_markdown(spec_json: Path | str, svg: Path | str) -> Markdown:
+    """A chart for both outputs: interactive Vega-Lite in HTML, the static SVG (scaled to the text
+    column) in the PDF. The caption and number come from the cell's `label` and `fig-cap`.
 
     Paths are relative to the document; the spec is read now and inlined in the page.
     """
@@ -98,14 +115,12 @@ def chart_markdown(spec_json: Path | str, svg: Path | str, caption: str, label: 
         if not path.exists():
             raise UserError(f"{path}: chart file missing; run `selfref figures` (or `dvc repro figures`)")
     spec = json.dumps(json.loads(spec_path.read_text())).replace("</", "<\\/")
-    element = f"vis-{label}"
-    figure = (f'<figure id="{label}" class="chart">\n<div id="{element}" class="vega-chart"></div>\n'
-              f'<figcaption>{html.escape(caption, quote=False)}</figcaption>\n</figure>\n'
-              f'<script>\nwindow.vegaEmbed("#{element}", {spec}, '
-              '{"actions": false, "renderer": "svg"});\n</script>')
-    typst = (f'#figure(image("{svg_path.as_posix()}", width: 100%), '
-             f'caption: [{_typst_text(caption)}]) <{label}>')
-    return _raw_block("html", figure) + "\n" + _raw_block("typst", typst)
+    element = "vis-" + re.sub(r"[^\w-]", "-", spec_path.name.removesuffix(".vl.json"))
+    chart = (f'<div id="{element}" class="vega-chart"></div>\n'
+             f'<script>\nwindow.vegaEmbed("#{element}", {spec}, '
+             '{"actions": false, "renderer": "svg"});\n</script>')
+    typst = f'#image("{svg_path.as_posix()}", width: 100%)'
+    return Markdown(_raw_block("html", chart) + "\n" + _raw_block("typst", typst))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,43 +188,146 @@ def _notebook(parts: list[Chunk]):
             slots.append((index, None))
         else:
             for expr in INLINE.findall(part.text):
-                cells.append(nbformat.v4.new_code_cell(f"print({expr.strip()}, end='')"))
+                cells.append(nbformat.v4.new_code_cell(expr.strip()))
                 slots.append((index, expr))
     return nbformat.v4.new_notebook(cells=cells), slots
 
 
+def _inline_value(outputs: list) -> str:
+    """What Quarto inserts for an inline expression: its Markdown representation as is, else its plain
+    text, where a quoted string loses its quotes and has markdown characters escaped."""
+    for out in outputs:
+        if out.get("output_type") != "execute_result":
+            continue
+        data = out.get("data", {})
+        if "text/markdown" in data:
+            return data["text/markdown"]
+        text = data.get("text/plain", "")
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            return re.sub(r"([\\`*_{}\[\]()>#+,\-.!])", r"\\\1", text[1:-1])
+        return text
+    return ""
+
+
+@dataclass
+class Float:
+    """A cell labelled `fig-*` or `tbl-*`: numbered in document order within its kind, with its caption."""
+
+    label: str
+    kind: str  # "fig" | "tbl"
+    number: int
+    caption: str
+
+    @property
+    def name(self) -> str:
+        return FLOATS[self.kind][0]
+
+    def wrap(self, body: str, target: str) -> str:
+        """The cell's output as a numbered figure or table for `target` ("html" or "typst"), caption
+        below a figure and above a table, as Quarto places them."""
+        where = FLOATS[self.kind][2]
+        title = f"{self.name} {self.number}" + (f": {self.caption}" if self.caption else "")
+        if target == "html":
+            caption = f"::: {{.quarto-float-caption}}\n{title}\n:::\n"
+            inner = caption + "\n" + body if where == "top" else body + "\n" + caption
+            return f"\n:::: {{#{self.label} .quarto-float .quarto-float-{self.kind}}}\n{inner}\n::::\n"
+        close = (f'], caption: figure.caption(position: {where}, [{_typst_text(self.caption)}]), '
+                 f'kind: "quarto-float-{self.kind}", supplement: [{self.name}]) <{self.label}>')
+        return "\n" + _raw_block("typst", "#figure([") + "\n" + body + "\n" + _raw_block("typst", close)
+
+    def reference(self, target: str) -> str:
+        if target == "html":
+            return f"[{self.name}\u00a0{self.number}](#{self.label}){{.quarto-xref}}"
+        return f"`#ref(<{self.label}>, supplement: [{self.name}])`{{=typst}}"
+
+
+def _floats(parts: list[Chunk], where: str) -> dict[int, Float]:
+    """The labelled cells (by chunk index), numbered per kind in document order."""
+    out, counts, seen = {}, {}, set()
+    for index, part in enumerate(parts):
+        label = str(part.options.get("label", "")) if part.kind == "code" else ""
+        kind = label.split("-", 1)[0]
+        if kind not in FLOATS:
+            continue
+        if label in seen:
+            raise UserError(f"{where}:{part.line}: label {label} is used twice")
+        seen.add(label)
+        counts[kind] = counts.get(kind, 0) + 1
+        out[index] = Float(label, kind, counts[kind], str(part.options.get(FLOATS[kind][1], "")).strip())
+    return out
+
+
 def _outputs_markdown(outputs: list, options: dict[str, Any], assets: Path, name: str) -> str:
-    """Markdown for a cell's outputs: `output: asis` passes text through, otherwise it is a code block."""
+    """Markdown for a cell's outputs, as Quarto makes it: a value with a Markdown representation is
+    markdown; printed text is a code block unless the cell says `output: asis`; images are figures."""
     import base64
 
-    texts, blocks = [], []
+    asis = options.get("output") == "asis"
+    pieces, pending = [], []
+
+    def flush() -> None:
+        text = "".join(pending)
+        pending.clear()
+        if asis:
+            pieces.append(text)
+        elif text.strip():
+            pieces.append(f"```\n{text}```\n")
+
     for out in outputs:
         if out.get("output_type") == "stream" and out.get("name") == "stdout":
-            texts.append(out["text"])
+            pending.append(out["text"])
         elif out.get("output_type") in ("display_data", "execute_result"):
             data = out.get("data", {})
             if "text/markdown" in data:
-                texts.append(data["text/markdown"] + "\n")
+                flush()
+                pieces.append(data["text/markdown"] + "\n")
             elif "image/png" in data:
+                flush()
                 assets.mkdir(parents=True, exist_ok=True)
-                image = assets / f"{name}-{len(blocks)}.png"
+                image = assets / f"{name}-{len(pieces)}.png"
                 image.write_bytes(base64.b64decode(data["image/png"]))
-                caption = options.get("fig-cap", "")
-                label = f"{{#{options['label']}}}" if "label" in options else ""
-                blocks.append(f"![{caption}]({image.as_posix()}){label}\n")
+                pieces.append(f"![]({image.as_posix()})\n")
             elif "text/plain" in data:
-                texts.append(data["text/plain"] + "\n")
-    text = "".join(texts)
-    if options.get("output") == "asis":
-        body = text
-    else:
-        body = f"```\n{text}```\n" if text.strip() else ""
-    return body + "\n".join(blocks)
+                pending.append(data["text/plain"] + "\n")
+    flush()
+    return "\n".join(pieces)
 
 
-def execute_document(qmd: Path, workdir: Path, root: Path) -> tuple[dict[str, Any], str]:
-    """Run the document's Python in a kernel started in the document's folder, as Quarto does, and
-    return (front matter, plain markdown with every cell replaced by its output)."""
+@dataclass
+class Executed:
+    """A document after its Python ran: each chunk's markdown (cells replaced by their outputs, inline
+    expressions by their values) and the numbered figures and tables, ready to assemble per output."""
+
+    meta: dict[str, Any]
+    parts: list[Chunk]
+    texts: dict[int, str]
+    floats: dict[int, Float]
+    where: str
+
+    def markdown(self, target: str) -> str:
+        """Plain pandoc markdown for `target` ("html" or "typst"): floats numbered, references resolved."""
+        labels = {f.label: f for f in self.floats.values()}
+
+        def reference(match: re.Match) -> str:
+            if match.group(1) not in labels:
+                raise UserError(f"{self.where}: @{match.group(1)} refers to no cell labelled {match.group(1)}")
+            return labels[match.group(1)].reference(target)
+
+        out = []
+        for index, part in enumerate(self.parts):
+            text = self.texts.get(index, "")
+            if part.kind == "markdown":
+                out.append(XREF.sub(reference, text))
+            elif index in self.floats:
+                out.append(self.floats[index].wrap(text, target) + "\n")
+            else:
+                out.append(text + "\n")
+        return "".join(out)
+
+
+def execute_document(qmd: Path, workdir: Path, root: Path) -> Executed:
+    """Run the document's Python in a kernel started in the document's folder, as Quarto does; every
+    cell is replaced by its output and every inline expression by its value."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
@@ -217,6 +335,7 @@ def execute_document(qmd: Path, workdir: Path, root: Path) -> tuple[dict[str, An
     source = qmd.read_text(encoding="utf-8")
     meta, body = split_front_matter(source, where)
     parts = chunks(body, where, first_line=source.count("\n") - body.count("\n") + 1)
+    floats = _floats(parts, where)
     notebook, slots = _notebook(parts)
     client = NotebookClient(notebook, timeout=KERNEL_TIMEOUT_S, kernel_name="python3",
                             resources={"metadata": {"path": str(qmd.parent)}})
@@ -232,33 +351,27 @@ def execute_document(qmd: Path, workdir: Path, root: Path) -> tuple[dict[str, An
                         f"{ANSI.sub('', str(exc))}") from exc
 
     defaults = (meta.get("execute") or {})
-    rendered: dict[int, list[str]] = {}
+    texts: dict[int, str] = {}
     inline_values: dict[int, list[str]] = {}
     for cell, (index, expr) in zip(notebook.cells, slots):
         if expr is not None:
-            text = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
-            inline_values.setdefault(index, []).append(text)
+            inline_values.setdefault(index, []).append(_inline_value(cell.outputs))
             continue
         part = parts[index]
         options = {**defaults, **part.options}
         if options.get("include") is False:
-            rendered[index] = []
+            texts[index] = ""
             continue
         pieces = []
         if options.get("echo") is True:
             pieces.append(f"```python\n{part.text}```\n")
         pieces.append(_outputs_markdown(cell.outputs, options, workdir, f"cell{part.line}"))
-        rendered[index] = pieces
-
-    markdown = []
+        texts[index] = "".join(pieces)
     for index, part in enumerate(parts):
-        if part.kind == "code":
-            markdown.extend(rendered.get(index, []))
-            markdown.append("\n")
-        else:
+        if part.kind == "markdown":
             values = iter(inline_values.get(index, []))
-            markdown.append(INLINE.sub(lambda _: next(values), part.text))
-    return meta, "".join(markdown)
+            texts[index] = INLINE.sub(lambda _: next(values), part.text)
+    return Executed(meta, parts, texts, floats, where)
 
 
 def _metadata(meta: dict[str, Any], qmd: Path) -> dict[str, Any]:
@@ -287,12 +400,13 @@ def render_fallback(qmd: Path, outdir: Path, root: Path) -> RenderResult:
     outdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".render-", dir=qmd.parent) as tmp:
         work = Path(tmp)
-        meta, markdown = execute_document(qmd, work, root)
-        meta = _metadata(meta, qmd)
+        executed = execute_document(qmd, work, root)
+        meta = _metadata(executed.meta, qmd)
         toc = bool(meta.pop("toc", False))
-        document = work / "index.md"
-        document.write_text("---\n" + yaml.safe_dump(meta, allow_unicode=True) + "---\n\n" + markdown,
-                            encoding="utf-8")
+        front = "---\n" + yaml.safe_dump(meta, allow_unicode=True) + "---\n\n"
+        document, document_typst = work / "index.md", work / "index-typst.md"
+        document.write_text(front + executed.markdown("html"), encoding="utf-8")
+        document_typst.write_text(front + executed.markdown("typst"), encoding="utf-8")
         css = work / "style.css"
         css.write_text(STYLE, encoding="utf-8")
         toc_args = ["--toc"] if toc else []
@@ -301,7 +415,7 @@ def render_fallback(qmd: Path, outdir: Path, root: Path) -> RenderResult:
                                               "--resource-path", str(qmd.parent), *toc_args], qmd.parent)
         typ = qmd.parent / f"{work.name}.typ"  # beside the document, so figure paths resolve as in the .qmd
         try:
-            _pandoc(document, typ, "typst", ["--standalone", *toc_args], qmd.parent)
+            _pandoc(document_typst, typ, "typst", ["--standalone", *toc_args], qmd.parent)
             with atomic_path(outdir / "index.pdf") as pdf:
                 try:
                     typst.compile(str(typ), output=str(pdf), root=str(qmd.parent))
@@ -322,6 +436,9 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderRes
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise UserError(f"quarto render failed:\n{done.stderr.strip()[-4000:]}")
+    for line in ANSI.sub("", done.stderr).splitlines():
+        if line.startswith(("WARN", "ERROR")):
+            log.warning("quarto: %s", line)
     outdir.mkdir(parents=True, exist_ok=True)
     for suffix in ("html", "pdf"):
         target = outdir / f"index.{suffix}"
@@ -334,8 +451,25 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderRes
     return RenderResult("quarto", outdir / "index.html", outdir / "index.pdf")
 
 
+QUARTO_INSTALL_HINT = ("install Quarto with `make quarto` (pip's quarto-cli into .venv; offline: "
+                       "`make quarto QUARTO_INSTALLER=<path to an offline install.sh>`) or from quarto.org")
+
+
+def find_quarto(root: Path | None = None) -> str | None:
+    """`quarto` on PATH, else one installed by `make quarto`: quarto-cli in this Python's environment, or
+    the offline installer's copy in .quarto-offline/ of the project `root` (default: SELFREF_ROOT or this
+    checkout)."""
+    found = shutil.which("quarto")
+    if found:
+        return found
+    for candidate in (Path(sys.executable).parent / "quarto", project_paths(root).quarto_offline / "bin" / "quarto"):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return None
+
+
 def render_report(qmd: Path, outdir: Path, renderer: str = "auto", root: Path | None = None) -> RenderResult:
-    """Render with Quarto when it is on PATH (or when asked), else with the fallback renderer.
+    """Render with Quarto when it is installed (or when asked), else with the fallback renderer.
 
     `root` is the project the document's cells read (default: SELFREF_ROOT or this checkout)."""
     root = Path(root) if root is not None else project_paths().root
@@ -343,12 +477,16 @@ def render_report(qmd: Path, outdir: Path, renderer: str = "auto", root: Path | 
         raise UserError(f"renderer {renderer!r}: use one of {', '.join(RENDERERS)}")
     if not qmd.exists():
         raise UserError(f"{qmd}: report source missing")
-    quarto = shutil.which("quarto")
+    quarto = find_quarto(root) if renderer in ("auto", "quarto") else None
     if renderer == "quarto" and quarto is None:
-        raise UserError("renderer quarto: `quarto` is not on PATH; install Quarto (quarto.org) or use "
-                        "--renderer fallback")
-    if quarto is not None and renderer in ("auto", "quarto"):
+        raise UserError(f"renderer quarto: `quarto` is not on PATH nor installed in the project; "
+                        f"{QUARTO_INSTALL_HINT}, or use --renderer fallback")
+    if quarto is not None:
         log.info("rendering %s with Quarto (%s)", qmd.name, quarto)
         return render_quarto(qmd, outdir, quarto, root)
-    log.info("Quarto not found: rendering %s with the fallback renderer (nbclient + pandoc + typst)", qmd.name)
+    if renderer == "fallback":
+        log.info("rendering %s with the fallback renderer (nbclient + pandoc + typst)", qmd.name)
+    else:
+        log.info("Quarto not found: rendering %s with the fallback renderer (nbclient + pandoc + typst); %s",
+                 qmd.name, QUARTO_INSTALL_HINT)
     return render_fallback(qmd, outdir, root)

@@ -2,12 +2,14 @@
 
 Every number the report states goes through `Numbers.show`, which prints it as a span carrying the
 metrics.json key it came from (`data-key`), so a reader (and a test) can trace it to the artefact.
+These helpers format; what to show is selected by the stats stage (analysis.report_tables).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
@@ -18,9 +20,10 @@ import pandas as pd
 import yaml
 
 from analysis import config as config_mod
-from analysis.config import Config
+from analysis.config import Config, StatsSettings
 from analysis.layout import ProjectPaths, project_paths
 from analysis.quantities import choice_rows
+from analysis.rendering import Markdown, chart_markdown
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
             "statsmodels", "pandas", "pyarrow", "altair", "vl-convert-python", "dvc")
@@ -60,13 +63,15 @@ class Numbers:
     def value(self, key: str) -> Any:
         return lookup(self.metrics, key)
 
-    def show(self, key: str, style: str = "f4") -> str:
+    def show(self, key: str, style: str = "f4") -> Markdown:
+        """The number as markdown: a span with its key, for inline `{python}` expressions and tables."""
         text = format_number(self.value(key), style)
-        return f'[{text}]{{.num key="{key}" fmt="{style}" title="{self.source}: {key}"}}'
+        return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" title="{self.source}: {key}"}}')
 
-    def interval(self, key: str, style: str = "f4") -> str:
+    def interval(self, key: str, style: str = "f4") -> Markdown:
         """`value [lo, hi]` for a key with `_lo`/`_hi` siblings."""
-        return f"{self.show(key, style)} [{self.show(key + '_lo', style)}, {self.show(key + '_hi', style)}]"
+        return Markdown(f"{self.show(key, style)} [{self.show(key + '_lo', style)}, "
+                        f"{self.show(key + '_hi', style)}]")
 
 
 @dataclass
@@ -76,10 +81,13 @@ class Artefacts:
     numbers: Numbers
     config: Config
     params: dict[str, Any]
-    heads: pd.DataFrame
     robustness: pd.DataFrame
     length_control: pd.DataFrame
     split_half: pd.DataFrame
+    head_families: pd.DataFrame
+    candidate_heads: pd.DataFrame
+    length_disagreements: pd.DataFrame
+    correlation_pairs: pd.DataFrame
     manifests: dict[str, dict[str, Any]]
     prompt_summary: dict[str, Any]
 
@@ -95,6 +103,10 @@ class Artefacts:
     def is_demo(self) -> bool:
         return any(m["source"] == "demo" for m in self.manifests.values())
 
+    @property
+    def stats(self) -> StatsSettings:
+        return self.config.stats
+
     def headline(self, frame: pd.DataFrame) -> pd.DataFrame:
         return choice_rows(frame, self.config.stats.headline_definition, self.config.stats.headline_format)
 
@@ -108,22 +120,45 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         numbers=Numbers(json.loads(paths.metrics.read_text())),
         config=config,
         params=config_mod.read_yaml(paths.params),
-        heads=pd.read_parquet(paths.stats_table("heads")),
         robustness=pd.read_parquet(paths.stats_table("robustness")),
         length_control=pd.read_parquet(paths.stats_table("length_control")),
         split_half=pd.read_parquet(paths.stats_table("split_half")),
+        head_families=pd.read_parquet(paths.stats_table("head_families")),
+        candidate_heads=pd.read_parquet(paths.stats_table("candidate_heads")),
+        length_disagreements=pd.read_parquet(paths.stats_table("length_disagreements")),
+        correlation_pairs=pd.read_parquet(paths.stats_table("correlation_pairs")),
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
     )
 
 
-def markdown_table(frame: pd.DataFrame, caption: str | None = None) -> str:
-    """A pipe table (pandoc and Quarto both read it); `caption` becomes the table caption."""
+def markdown_table(frame: pd.DataFrame) -> Markdown:
+    """A pipe table (pandoc and Quarto both read it); its caption and number come from the cell's
+    `label` and `tbl-cap`."""
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    table = "\n".join([header, rule, *body])
-    return f"{table}\n\n: {caption}\n" if caption else table + "\n"
+    cells = [[str(v) for v in row] for row in frame.itertuples(index=False)]
+    # pandoc sizes the columns of a table with long source lines (number spans) by the dashes under the
+    # header: give each column as many as the widest text a reader sees in it
+    widths = [max([len(visible_text(str(c)))] + [len(visible_text(row[i])) for row in cells])
+              for i, c in enumerate(frame.columns)]
+    rule = "|" + "|".join("-" * max(3, w) for w in widths) + "|"
+    body = ["| " + " | ".join(row) + " |" for row in cells]
+    return Markdown("\n".join([header, rule, *body]) + "\n")
+
+
+def visible_text(markdown: str) -> str:
+    """The text of a table cell as shown: number spans `[text]{...}` reduced to their text."""
+    return re.sub(r"\[([^\]]*)\]\{[^}]*\}", r"\1", markdown).replace("`", "")
+
+
+def chart(name: str, folder: Path = Path("figures")) -> Markdown:
+    """The chart `name` built by `selfref figures` (paths relative to the document)."""
+    return chart_markdown(folder / f"{name}.vl.json", folder / f"{name}.svg")
+
+
+def percent(share: float) -> str:
+    """A share from params (a confidence level) as a whole percentage."""
+    return f"{float(share):.0%}"
 
 
 def package_versions() -> dict[str, str]:
@@ -158,17 +193,19 @@ def params_yaml(params: dict[str, Any], keys: tuple[str, ...] = ("suite", "extra
     return yaml.safe_dump({k: params[k] for k in keys}, sort_keys=False)
 
 
-def robustness_cells(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per family, one column per `definition / format`: mean ΔRFC [CI], share compressing,
-    and † where the conclusion differs from the family's headline conclusion."""
-    def cell(row) -> str:
-        text = (f"{format_number(row['mean_delta_rfc'], 'f4')} [{format_number(row['mean_delta_rfc_lo'], 'f4')}, "
-                f"{format_number(row['mean_delta_rfc_hi'], 'f4')}]; {format_number(row['share_compression'], 'pct1')}")
-        return text + (" †" if row["differs"] else "")
-    cells = table.assign(choice=table["definition"] + " / " + table["format"], cell=table.apply(cell, axis=1))
-    wide = cells.pivot(index="family", columns="choice", values="cell")
-    order = list(dict.fromkeys(cells.sort_values(["format", "definition"])["choice"]))
-    return wide[order].reset_index().rename_axis(columns=None)
+def robustness_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """robustness.parquet as the report shows it: one row per (family, prompt format, entropy definition)
+    with mean ΔRFC [CI], the share of compressing layers and the conclusion, † where the conclusion
+    differs from the family's headline conclusion."""
+    rows = table.sort_values(["family", "format", "definition"], kind="stable")
+    interval = rows.apply(lambda r: f"{format_number(r['mean_delta_rfc'], 'f4')} [{format_number(r['mean_delta_rfc_lo'], 'f4')}, "
+                                    f"{format_number(r['mean_delta_rfc_hi'], 'f4')}]", axis=1)
+    return pd.DataFrame({
+        "family": rows["family"].to_numpy(), "prompts": rows["format"].to_numpy(),
+        "entropy": rows["definition"].to_numpy(), "mean ΔRFC [CI]": interval.to_numpy(),
+        "compressing layers": rows["share_compression"].map(lambda v: format_number(v, "pct1")).to_numpy(),
+        "conclusion": (rows["conclusion"].str.replace("_", " ") + rows["differs"].map({True: " †", False: ""})).to_numpy(),
+    })
 
 
 def ranked_values(value: dict[str, Any]) -> list[Any]:

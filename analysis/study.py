@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis import robustness
-from analysis.attention_mass import mass_changes
+from analysis import report_tables, robustness
+from analysis.mass_statistics import mass_changes
 from analysis.config import StatsSettings
 from analysis.errors import UserError
 from analysis.layer_statistics import build_statistics, metric_value
@@ -28,7 +28,8 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
 
     The tables of `build_statistics` for every format with a `format` column; token_lengths; the
     robustness table of every (definition, format) conclusion; length control and split-half
-    reliability on the headline definition and format; the headline ΔRFC for `dvc plots`; and metrics.
+    reliability on the headline definition and format; the headline ΔRFC for `dvc plots`; the report's
+    selections (analysis.report_tables); and metrics.
     """
     definition, headline_format = settings.headline_definition, settings.headline_format
     if headline_format not in entropy_by_format:
@@ -61,5 +62,7 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     out["token_lengths"] = token_lengths.sort_values(["format", "family", "category"], ignore_index=True)
     out["delta_rfc_plot"] = headline[["family", "layer", "depth", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi",
                                       "layer_class"]]
+    out.update(report_tables.build(choice_rows(out["heads"], definition, headline_format), out["length_control"],
+                                   choice_rows(out["cross_family"], definition, headline_format), settings))
     out["metrics"] = metrics
     return out

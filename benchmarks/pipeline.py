@@ -63,14 +63,20 @@ def measure(log: Callable[[str], None] = print) -> dict[str, Any]:
                "SELFREF_ROOT": str(clone), "SELFREF_DEMO_MODELS": str(Path(tmp) / "models"), "TQDM_DISABLE": "1"}
         env.pop("HF_TOKEN", None)
         log(f"dvc repro --force in a fresh clone of {commit[:10]} (demo suite)")
-        result["from_scratch"] = timed_run(["dvc", "repro", "--force"], clone, env)
-        log(f"  {result['from_scratch']['seconds']:.1f} s, exit status {result['from_scratch']['rc']}")
-        if result["from_scratch"]["rc"] == 0:
-            log("no-op dvc repro")
-            noop = timed_run(["dvc", "repro"], clone, env)
-            noop["up_to_date"] = not noop["stages"]
-            result["noop"] = noop
-            log(f"  {noop['seconds']:.1f} s, exit status {noop['rc']}")
+        scratch = timed_run(["dvc", "repro", "--force"], clone, env)
+        log(f"  {scratch['seconds']:.1f} s, exit status {scratch['rc']}")
+        if scratch["rc"] != 0:
+            raise RuntimeError(f"dvc repro --force exited {scratch['rc']}: ...{scratch['output_tail'][-1500:]}")
+        scratch.pop("output_tail")
+        result["from_scratch"] = scratch
+        result["slowest"] = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(scratch["stages"].items(),
+                                                                           key=lambda kv: -kv[1])[:3])
+        log("no-op dvc repro")
+        noop = timed_run(["dvc", "repro"], clone, env)
+        noop["stages_rerun"] = len(noop["stages"])
+        noop.pop("output_tail")
+        result["noop"] = noop
+        log(f"  {noop['seconds']:.1f} s, exit status {noop['rc']}, {noop['stages_rerun']} stage(s) re-ran")
     return result
 
 

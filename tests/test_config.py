@@ -33,6 +33,7 @@ def test_the_tracked_params_parse():
     assert cfg.suite == "demo" and cfg.stats.definitions == tuple(PARAMS["stats"]["definitions"])
     assert [c.name for c in cfg.checkpoints] == list(PARAMS["checkpoints"])
     assert cfg.families == list(PARAMS["suites"]["demo"]["families"])
+    assert (cfg.figures.width, cfg.figures.columns) == (PARAMS["figures"]["width"], PARAMS["figures"]["columns"])
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -53,6 +54,9 @@ def test_the_tracked_params_parse():
     ("patch__top_k", 0, r"patch.top_k: 0 is out of range"),
     ("patch__n_permutations", 10, r"patch.n_permutations: 10 is out of range"),
     ("patch__effect_floor", -1, r"patch.effect_floor: -1 is out of range"),
+    ("figures__width", 100, r"figures.width: 100 is out of range; use a whole number from 300 to 4000"),
+    ("figures__width", "640px", r"figures.width: '640px' is not a whole number"),
+    ("figures__columns", 0, r"figures.columns: 0 is out of range; use a whole number from 1 to 8"),
 ])
 def test_a_bad_setting_is_refused_with_its_key_and_range(key, value, message):
     with pytest.raises(UserError, match=message):
@@ -63,6 +67,16 @@ def test_a_misspelt_or_missing_key_is_named():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["stats"]["aplha"] = params["stats"].pop("alpha")
     with pytest.raises(UserError, match=r"stats: missing alpha; unknown aplha"):
+        config.parse(params, project_paths(REPO))
+
+
+def test_the_figures_section_takes_exactly_width_and_columns():
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["figures"]["height"] = 300
+    with pytest.raises(UserError, match=r"figures: unknown height; the section takes width, columns"):
+        config.parse(params, project_paths(REPO))
+    del params["figures"]
+    with pytest.raises(UserError, match=r"figures: missing or not a mapping; restore the `figures:` section"):
         config.parse(params, project_paths(REPO))
 
 

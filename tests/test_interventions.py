@@ -146,7 +146,7 @@ def test_patching_refuses_different_token_ids():
 
 
 def test_mass_changes_by_hand():
-    from analysis.attention_mass import mass_changes
+    from analysis.mass_statistics import mass_changes
 
     rows = []
     for variant, shift in (("base", 0.0), ("instruct", 0.1)):

@@ -1,6 +1,7 @@
 """The fallback renderer: the Quarto features the report uses, on a small document with known output."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -24,19 +25,24 @@ toc: true
 #| include: false
 import sys
 from pathlib import Path
-from analysis.rendering import chart_markdown, vega_bundle_markdown
+from analysis.rendering import Markdown, chart_markdown, vega_bundle_markdown
 hidden_value = 6 * 7
 ```
 
 ## First section
 
-The answer is `{python} hidden_value` and twice that is `{python} 2 * hidden_value`.
+The answer is `{python} hidden_value` and twice that is `{python} 2 * hidden_value`; a string `{python} "a_b*c"` is text, `{python} Markdown("*emphasis*")` is markdown. See @tbl-small and @fig-tiny.
 
 ```{python}
 #| output: asis
 print(vega_bundle_markdown())
-print("**bold from a cell** and a table:\\n")
-print("| a | b |\\n|---|---|\\n| 1 | 2 |\\n")
+print("**bold from a cell**\\n")
+```
+
+```{python}
+#| label: tbl-small
+#| tbl-cap: "A small table (made_up.parquet)."
+Markdown("| a | b |\\n|---|---|\\n| 1 | 2 |\\n")
 ```
 
 ```{python}
@@ -46,10 +52,18 @@ print("plain output")
 
 ## Second section
 
+@fig-tiny again, after @tbl-other.
+
 ```{python}
-#| output: asis
-print(chart_markdown(Path("figures/tiny.vl.json"), Path("figures/tiny.svg"), "A tiny chart (made_up.parquet).",
-                     "fig-tiny"))
+#| label: fig-tiny
+#| fig-cap: "A tiny chart (made_up.parquet)."
+chart_markdown(Path("figures/tiny.vl.json"), Path("figures/tiny.svg"))
+```
+
+```{python}
+#| label: tbl-other
+#| tbl-cap: "Another table."
+Markdown("| c |\\n|---|\\n| 3 |\\n")
 ```
 '''
 
@@ -73,7 +87,10 @@ def test_cells_and_options_are_parsed_with_line_numbers():
     assert meta["execute"] == {"echo": False} and meta["toc"] is True
     parts = rendering.chunks(body, "doc")
     code = [p for p in parts if p.kind == "code"]
-    assert [p.options for p in code] == [{"include": False}, {"output": "asis"}, {"echo": True}, {"output": "asis"}]
+    assert [p.options for p in code] == [
+        {"include": False}, {"output": "asis"}, {"label": "tbl-small", "tbl-cap": "A small table (made_up.parquet)."},
+        {"echo": True}, {"label": "fig-tiny", "fig-cap": "A tiny chart (made_up.parquet)."},
+        {"label": "tbl-other", "tbl-cap": "Another table."}]
     assert code[0].text.startswith("import sys") and "#|" not in code[0].text
     assert body.splitlines()[code[1].line - 1] == "```{python}"
 
@@ -87,23 +104,42 @@ def test_bad_options_and_unclosed_front_matter_are_named():
 
 
 def test_fallback_renders_html_and_pdf_with_quarto_semantics(document, tmp_path):
-    """Inline expressions evaluate, include:false and echo follow Quarto, asis output becomes markdown,
-    charts are interactive in HTML (spec and Vega inlined) and static in the PDF."""
+    """Inline expressions evaluate (a string as text, a Markdown value as markdown), include:false and echo
+    follow Quarto, asis output becomes markdown, labelled cells become numbered floats with their
+    captions (tables above, figures below) and `@label` links reading their numbers, in HTML and PDF;
+    charts are interactive in HTML (spec and Vega inlined) and static in the PDF; the TOC links each section."""
     out = tmp_path / "out"
-    result = rendering.render_fallback(document, out)
-    html = result.html.read_text()
-    assert "The answer is 42 and twice that is 84." in html
+    result = rendering.render_fallback(document, out, tmp_path)
+    html = result.html.read_text().replace("\xa0", " ").replace("&nbsp;", " ")
+    flat = " ".join(html.split())
+    assert "The answer is 42 and twice that is 84; a string a_b*c is text, <em>emphasis</em> is markdown." in flat
     assert "<strong>bold from a cell</strong>" in html and "<table" in html
     assert "hidden_value = 6 * 7" not in html, "include: false hides the code"
     assert "sourceCode python" in html and html.count("plain output") == 2, "echo: true shows code and output"
     assert "window.vegaEmbed" in html and '"mark": {"type": "line"}' in html.replace('"mark":{"type":"line"}',
                                                                                        '"mark": {"type": "line"}')
     assert "<script src=" not in html and "http://" not in html.split("<body")[1].split("<script")[0]
-    assert 'id="TOC"' in html or "toc" in html.lower()
-    text = "".join(page.extract_text() for page in PdfReader(result.pdf).pages)
+    assert re.findall(r'<a href="#(\w+-\w+)" class="quarto-xref">([^<]+)</a>', html) == [
+        ("tbl-small", "Table 1"), ("fig-tiny", "Figure 1"), ("fig-tiny", "Figure 1"), ("tbl-other", "Table 2")]
+    small = html[html.index('id="tbl-small"'):]
+    assert small.index("Table 1: A small table (made_up.parquet).") < small.index("<table")
+    tiny = html[html.index('id="fig-tiny"'):]
+    assert tiny.index('class="vega-chart"') < tiny.index("Figure 1: A tiny chart (made_up.parquet).")
+    nav = re.search(r'<nav[^>]*id="TOC"[^>]*>(.*?)</nav>', html, re.S)
+    assert nav and re.findall(r'href="#([^"]+)"', nav.group(1)) == ["first-section", "second-section"]
+    text = " ".join("".join(page.extract_text() for page in PdfReader(result.pdf).pages).split())
     assert "First section" in text and "Second section" in text and "42" in text
-    assert "A tiny chart (made_up.parquet)." in text, "typst caption with escaped underscore"
+    assert "Table 1: A small table (made_up.parquet)." in text and "Table 2: Another table." in text
+    assert "Figure 1: A tiny chart (made_up.parquet)." in text, "typst caption with escaped underscore"
+    assert "See Table 1 and Figure 1." in text and "Figure 1 again, after Table 2." in text
     assert not list(document.parent.glob("*.typ")) and not list(document.parent.glob(".render-*"))
+
+
+def test_a_reference_to_no_label_is_named(document, tmp_path):
+    """`@fig-x` without a cell labelled fig-x stops the render, naming the reference."""
+    document.write_text(DOCUMENT.replace("See @tbl-small", "See @tbl-missing"))
+    with pytest.raises(UserError, match="@tbl-missing refers to no cell"):
+        rendering.render_fallback(document, tmp_path / "out", tmp_path)
 
 
 def test_failing_cell_names_the_document_and_writes_nothing(document, tmp_path):
@@ -111,27 +147,51 @@ def test_failing_cell_names_the_document_and_writes_nothing(document, tmp_path):
     document.write_text(DOCUMENT.replace("hidden_value = 6 * 7", "hidden_value = 1 / 0"))
     out = tmp_path / "out"
     with pytest.raises(UserError, match=r"index.qmd:8: a Python cell failed.*ZeroDivisionError"):
-        rendering.render_fallback(document, out)
+        rendering.render_fallback(document, out, tmp_path)
     assert not list(out.glob("*")) if out.exists() else True
 
 
 def test_renderer_choice(monkeypatch, document, tmp_path):
-    """Asking for Quarto where it is absent is a clear error; an unknown renderer too."""
-    monkeypatch.setattr(rendering.shutil, "which", lambda name: None)
-    with pytest.raises(UserError, match="quarto.*not on PATH"):
+    """Asking for Quarto where it is absent is a clear error naming how to install it; an unknown renderer too."""
+    monkeypatch.setattr(rendering, "find_quarto", lambda root=None: None)
+    with pytest.raises(UserError, match="quarto.*not on PATH.*make quarto"):
         rendering.render_report(document, tmp_path / "out", renderer="quarto")
     with pytest.raises(UserError, match="use one of"):
         rendering.render_report(document, tmp_path / "out", renderer="latex")
 
 
-def test_chart_markdown_escapes_for_both_outputs(tmp_path, document):
-    """Captions are escaped for HTML and typst; a missing chart file says which stage makes it."""
+def test_quarto_is_found_on_path_or_where_make_quarto_installs_it(monkeypatch, tmp_path):
+    """PATH first; else quarto-cli beside this Python, else the offline copy in the project's .quarto-offline/."""
+    monkeypatch.setattr(rendering.shutil, "which", lambda name: "/on/path/quarto")
+    assert rendering.find_quarto(tmp_path) == "/on/path/quarto"
+    monkeypatch.setattr(rendering.shutil, "which", lambda name: None)
+    monkeypatch.setattr(rendering.sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
+    assert rendering.find_quarto(tmp_path) is None
+    offline = tmp_path / ".quarto-offline" / "bin" / "quarto"
+    offline.parent.mkdir(parents=True)
+    offline.write_text("#!/bin/sh\n")
+    offline.chmod(0o755)
+    assert rendering.find_quarto(tmp_path) == str(offline)
+    monkeypatch.setenv("SELFREF_ROOT", str(tmp_path))
+    assert rendering.find_quarto() == str(offline)
+    beside = tmp_path / "venv" / "bin" / "quarto"
+    beside.parent.mkdir(parents=True)
+    beside.write_text("#!/bin/sh\n")
+    beside.chmod(0o755)
+    assert rendering.find_quarto(tmp_path) == str(beside)
+
+
+def test_chart_markdown_gives_each_output_its_chart(tmp_path, document):
+    """Interactive Vega-Lite for HTML, the SVG at the column's width for typst; a missing chart file says
+    which stage makes it; the Vega bundle hides `<table` from Quarto's HTML-table reader."""
     folder = document.parent
-    md = rendering.chart_markdown(folder / "figures/tiny.vl.json", folder / "figures/tiny.svg",
-                                  "a <b> & c_d #e", "fig-x")
-    assert "a &lt;b&gt; &amp; c_d #e" in md and r"a \<b\> & c\_d \#e" in md
+    md = rendering.chart_markdown(folder / "figures/tiny.vl.json", folder / "figures/tiny.svg")
+    assert '<div id="vis-tiny" class="vega-chart">' in md and 'window.vegaEmbed("#vis-tiny"' in md
+    assert f'#image("{(folder / "figures/tiny.svg").as_posix()}", width: 100%)' in md
+    assert md._repr_markdown_() == md
     with pytest.raises(UserError, match="selfref figures"):
-        rendering.chart_markdown(folder / "figures/none.vl.json", folder / "figures/tiny.svg", "c", "fig-y")
+        rendering.chart_markdown(folder / "figures/none.vl.json", folder / "figures/tiny.svg")
+    assert "<table" not in rendering.vega_bundle_markdown()
 
 
 def test_quarto_is_preferred_and_its_outputs_land_in_report_output(tmp_path, monkeypatch):

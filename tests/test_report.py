@@ -1,6 +1,8 @@
-"""The report built from the demo suite's tracked artefacts: numbers, offline HTML, PDF."""
+"""The report built from the demo suite's tracked artefacts, under both renderers (Quarto and the fallback):
+numbers, sections, numbered figures and tables, offline HTML, PDF."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -10,31 +12,62 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader
 
-from analysis import rendering
+from analysis import config, rendering
 from analysis.layout import project_paths
 from analysis.reporting import format_number, lookup, ranked_values
+from analysis.stages import report as report_stage
 
 REPO = Path(__file__).resolve().parent.parent
-INPUTS = ["params.yaml", "dvc.lock", "data/stats", "data/models", "data/prompts/summary.json", "report/index.qmd",
-          "report/figures"]
+INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json",
+          "report/index.qmd", "report/figures"]
 SECTIONS = ["The question", "Method", "Results", "Candidate heads for activation patching", "Does it hold?",
             "Limitations and next steps", "Appendix: provenance"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars",
                   "--virtual-time-budget=20000", "--window-size=1200,1600"]
+FLOAT_NAMES = {"fig": "Figure", "tbl": "Table"}
+LABELS = re.findall(r"^#\|\s*label:\s*((fig|tbl)-[\w-]+)", (REPO / "report/index.qmd").read_text(), re.M)
+NBSP = re.compile(r"&nbsp;|&#160;|\xa0")
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """Render the report with the fallback renderer from a copy of the tracked demo artefacts."""
-    root = tmp_path_factory.mktemp("project")
+@pytest.fixture(scope="module", params=["quarto", "fallback"])
+def built(request, tmp_path_factory):
+    """Render the report from a copy of the tracked demo artefacts, with real Quarto and with the fallback
+    renderer; the Quarto variant is skipped, saying how to install it, where Quarto is absent."""
+    quarto = rendering.find_quarto()  # in this checkout (PATH, .venv or .quarto-offline/)
+    if request.param == "quarto" and quarto is None:
+        pytest.skip(f"Quarto is not installed: {rendering.QUARTO_INSTALL_HINT}")
+    root = tmp_path_factory.mktemp(f"project-{request.param}")
     for name in INPUTS:
         source, target = REPO / name, root / name
         target.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
-    paths = project_paths(root)
-    result = rendering.render_report(paths.report_qmd, paths.report_output, renderer="fallback", root=root)
+    path = os.environ["PATH"]
+    if quarto is not None:  # the copy has no .quarto-offline/ of its own
+        os.environ["PATH"] = f"{Path(quarto).parent}{os.pathsep}{path}"
+    try:  # through the report stage: rendered into a staging folder, then swapped in for report/_output
+        result = report_stage.run(config.load(project_paths(root)), request.param)
+    finally:
+        os.environ["PATH"] = path
+    assert result.renderer.startswith(request.param)
+    assert result.html == root / "report" / "_output" / "index.html" and result.pdf.is_file()
     return root, result
+
+
+def expected_numbers() -> dict[str, str]:
+    """Each label of the document with the number it must get: per kind, in document order."""
+    counts, out = {}, {}
+    for label, kind in LABELS:
+        counts[kind] = counts.get(kind, 0) + 1
+        out[label] = f"{FLOAT_NAMES[kind]} {counts[kind]}"
+    return out
+
+
+def toc_links(html: str) -> list[str]:
+    """The link targets of the page's table of contents (`<nav id="TOC">`, pandoc's and Quarto's)."""
+    nav = re.search(r'<nav[^>]*id="TOC"[^>]*>(.*?)</nav>', html, re.S)
+    assert nav, "the page has no table of contents"
+    return re.findall(r'href="#([^"]+)"', nav.group(1))
 
 
 class NumberSpans(HTMLParser):
@@ -65,7 +98,8 @@ def test_every_stated_number_equals_metrics_json_at_its_precision(built):
     metrics = json.loads((root / "data/stats/metrics.json").read_text())
     parser = NumberSpans()
     parser.feed(result.html.read_text())
-    assert len(parser.found) >= 40
+    defined = [pair for pair, values in metrics["pairs"].items() if values["pearson_r"] is not None]
+    assert len(parser.found) >= 7 * len(metrics["families"]) + 11 * len(defined)
     for key, style, text in parser.found:
         value = lookup(metrics, key)
         expected = ", ".join(map(str, ranked_values(value))) if style == "list" else format_number(value, style)
@@ -98,6 +132,41 @@ def test_html_is_self_contained(built):
     html = result.html.read_text()
     assert not re.search(r'<(script|img|link)[^>]+(src|href)="(https?:)?//', html)
     assert "window.vegaEmbed" in html and html.count('class="vega-chart"') == 5
+    end = html.index("window.vegaEmbed=") if "window.vegaEmbed=" in html else html.index("window.vegaEmbed =")
+    assert "<table" not in html[html.rindex("<script", 0, end):end], "Quarto would read the bundle's <table as HTML"
+
+
+def test_figures_and_tables_are_numbered_and_cross_referenced_in_html(built):
+    """Every labelled cell is a numbered float whose caption starts with its number, in document order
+    per kind; every `@label` in the text became a link reading that same number."""
+    _, result = built
+    html = NBSP.sub(" ", result.html.read_text())
+    numbers = expected_numbers()
+    assert len([k for _, k in LABELS if k == "fig"]) == 5 and len([k for _, k in LABELS if k == "tbl"]) >= 8
+    for label, number in numbers.items():
+        start = html.index(f'id="{label}"')
+        caption = re.search(r"(Figure|Table) (\d+):", html[start:])
+        assert caption and f"{caption.group(1)} {caption.group(2)}" == number, f"{label}: caption numbered {caption}"
+        links = re.findall(rf'<a href="#{label}"[^>]*>([^<]*)</a>', html)
+        assert links and set(links) == {number}, f"{label}: cross-references read {links}, expected {number}"
+    text = re.sub(r"<script.*?</script>", "", html, flags=re.S)
+    assert "@fig-" not in text and "@tbl-" not in text and "?@" not in text, "an unresolved cross-reference"
+
+
+def test_toc_links_every_section(built):
+    """The table of contents is a list of links to each section and subsection of the page (Quarto moves
+    the appendix out of the body, and out of the TOC, into its own block at the end)."""
+    _, result = built
+    html = result.html.read_text()
+    sections = set(re.findall(r'<section id="([^"]+)" class="level[23]', html))  # Quarto
+    sections |= set(re.findall(r'<h[23][^>]*\bid="([^"]+)"', html))  # pandoc without section divs
+    sections -= {"TOC", "toc-title"}  # the TOC's own heading (Quarto)
+    assert len(sections) >= 2 * len(SECTIONS)
+    links = toc_links(html)
+    for section in sections:
+        if section == "appendix-provenance" and 'id="quarto-appendix"' in html:
+            continue
+        assert section in links, f"section {section} is not in the table of contents"
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
@@ -108,24 +177,30 @@ def test_html_renders_its_charts_offline_in_chromium(built, tmp_path):
     dom = subprocess.run(["chromium", *CHROMIUM_FLAGS, "--dump-dom", url], capture_output=True, text=True,
                          timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
-    charts = re.findall(r'<div id="vis-[^"]+" class="vega-chart[^"]*"[^>]*>(.*?)</div>\s*<figcaption', dom.stdout, re.S)
+    charts = re.split(r'<div id="vis-[^"]+" class="vega-chart', dom.stdout)[1:]
     assert len(charts) == 5
     for chart in charts:
-        assert "<svg" in chart and chart.count("<path") > 5, "a chart did not render"
+        drawn = chart.split("</svg>")[0]
+        assert "<svg" in drawn and drawn.count("<path") > 5, "a chart did not render"
     shot = tmp_path / "report.png"
     done = subprocess.run(["chromium", *CHROMIUM_FLAGS, f"--screenshot={shot}", url], capture_output=True,
                           text=True, timeout=180)
     assert done.returncode == 0 and shot.stat().st_size > 20_000
 
 
-def test_pdf_has_the_sections_and_figures(built):
-    """The PDF's text holds every section title, and the five charts are drawn in it."""
+def test_pdf_has_the_sections_and_numbered_captions(built):
+    """The PDF's text holds every section title and every caption with its number, and the five charts
+    are drawn in it."""
     _, result = built
     reader = PdfReader(result.pdf)
-    text = "\n".join(page.extract_text() for page in reader.pages).replace("\xa0", " ")
+    text = " ".join(" ".join(page.extract_text() for page in reader.pages).replace("\xa0", " ").split())
     for title in SECTIONS:
         assert title in text, title
-    for n in range(1, 6):
-        assert f"Figure {n}" in text
-    drawn = sum(len(page["/Resources"].get("/XObject", {})) for page in reader.pages if "/Resources" in page)
+    source = (REPO / "report/index.qmd").read_text()
+    for label, number in expected_numbers().items():
+        caption = re.search(rf"#\|\s*label:\s*{label}\n#\|\s*(?:fig|tbl)-cap:\s*\"([^\"]+)\"", source).group(1)
+        words = " ".join(caption.split()[:4])
+        assert f"{number}: {words}" in text, f"caption of {label} missing from the PDF"
+    drawn = sum(len(page["/Resources"].get_object().get("/XObject", {}).get_object()) for page in reader.pages
+                if "/Resources" in page and "/XObject" in page["/Resources"].get_object())
     assert drawn >= 5

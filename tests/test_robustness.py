@@ -104,7 +104,7 @@ def test_split_half_is_deterministic_given_the_seed():
 def test_conclusions_and_differences_from_the_headline():
     """A conclusion follows the sign of the whole interval; rows whose conclusion is not the headline's
     are marked, and the report's cells carry a dagger exactly there."""
-    from analysis.reporting import robustness_cells
+    from analysis.reporting import robustness_rows
     from analysis.robustness import conclusion, metrics_entries, robustness_table
 
     assert conclusion(-0.3, -0.1) == "compression" and conclusion(0.1, 0.2) == "preservation"
@@ -118,9 +118,11 @@ def test_conclusions_and_differences_from_the_headline():
     table = robustness_table(pd.DataFrame(rows), "raw", "raw")
     marked = table.set_index(["definition", "format"])["differs"]
     assert marked.to_dict() == {("no_bos", "raw"): True, ("raw", "chat"): False, ("raw", "raw"): False}
-    cells = robustness_cells(table).set_index("family")
-    assert cells.loc["f", "no_bos / raw"].endswith("†") and not cells.loc["f", "raw / raw"].endswith("†")
-    assert cells.loc["f", "raw / raw"] == "-0.2000 [-0.3000, -0.1000]; 50.0%"
+    shown = robustness_rows(table).set_index(["family", "entropy", "prompts"])
+    assert shown.loc[("f", "no_bos", "raw"), "conclusion"] == "no change †"
+    assert shown.loc[("f", "raw", "raw"), "conclusion"] == "compression"
+    assert shown.loc[("f", "raw", "raw"), "mean ΔRFC [CI]"] == "-0.2000 [-0.3000, -0.1000]"
+    assert shown.loc[("f", "raw", "raw"), "compressing layers"] == "50.0%"
     split = pd.DataFrame({"family": ["f"], "split_half_r": [0.8], "spearman_brown": [0.888889]})
     length = pd.DataFrame({"family": ["f", "f"], "disagrees": [True, False]})
     assert metrics_entries(table, split, length)["f"] == {

@@ -15,5 +15,6 @@ def run(config: Config) -> None:
     tables = {name: read_parquet(paths.stats_table(name)) for name in ("layers", "deltas", "heads", "token_lengths")}
     with atomic_dir(paths.figures) as staging:
         built = charts.build_all(tables["layers"], tables["deltas"], tables["heads"], tables["token_lengths"],
-                                 staging, config.stats.headline_definition, config.stats.headline_format)
+                                 staging, config.stats.headline_definition, config.stats.headline_format,
+                                 config.figures.width, config.figures.columns)
     typer.echo(f"{len(built)} charts -> {paths.relative(paths.figures)}/")

@@ -1,0 +1,70 @@
+"""What the report shows, selected from the study's tables: which families name candidate heads, the
+top-ranked heads of those families, the layers where the length-adjusted conclusion differs, and the
+family pairs whose profiles can be correlated.
+
+Pure functions of the stats tables and the stats settings, called once by the stats stage
+(`study.build_study`) and written to data/stats/; the report formats these tables and decides nothing.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.config import StatsSettings
+
+HEAD_FAMILY_COLUMNS = ["family", "n_heads", "n_heads_significant", "min_q_value", "names_candidates"]
+CANDIDATE_COLUMNS = ["family", "rank", "layer", "head", "did", "did_log_ratio", "consistency", "base_entropy",
+                     "score", "q_value"]
+DISAGREEMENT_COLUMNS = ["family", "layer", "delta_rfc", "layer_class", "adjusted_delta_rfc", "adjusted_class"]
+PAIR_COLUMNS = ["family_a", "family_b", "n_points", "grid", "defined"]
+
+
+def head_families(heads: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """One row per family: its heads, how many change at q < alpha, the smallest q, and whether it names
+    candidates (at least one head at q < alpha). `heads` holds one definition and format."""
+    grouped = heads.groupby("family", sort=False)
+    out = pd.DataFrame({
+        "n_heads": grouped.size(),
+        "n_heads_significant": grouped["q_value"].apply(lambda q: int((q < alpha).sum())),
+        "min_q_value": grouped["q_value"].min(),
+    }).reset_index()
+    out["names_candidates"] = out["n_heads_significant"] > 0
+    return out[HEAD_FAMILY_COLUMNS]
+
+
+def candidate_heads(heads: pd.DataFrame, alpha: float, top_k: int) -> pd.DataFrame:
+    """The `top_k` highest-ranked heads of every family that names candidates (`head_families`), by family
+    in table order and rank. A family with no head at q < alpha has only rankings driven by base entropy,
+    so it contributes no row."""
+    families = head_families(heads, alpha)
+    named = families.loc[families["names_candidates"], "family"]
+    order = {family: i for i, family in enumerate(named)}
+    top = heads[heads["family"].isin(order) & (heads["rank"] <= int(top_k))]
+    top = top.assign(_order=top["family"].map(order)).sort_values(["_order", "rank"])
+    return top[CANDIDATE_COLUMNS].reset_index(drop=True)
+
+
+def length_disagreements(length_control: pd.DataFrame) -> pd.DataFrame:
+    """The layers whose length-adjusted class differs from the ΔRFC class (`disagrees`)."""
+    rows = length_control[length_control["disagrees"].astype(bool)]
+    return rows[DISAGREEMENT_COLUMNS].sort_values(["family", "layer"]).reset_index(drop=True)
+
+
+def correlation_pairs(cross_family: pd.DataFrame) -> pd.DataFrame:
+    """Every pair of families of one definition and format, `defined` where a Pearson r exists (a constant
+    ΔRFC profile has no shape to correlate)."""
+    out = cross_family[["family_a", "family_b", "n_points", "grid"]].copy()
+    out["defined"] = cross_family["pearson_r"].notna().to_numpy()
+    return out[PAIR_COLUMNS].reset_index(drop=True)
+
+
+def build(heads: pd.DataFrame, length_control: pd.DataFrame, cross_family: pd.DataFrame,
+          settings: StatsSettings) -> dict[str, pd.DataFrame]:
+    """Every report table, from the headline definition's and format's heads, length control and
+    cross-family rows, with `stats.alpha` and `stats.top_k_heads`."""
+    return {
+        "head_families": head_families(heads, settings.alpha),
+        "candidate_heads": candidate_heads(heads, settings.alpha, settings.top_k_heads),
+        "length_disagreements": length_disagreements(length_control),
+        "correlation_pairs": correlation_pairs(cross_family),
+    }
