@@ -88,6 +88,8 @@ class Artefacts:
     candidate_heads: pd.DataFrame
     length_disagreements: pd.DataFrame
     correlation_pairs: pd.DataFrame
+    attention_mass: pd.DataFrame
+    patching: pd.DataFrame  # data/patching/<family>.parquet of every family of the suite that has one
     manifests: dict[str, dict[str, Any]]
     prompt_summary: dict[str, Any]
 
@@ -127,6 +129,9 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         candidate_heads=pd.read_parquet(paths.stats_table("candidate_heads")),
         length_disagreements=pd.read_parquet(paths.stats_table("length_disagreements")),
         correlation_pairs=pd.read_parquet(paths.stats_table("correlation_pairs")),
+        attention_mass=pd.read_parquet(paths.stats_table("attention_mass")),
+        patching=pd.concat([pd.read_parquet(paths.patch_table(f)) for f in config.families
+                            if paths.patch_table(f).exists()] or [pd.DataFrame()], ignore_index=True),
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
     )
