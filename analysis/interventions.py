@@ -289,13 +289,15 @@ def summarise(per_prompt: pd.DataFrame, selection: pd.DataFrame, *, seed: int, n
             controls = selection[selection["role"] == "control"]
             control_heads = sorted({(int(r.layer), int(r.head)) for r in controls.itertuples()})
             control_effects = np.array([np.mean(values[(metric,) + h][is_self]) for h in control_heads])
+            control_effects = control_effects[np.isfinite(control_effects)]  # a last-layer head has no later layers
             ps = []
             for c in cands.itertuples():
                 own = values[(metric, int(c.layer), int(c.head))][is_self]
                 mine = controls[controls["candidate"] == c.candidate]
                 ctrl = np.mean([values[(metric, int(r.layer), int(r.head))][is_self] for r in mine.itertuples()], axis=0)
                 effect = float(np.mean(own))
-                percentile = 100.0 * float(np.mean(control_effects < effect)) if np.isfinite(effect) else np.nan
+                percentile = (100.0 * float(np.mean(control_effects < effect))
+                              if np.isfinite(effect) and control_effects.size else np.nan)
                 _, p = paired_permutation_test(ctrl[:, None], own[:, None], np.full(own.size, SELF),
                                                lambda b, i: i[SELF] - b[SELF], signs[:, is_self])
                 ps.append((c.layer, c.head, percentile, float(p[0]), float(np.mean(own) - np.mean(ctrl))))
