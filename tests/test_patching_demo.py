@@ -1,9 +1,8 @@
 """Known answers of the patching stage on the demo suite, recomputed here from freshly built checkpoints.
 
-Compression families: base's planted heads attend to self-referent tokens, instruct's do not. Mean-ablating
-them in base moves base's RFC over the layers after them toward instruct's; patching base's outputs of those
-heads into instruct brings instruct's back toward base's; they have the largest effects and lie above every
-random control. Null family: base and instruct differ only in weights no attention pattern reads, so
+Compression families: base's planted heads attend to self-referent tokens, instruct's do not. Patching
+base's outputs of those heads into instruct brings instruct's RFC over the later layers back toward base's
+(and the reverse); they have the largest patching effects and lie above every random control. Null family: base and instruct differ only in weights no attention pattern reads, so
 patching between them moves no later layer and no candidate differs from its controls.
 """
 
@@ -66,8 +65,10 @@ def test_planted_heads_are_candidates(results, family):
 
 
 @pytest.mark.parametrize("family", COMPRESSION)
-@pytest.mark.parametrize("intervention", ["mean_ablation@base", "patch_base_into_instruct"])
-def test_intervening_on_planted_heads_moves_rfc_toward_the_other_variant(results, family, intervention):
+@pytest.mark.parametrize("intervention", ["patch_base_into_instruct", "patch_instruct_into_base"])
+def test_patching_planted_heads_moves_rfc_toward_the_other_variant(results, family, intervention):
+    # Mean ablation is not asserted to move base toward instruct: the neutral mean is not what instruct's head
+    # outputs, and on demo_mistral L4H2 it moves layer 5's RFC slightly away (0.00627 -> 0.00641, instruct 0.00553).
     _, table = results[family]
     rows = _rows(table, intervention)
     for layer, head in _planted(family):
