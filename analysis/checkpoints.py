@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from analysis.artefacts import atomic_dir, read_json, write_json
+from analysis.artefacts import atomic_dir, file_sha256, read_json, write_json
 from analysis.config import Checkpoint
 from analysis.errors import UserError
 from analysis.layout import ProjectPaths
@@ -26,14 +26,6 @@ HUB_PATTERNS = [
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "chat_template.jinja", "chat_template.json",
 ]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _parameter_count(local_dir: Path) -> int:
@@ -67,7 +59,7 @@ def describe(local_dir: Path) -> dict[str, Any]:
     tok_config = json.loads(tok_config_path.read_text(encoding="utf-8")) if tok_config_path.exists() else {}
     bos = tok_config.get("bos_token")
     files = [
-        {"path": f.name, "size": f.stat().st_size, "sha256": _sha256(f)}
+        {"path": f.name, "size": f.stat().st_size, "sha256": file_sha256(f)}
         for f in sorted(local_dir.iterdir()) if f.is_file() and not f.name.startswith(".")
     ]
     return {
@@ -92,8 +84,9 @@ def cached_tokenizer_dir(paths: ProjectPaths, ckpt: Checkpoint) -> Path | None:
     if not paths.manifest(ckpt.name).exists():
         return None
     manifest = read_manifest(paths, ckpt.name)
-    if manifest["source"] == "demo":
-        local = paths.demo_model_dir(ckpt.name)
+    if manifest["source"] in ("demo", "local"):
+        local = paths.demo_model_dir(ckpt.name) if manifest["source"] == "demo" else \
+            paths.local_checkpoint(manifest["local"])
         return local if local.exists() else None
     from huggingface_hub import snapshot_download
 
@@ -111,6 +104,15 @@ def verify_files(local: Path, manifest: dict[str, Any], paths: ProjectPaths) -> 
     is not hashed again; the record lives in models/verified-files.json on this machine.
     """
     name = manifest["checkpoint"]
+    pinned = paths.relative(paths.manifest(name))
+    if manifest["source"] == "local":  # the user's own folder: nothing to download, the pin is what may be stale
+        missing_fix = damaged_fix = (f"restore the folder, or run `selfref pull {name}` to pin what it holds now "
+                                     "(the entropy tables then describe the new files)")
+    else:
+        missing_fix = f"run `selfref pull {name}` to download it again"
+        damaged_fix = (f"the cached copy is damaged or another revision: delete it (or its blob) and run "
+                       f"`selfref pull {name}`; if the manifest itself is wrong, `selfref pull {name} --update` "
+                       "re-resolves it")
     record_path = paths.verified_files
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
@@ -120,29 +122,26 @@ def verify_files(local: Path, manifest: dict[str, Any], paths: ProjectPaths) -> 
     for entry in manifest["files"]:
         file = Path(local) / entry["path"]
         if not file.exists():
-            raise UserError(f"{name}: {entry['path']} listed in {paths.relative(paths.manifest(name))} is missing "
-                            f"from {local}; run `selfref pull {name}` to download it again")
+            raise UserError(f"{name}: {entry['path']} listed in {pinned} is missing from {local}; {missing_fix}")
         real = file.resolve()
         stat = real.stat()
         key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
         digest = record.get(key)
         if digest is None:
-            digest = _sha256(real) if stat.st_size == entry["size"] else None
+            digest = file_sha256(real) if stat.st_size == entry["size"] else None
         if stat.st_size != entry["size"] or digest != entry["sha256"]:
-            raise UserError(f"{name}: {file} does not match {paths.relative(paths.manifest(name))} "
-                            f"(size {stat.st_size} vs {entry['size']}, sha256 {str(digest)[:12]}... vs "
-                            f"{entry['sha256'][:12]}...); the cached copy is damaged or another revision: delete "
-                            f"it (or its blob, {real}) and run `selfref pull {name}`; if the manifest itself is "
-                            f"wrong, `selfref pull {name} --update` re-resolves it")
+            raise UserError(f"{name}: {file} does not match {pinned} (size {stat.st_size} vs {entry['size']}, "
+                            f"sha256 {str(digest)[:12]}... vs {entry['sha256'][:12]}...; file {real}); {damaged_fix}")
         if key not in record:
             record[key], changed = digest, True
     if changed:
         write_json(record, record_path)
 
 
-def _content_revision(files: list[dict[str, Any]]) -> str:
+def _content_revision(files: list[dict[str, Any]], kind: str = "demo") -> str:
+    """A revision name for a checkpoint without a hub commit: `<kind>-` and a hash of its files' hashes."""
     digest = hashlib.sha256("".join(f"{f['path']}:{f['sha256']}\n" for f in files).encode())
-    return "demo-" + digest.hexdigest()[:40]
+    return f"{kind}-" + digest.hexdigest()[:40]
 
 
 def read_manifest(paths: ProjectPaths, name: str) -> dict[str, Any]:
@@ -172,6 +171,26 @@ def pull_demo(ckpt: Checkpoint, prompt_texts: list[str], paths: ProjectPaths) ->
         "demo": ckpt.demo,
         "planted": [list(map(int, x)) for x in ckpt.demo.get("planted", [])],
         "self_focus": [list(map(int, x)) for x in ckpt.demo.get("self_focus", [])],
+    }
+    write_json(manifest, paths.manifest(ckpt.name))
+    return manifest
+
+
+def pull_local(ckpt: Checkpoint, paths: ProjectPaths) -> dict[str, Any]:
+    """Describe a `local:` checkpoint folder and pin its content (every file's SHA-256) in the manifest."""
+    folder = paths.local_checkpoint(ckpt.local)
+    if not folder.is_dir():
+        raise UserError(f"{ckpt.name}: local checkpoint folder {folder} does not exist; fix `local` in params.yaml "
+                        "suites or create the folder (config.json, *.safetensors, tokenizer files)")
+    info = describe(folder)
+    manifest = {
+        **_base_manifest(ckpt),
+        "repo": None,
+        "local": ckpt.local,
+        "requested_revision": None,
+        "revision": _content_revision(info["files"], "local"),
+        **info,
+        "planted": [],
     }
     write_json(manifest, paths.manifest(ckpt.name))
     return manifest
@@ -231,11 +250,15 @@ def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt
         local = _snapshot(manifest["repo"], manifest["revision"], name)
         verify_files(local, manifest, paths)
         return local
+    if manifest["source"] == "local":
+        folder = paths.local_checkpoint(manifest["local"])
+        verify_files(folder, manifest, paths)
+        return folder
     target = paths.demo_model_dir(name)
     expected = {f["path"]: f["sha256"] for f in manifest["files"]}
 
     def matches() -> bool:
-        return target.exists() and all((target / p).exists() and _sha256(target / p) == h for p, h in expected.items())
+        return target.exists() and all((target / p).exists() and file_sha256(target / p) == h for p, h in expected.items())
 
     if not matches():
         if demo_spec != manifest.get("demo"):

@@ -50,8 +50,24 @@ def suite_use(name: str) -> None:
 def suite_show() -> None:
     """List the active suite's checkpoints."""
     for ckpt in _config().checkpoints:
-        where = f"{ckpt.repo}@{ckpt.revision}" if ckpt.repo else "synthetic demo"
+        where = (f"{ckpt.repo}@{ckpt.revision}" if ckpt.repo else f"local {ckpt.local}" if ckpt.local
+                 else "synthetic demo")
         typer.echo(f"{ckpt.name}\t{where}")
+
+
+@suite_app.command("check")
+def suite_check(name: str) -> None:
+    """Preflight of suite NAME: reachability, gating, download vs disk, weights vs memory, time estimate."""
+    from analysis import preflight
+
+    findings = preflight.check(_config(), name)
+    colours = {"ok": "green", "fail": "red", "unknown": "yellow"}
+    for f in findings:
+        typer.secho(f"{f.status:<8}{f.checkpoint:<28}{f.message}", fg=colours[f.status])
+    ready, summary = preflight.verdict(findings, name)
+    typer.secho(summary, fg=None if ready else "red", err=not ready)
+    if not ready:
+        raise typer.Exit(1)
 
 
 @prompts_app.command("check")
@@ -69,7 +85,7 @@ def pull(
     checkpoint: str = typer.Argument(..., help="<family>-<variant> of the active suite"),
     update: bool = typer.Option(False, help="Re-resolve the revision instead of re-using the pinned SHA."),
 ) -> None:
-    """Download (hub) or generate (demo) a checkpoint and write data/models/<checkpoint>.json."""
+    """Download (hub), generate (demo) or pin (local) a checkpoint and write data/models/<checkpoint>.json."""
     from analysis.stages import pull as stage
 
     stage.run(_config(), checkpoint, update)

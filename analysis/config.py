@@ -15,23 +15,29 @@ import yaml
 
 from analysis.errors import UserError
 from analysis.layout import ProjectPaths, project_paths
-from analysis.quantities import DEFINITIONS, PROMPT_FORMATS, VARIANTS
+from analysis.quantities import DEFINITIONS, LANGUAGES, PROMPT_FORMATS, SOURCE_LANGUAGE, VARIANTS
 
 FAMILY_NAME = re.compile(r"[A-Za-z0-9_]+")
+STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+SOURCES = ("repo", "demo", "local")  # the kinds of checkpoint source a suite entry may name
+CHAT_SYSTEM_CHOICES = ("default", "none")  # besides these, extract.chat_system may be one fixed system text
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One checkpoint of a family: a hub repo at a revision, or a synthetic demo spec."""
+    """One checkpoint of a family: a hub repo at a revision, a synthetic demo spec, or a local folder
+    (`local`, as written in params.yaml; ProjectPaths.local_checkpoint resolves it). `variant` is its
+    training stage (base, ..., instruct: the family's mapping in params.yaml, in training order)."""
 
     family: str
     variant: str
     repo: str | None = None
     revision: str = "main"
     demo: dict[str, Any] | None = None
+    local: str | None = None
 
     @property
     def name(self) -> str:
@@ -39,7 +45,7 @@ class Checkpoint:
 
     @property
     def source(self) -> str:
-        return "demo" if self.demo is not None else "hub"
+        return "demo" if self.demo is not None else "local" if self.local is not None else "hub"
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class PromptSettings:
 
     min_per_category: int
     max_token_gap: float
+    languages: tuple[str, ...] = ("en",)  # prompt languages built (quantities.LANGUAGES); English always
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,17 @@ class ExtractSettings:
     dtype: str
     trust_remote_code: bool
     device_map: str | None
+    chat_system: str  # default (each template's own), none, or one fixed system text for every family
+    chat_date: str | None  # `date_string` given to chat templates that write today's date
+
+
+@dataclass(frozen=True)
+class PreflightSettings:
+    """`preflight:` — tunables of `selfref suite check` (only its estimates depend on them)."""
+
+    flops: dict[str, float]  # sustained FLOP/s of a forward pass per device kind; cpu is the fallback
+    disk_margin: float
+    memory_margin: float
 
 
 @dataclass(frozen=True)
@@ -112,12 +130,18 @@ class Config:
     stats: StatsSettings
     patch: PatchSettings
     figures: FigureSettings
+    preflight: PreflightSettings
     paths: ProjectPaths
 
     @property
     def families(self) -> list[str]:
         """Family names of the active suite, in params order."""
         return list(dict.fromkeys(c.family for c in self.checkpoints))
+
+    @property
+    def stages(self) -> dict[str, tuple[str, ...]]:
+        """Each family of the active suite -> its training stages in order (base first, instruct last)."""
+        return family_stages(self.checkpoints)
 
     def checkpoint(self, name: str) -> Checkpoint:
         """The active suite's checkpoint called `<family>-<variant>`."""
@@ -183,7 +207,7 @@ def _section(params: dict[str, Any], name: str, cls: type) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise UserError(f"{_where(name)}: missing or not a mapping; restore the `{name}:` section")
     expected = [f.name for f in fields(cls)]
-    optional = {"device_map"}
+    optional = {"device_map", "chat_date"}
     missing = [k for k in expected if k not in section and k not in optional]
     unknown = [k for k in section if k not in expected]
     if missing or unknown:
@@ -195,8 +219,17 @@ def _section(params: dict[str, Any], name: str, cls: type) -> dict[str, Any]:
 
 def _prompt_settings(params: dict[str, Any]) -> PromptSettings:
     s = _section(params, "prompts", PromptSettings)
+    languages = s.get("languages", [SOURCE_LANGUAGE])
+    if not isinstance(languages, list) or not languages:
+        raise UserError(f"{_where('prompts.languages')}: use a non-empty list of {', '.join(LANGUAGES)}")
+    for i, language in enumerate(languages):
+        _choice(language, f"prompts.languages[{i}]", LANGUAGES)
+    if len(set(languages)) != len(languages) or SOURCE_LANGUAGE not in languages:
+        raise UserError(f"{_where('prompts.languages')}: {languages} must name each language once and include "
+                        f"{SOURCE_LANGUAGE} (the source of every translation and the headline language)")
     return PromptSettings(min_per_category=_integer(s["min_per_category"], "prompts.min_per_category", 2),
-                          max_token_gap=_number(s["max_token_gap"], "prompts.max_token_gap", 0.0, None))
+                          max_token_gap=_number(s["max_token_gap"], "prompts.max_token_gap", 0.0, None),
+                          languages=tuple(x for x in LANGUAGES if x in languages))
 
 
 def _extract_settings(params: dict[str, Any]) -> ExtractSettings:
@@ -204,11 +237,37 @@ def _extract_settings(params: dict[str, Any]) -> ExtractSettings:
     device_map = s.get("device_map")
     if device_map is not None and device_map != "auto":
         raise UserError(f"{_where('extract.device_map')}: {device_map!r} is not allowed; leave it empty or use auto")
+    chat_system = s["chat_system"]
+    if not isinstance(chat_system, str) or not chat_system.strip():
+        raise UserError(f"{_where('extract.chat_system')}: {chat_system!r} is not allowed; use "
+                        f"{', '.join(CHAT_SYSTEM_CHOICES)}, or one fixed system text (quoted)")
+    chat_date = s.get("chat_date")
+    if chat_date is not None and (not isinstance(chat_date, str) or not chat_date.strip()):
+        raise UserError(f"{_where('extract.chat_date')}: {chat_date!r} is not allowed; leave it empty or write "
+                        "a date as text the way the templates print it, e.g. 26 Jul 2024")
     return ExtractSettings(batch_size=_integer(s["batch_size"], "extract.batch_size", 1, 4096),
                            device=_choice(s["device"], "extract.device", DEVICES),
                            dtype=_choice(s["dtype"], "extract.dtype", DTYPES),
                            trust_remote_code=_boolean(s["trust_remote_code"], "extract.trust_remote_code"),
-                           device_map=device_map)
+                           device_map=device_map,
+                           chat_system=chat_system,
+                           chat_date=chat_date)
+
+
+def _preflight_settings(params: dict[str, Any]) -> PreflightSettings:
+    s = _section(params, "preflight", PreflightSettings)
+    flops = s["flops"]
+    kinds = tuple(d for d in DEVICES if d != "auto")
+    if not isinstance(flops, dict) or "cpu" not in flops:
+        raise UserError(f"{_where('preflight.flops')}: use a mapping of device kind ({', '.join(kinds)}) to "
+                        "FLOP/s, with at least cpu")
+    for kind in flops:
+        _choice(kind, "preflight.flops", kinds)
+    return PreflightSettings(
+        flops={k: _number(v, f"preflight.flops.{k}", 0.0, None, open_lo=True) for k, v in flops.items()},
+        disk_margin=_number(s["disk_margin"], "preflight.disk_margin", 1.0, None),
+        memory_margin=_number(s["memory_margin"], "preflight.memory_margin", 1.0, None),
+    )
 
 
 def _stats_settings(params: dict[str, Any]) -> StatsSettings:
@@ -261,13 +320,23 @@ def _patch_settings(params: dict[str, Any]) -> PatchSettings:
 def _checkpoint(suite: str, family: str, variant: str, spec: Any) -> Checkpoint:
     where = _where(f"suites.{suite}.families.{family}.{variant}")
     if not isinstance(spec, dict):
-        raise UserError(f"{where}: expected a mapping with `repo` or `demo`")
+        raise UserError(f"{where}: expected a mapping with `repo`, `demo` or `local`")
+    kinds = [k for k in SOURCES if k in spec]
+    if len(kinds) > 1:
+        raise UserError(f"{where}: give one of {', '.join(SOURCES)}, not {' and '.join(kinds)}")
+    if "local" in spec:
+        if not isinstance(spec["local"], str) or not spec["local"].strip():
+            raise UserError(f"{where}.local: {spec['local']!r} is not a folder; write the path of a Hugging Face "
+                            "checkpoint folder (config.json, *.safetensors, tokenizer files), relative to the "
+                            "project root or absolute")
+        return Checkpoint(family, variant, local=spec["local"].strip())
     if "demo" in spec:
         if not isinstance(spec["demo"], dict):
             raise UserError(f"{where}.demo: expected a mapping of generator settings")
         return Checkpoint(family, variant, demo=dict(spec["demo"]))
     if "repo" not in spec:
-        raise UserError(f"{where}: needs `repo: <owner>/<name>` (hub) or `demo: {{...}}` (synthetic)")
+        raise UserError(f"{where}: needs `repo: <owner>/<name>` (hub), `demo: {{...}}` (synthetic) "
+                        "or `local: <dir>` (a Hugging Face folder on disk)")
     repo = str(spec["repo"])
     if not REPO_ID.fullmatch(repo):
         raise UserError(f"{where}.repo: {repo!r} is not a Hugging Face repository id; write it as <owner>/<name>, "
@@ -276,19 +345,46 @@ def _checkpoint(suite: str, family: str, variant: str, spec: Any) -> Checkpoint:
 
 
 def _suite(params: dict[str, Any], suite: str) -> tuple[Checkpoint, ...]:
+    """A suite's checkpoints. A family's mapping lists its training stages in order: `base` first, `instruct`
+    last (the two endpoints every family has), any stages between them (e.g. sft, dpo) in the order trained."""
     families = (params["suites"][suite] or {}).get("families") or {}
     if not isinstance(families, dict) or not families:
         raise UserError(f"{_where(f'suites.{suite}')}: needs `families:` with at least one family")
     out = []
+    first, last = VARIANTS
     for family, variants in families.items():
+        where = _where(f"suites.{suite}.families.{family}")
         if not FAMILY_NAME.fullmatch(str(family)):
             raise UserError(f"{_where(f'suites.{suite}')}: family name {family!r} may use only letters, digits "
                             "and _ (it becomes part of DVC stage names and params keys)")
-        missing = [v for v in VARIANTS if v not in (variants or {})]
+        if not isinstance(variants, dict):
+            raise UserError(f"{where}: expected a mapping of training stages ({first}, ..., {last}) to checkpoints")
+        missing = [v for v in VARIANTS if v not in variants]
         if missing:
-            raise UserError(f"{_where(f'suites.{suite}.families.{family}')}: missing {', '.join(missing)} checkpoint")
-        out.extend(_checkpoint(suite, str(family), v, variants[v]) for v in VARIANTS)
+            raise UserError(f"{where}: missing {', '.join(missing)} checkpoint")
+        stages = [str(v) for v in variants]
+        bad = [v for v in stages if not STAGE_NAME.fullmatch(v)]
+        if bad:
+            raise UserError(f"{where}: stage name {bad[0]!r} may use only lower-case letters, digits and _, "
+                            "starting with a letter (it becomes part of checkpoint names)")
+        if stages[0] != first or stages[-1] != last:
+            raise UserError(f"{where}: list the stages in training order, {first} first and {last} last "
+                            f"(found {', '.join(stages)})")
+        out.extend(_checkpoint(suite, str(family), v, variants[v]) for v in stages)
     return tuple(out)
+
+
+def family_stages(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> dict[str, tuple[str, ...]]:
+    """family -> its stages in training order, from checkpoints listed in params order."""
+    out: dict[str, list[str]] = {}
+    for c in checkpoints:
+        out.setdefault(c.family, []).append(c.variant)
+    return {f: tuple(v) for f, v in out.items()}
+
+
+def staged_families(stages: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """The families with a stage between base and instruct (only these get stage tables and a report section)."""
+    return {f: tuple(s) for f, s in stages.items() if len(s) > len(VARIANTS)}
 
 
 def checkpoint_entries(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> dict[str, dict[str, str]]:
@@ -337,7 +433,8 @@ def parse(params: dict[str, Any], paths: ProjectPaths, *, check_active: bool = T
         raise UserError(f"{_where('families')}: does not match suite {suite!r}; run `selfref suite use {suite}`")
     return Config(suite=suite, checkpoints=parsed[suite], suites=parsed, prompts=_prompt_settings(params),
                   extract=_extract_settings(params), stats=_stats_settings(params),
-                  patch=_patch_settings(params), figures=_figure_settings(params), paths=paths)
+                  patch=_patch_settings(params), figures=_figure_settings(params),
+                  preflight=_preflight_settings(params), paths=paths)
 
 
 def load(paths: ProjectPaths | None = None, *, check_active: bool = True) -> Config:

@@ -6,6 +6,7 @@ entropies while the batch is on the device, so memory does not grow with the pro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -18,12 +19,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis.config import ExtractSettings
 from analysis.attention_mass import MASSES, pattern_masses
+from analysis.config import ExtractSettings
 from analysis.entropy import pattern_entropies
 from analysis.errors import UserError
 from analysis.prompts import MARKER_COLUMN, marker_spans
-from analysis.quantities import DEFINITIONS, ENTROPY_COLUMNS, MASS_COLUMNS, PROMPT_FORMATS
+from analysis.quantities import DEFINITIONS, ENTROPY_COLUMNS, MASS_COLUMNS, PROMPT_FORMATS, SOURCE_LANGUAGE
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,16 @@ class EncodedPrompt:
 
 
 def pick_device(requested: str = "auto") -> str:
-    """cuda, then mps, then cpu, unless the user names one."""
+    """cuda, else cpu, unless the user names one; TransformerLens's own picker decides (mps only if opted in).
+
+    TransformerLens leaves Apple's MPS out of automatic choice because of silent correctness problems
+    in PyTorch's MPS kernels; `device: mps` or TRANSFORMERLENS_ALLOW_MPS=1 opts in (README, Apple Silicon).
+    """
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    from transformer_lens.utilities.devices import get_device
+
+    return str(get_device())
 
 
 def pick_dtype(requested: str, device: str) -> torch.dtype:
@@ -62,10 +65,27 @@ def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]], shif
     return tuple(e > s and any(s < b + shift and e > a + shift for a, b in spans) for s, e in offsets)
 
 
+def chat_messages(text: str, chat_system: str = "default") -> list[dict[str, str]]:
+    """The conversation wrapped by the chat template (docs: README "Chat templates speak too").
+
+    `default` sends the user's text alone, so the template adds whatever system text it has of its own;
+    `none` sends an empty system message, which replaces a template's default system text (a template
+    may still write fixed headers); any other string is sent as the system message for every family.
+    """
+    user = [{"role": "user", "content": text}]
+    if chat_system == "default":
+        return user
+    return [{"role": "system", "content": "" if chat_system == "none" else chat_system}, *user]
+
+
 def encode(tokenizer: Any, text: str, prompt_format: str, chat_tokenizer: Any | None = None,
-           marker: str = "") -> EncodedPrompt:
+           chat_system: str = "default", chat_date: str | None = None, marker: str = "") -> EncodedPrompt:
     """Tokenise one prompt exactly once, with the tokenizer's own special tokens and never two BOS; the
-    person marker's words (data/prompts.csv) are mapped to token positions with the tokenizer's offsets."""
+    person marker (data/prompts.csv `marker`) is mapped to token positions with the tokenizer's offsets.
+
+    `chat_date` is passed to the template as `date_string`, so a template that writes today's date
+    renders the same text on every day (unused by templates without one).
+    """
     spans = marker_spans(text, marker) if marker else []
     if prompt_format == "raw":
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
@@ -77,8 +97,13 @@ def encode(tokenizer: Any, text: str, prompt_format: str, chat_tokenizer: Any | 
         if not template.chat_template:
             raise UserError("prompt_format chat: the family's instruct tokenizer has no chat template; "
                             "use prompt_format raw")
-        rendered = template.apply_chat_template([{"role": "user", "content": text}],
-                                                add_generation_prompt=True, tokenize=False)
+        extra = {"date_string": chat_date} if chat_date else {}
+        try:
+            rendered = template.apply_chat_template(chat_messages(text, chat_system), add_generation_prompt=True,
+                                                    tokenize=False, **extra)
+        except Exception as err:  # noqa: BLE001 - jinja's TemplateError and raise_exception() of the template
+            raise UserError(f"prompt_format chat: the chat template refused extract.chat_system={chat_system!r}: "
+                            f"{err}; use chat_system default") from err
         start = rendered.find(text)
         if start < 0:
             raise UserError(f"prompt_format chat: the chat template does not contain the prompt {text!r} verbatim")
@@ -100,11 +125,11 @@ def encode(tokenizer: Any, text: str, prompt_format: str, chat_tokenizer: Any | 
     return EncodedPrompt(ids, mask, markers)
 
 
-def encode_prompts(tokenizer: Any, prompts: pd.DataFrame, prompt_format: str,
+def encode_prompts(tokenizer: Any, prompts: pd.DataFrame, prompt_format: str, settings: ExtractSettings,
                    chat_tokenizer: Any | None = None) -> list[EncodedPrompt]:
     """Every prompt of the prompt table, encoded with its person marker (empty where it has none)."""
     markers = prompts[MARKER_COLUMN] if MARKER_COLUMN in prompts else [""] * len(prompts)
-    return [encode(tokenizer, text, prompt_format, chat_tokenizer, marker)
+    return [encode(tokenizer, text, prompt_format, chat_tokenizer, settings.chat_system, settings.chat_date, marker)
             for text, marker in zip(prompts["text"], markers)]
 
 
@@ -119,10 +144,19 @@ def load_bridge(local_dir: Path, device: str, dtype: torch.dtype, trust_remote_c
     """TransformerBridge over a local Hugging Face folder (safetensors; remote code only if asked)."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(
-        str(local_dir), device=None if device_map else device, dtype=dtype,
-        trust_remote_code=trust_remote_code, device_map=device_map,
-    )
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            str(local_dir), device=None if device_map else device, dtype=dtype,
+            trust_remote_code=trust_remote_code, device_map=device_map,
+        )
+    except (ValueError, KeyError, NotImplementedError, AttributeError) as err:
+        if "trust_remote_code" in str(err):
+            raise  # the caller names extract.trust_remote_code (_remote_code_error)
+        config = json.loads((Path(local_dir) / "config.json").read_text(encoding="utf-8"))
+        arch = ", ".join(config.get("architectures") or [str(config.get("model_type"))])
+        raise UserError(f"{local_dir}: TransformerBridge cannot load architecture {arch} "
+                        f"(model_type {config.get('model_type')}): {err}. Check that the installed "
+                        "transformer-lens supports it, or choose another checkpoint") from err
     bridge.eval()
     return bridge
 
@@ -284,16 +318,31 @@ def entropy_frame(prompts: pd.DataFrame, encoded: list[EncodedPrompt], values: d
         "variant": variant,
         "prompt_id": np.repeat(prompts["prompt_id"].to_numpy(), per_cell),
         "category": np.repeat(prompts["category"].to_numpy(), per_cell),
+        "language": np.repeat(_column(prompts, "language", SOURCE_LANGUAGE), per_cell),
+        "source_id": np.repeat(_column(prompts, "source_id", None, prompts["prompt_id"]), per_cell),
         "layer": np.tile(np.repeat(np.arange(n_layers), n_heads), n_prompts).astype("int32"),
         "head": np.tile(np.arange(n_heads), n_prompts * n_layers).astype("int32"),
         **{ENTROPY_COLUMNS[d]: values[d].reshape(-1) for d in DEFINITIONS},
         **{MASS_COLUMNS[m]: values[MASS_COLUMNS[m]].reshape(-1) for m in MASSES},
         "n_tokens": np.repeat([len(e.input_ids) for e in encoded], per_cell).astype("int32"),
+        "input_ids_sha1": np.repeat([ids_digest(e.input_ids) for e in encoded], per_cell),
         "n_query": np.repeat([sum(e.query_mask) for e in encoded], per_cell).astype("int32"),
         "first_token": np.repeat(first_tokens, per_cell),
         "prompt_format": prompt_format,
     })
     return frame
+
+
+def _column(prompts: pd.DataFrame, name: str, default, fallback=None) -> np.ndarray:
+    """A prompt column, or `default` (or `fallback`'s values) for a prompt frame without it (an English-only set)."""
+    if name in prompts:
+        return prompts[name].to_numpy()
+    return np.asarray(fallback) if fallback is not None else np.full(len(prompts), default)
+
+
+def ids_digest(input_ids: list[int]) -> str:
+    """SHA-1 of the token ids fed (first 16 hex digits): whether two checkpoints tokenised a prompt identically."""
+    return hashlib.sha1(",".join(map(str, input_ids)).encode("ascii")).hexdigest()[:16]
 
 
 def first_token_strings(tokenizer: Any, encoded: list[EncodedPrompt]) -> list[str]:
@@ -337,11 +386,13 @@ def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: st
     """Entropy table of one checkpoint over the prompt set, with the `extract` settings of params.yaml."""
     loaded = open_checkpoint(local_dir, checkpoint=checkpoint, settings=settings, chat_dir=chat_dir,
                              expected_shape=expected_shape)
-    encoded = encode_prompts(loaded.tokenizer, prompts, prompt_format, loaded.chat_tokenizer)
+    encoded = encode_prompts(loaded.tokenizer, prompts, prompt_format, settings, loaded.chat_tokenizer)
     check_context(local_dir, prompts, encoded, checkpoint)
     values = loaded.runner.run(encoded, settings.batch_size, label=checkpoint)
     for d in DEFINITIONS:
         if not np.isfinite(values[d]).all():
             raise UserError(f"{checkpoint}: non-finite {d} entropies; try dtype float32")
-    return entropy_frame(prompts, encoded, values, checkpoint, family, variant,
-                         first_token_strings(loaded.tokenizer, encoded), prompt_format)
+    frame = entropy_frame(prompts, encoded, values, checkpoint, family, variant,
+                          first_token_strings(loaded.tokenizer, encoded), prompt_format)
+    frame["chat_system"] = settings.chat_system if prompt_format == "chat" else None
+    return frame

@@ -24,7 +24,8 @@ from analysis.correlation import cross_family_table
 from analysis.errors import UserError
 from analysis.heads import head_scores
 from analysis.config import StatsSettings
-from analysis.quantities import CATEGORIES, DELTAS, RATIOS, ENTROPY_COLUMNS, NEUTRAL, SELF, layer_ratios, original_class, relative_depth, rfc
+from analysis.quantities import (CATEGORIES, DELTAS, RATIOS, ENTROPY_COLUMNS, NEUTRAL, SELF, VARIANTS, layer_ratios,
+                                 original_class, relative_depth, rfc)
 from analysis.quantities import deltas as ratio_deltas
 from analysis.resampling import (bootstrap_group_means, fdr_bh, group_means, paired_permutation_test,
                                  percentile_ci, rng_for, sign_flips, stratified_bootstrap_indices)
@@ -47,7 +48,8 @@ DELTA_COLUMNS = ["definition", "family", "layer", "n_layers", "depth",
 
 @dataclass
 class FamilyArrays:
-    """One family's entropies as arrays: base[definition] and instruct[definition] are [prompts, layers, heads].
+    """One family's entropies as arrays: stages[stage][definition] is [prompts, layers, heads], stages in
+    training order (base first, instruct last); `base` and `instruct` are the two endpoints.
 
     Prompts are ordered by category (CATEGORIES order) then prompt id; `design` names that prompt set.
     """
@@ -55,8 +57,15 @@ class FamilyArrays:
     family: str
     prompt_ids: np.ndarray
     categories: np.ndarray
-    base: dict[str, np.ndarray] = field(default_factory=dict)
-    instruct: dict[str, np.ndarray] = field(default_factory=dict)
+    stages: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def base(self) -> dict[str, np.ndarray]:
+        return self.stages[VARIANTS[0]]
+
+    @property
+    def instruct(self) -> dict[str, np.ndarray]:
+        return self.stages[VARIANTS[1]]
 
     @property
     def n_layers(self) -> int:
@@ -74,8 +83,13 @@ class FamilyArrays:
         return int(np.sum(self.categories == category))
 
 
-def family_arrays(entropy: pd.DataFrame, definitions: list[str]) -> dict[str, FamilyArrays]:
-    """Check the entropy table and reshape it per family; raises UserError naming what is wrong."""
+def family_arrays(entropy: pd.DataFrame, definitions: list[str],
+                  stages: dict[str, tuple[str, ...]] | None = None) -> dict[str, FamilyArrays]:
+    """Check the entropy table and reshape it per family; raises UserError naming what is wrong.
+
+    `stages`: family -> its stages in training order; a family not named there (or None) must have
+    exactly a base and an instruct checkpoint.
+    """
     missing = [c for c in REQUIRED_COLUMNS + tuple(ENTROPY_COLUMNS[d] for d in definitions)
                if c not in entropy.columns]
     if missing:
@@ -85,9 +99,12 @@ def family_arrays(entropy: pd.DataFrame, definitions: list[str]) -> dict[str, Fa
     out = {}
     for family, frame in entropy.groupby("family", sort=True):
         where = f"family {family}"
+        order = tuple((stages or {}).get(str(family), VARIANTS))
         variants = sorted(frame["variant"].unique())
-        if variants != ["base", "instruct"]:
-            raise UserError(f"{where}: needs exactly a base and an instruct checkpoint, found variants {variants}")
+        if variants != sorted(order):
+            if order == VARIANTS:
+                raise UserError(f"{where}: needs exactly a base and an instruct checkpoint, found variants {variants}")
+            raise UserError(f"{where}: needs one checkpoint per stage {', '.join(order)}, found variants {variants}")
         unknown = sorted(set(frame["category"].unique()) - set(CATEGORIES))
         if unknown:
             raise UserError(f"{where}: unknown categories {unknown}; use {', '.join(CATEGORIES)}")
@@ -99,9 +116,10 @@ def family_arrays(entropy: pd.DataFrame, definitions: list[str]) -> dict[str, Fa
         if absent:
             raise UserError(f"{where}: no prompts in categories {absent}")
         by_variant = frame.groupby("variant")["prompt_id"].agg(lambda s: frozenset(s))
-        if by_variant["base"] != by_variant["instruct"]:
-            diff = sorted(by_variant["base"] ^ by_variant["instruct"])[:5]
-            raise UserError(f"{where}: base and instruct must see the same prompts; differing: {diff}")
+        for stage in order[1:]:
+            if by_variant[order[0]] != by_variant[stage]:
+                diff = sorted(by_variant[order[0]] ^ by_variant[stage])[:5]
+                raise UserError(f"{where}: {order[0]} and {stage} must see the same prompts; differing: {diff}")
         prompts = prompts.assign(order=pd.Categorical(prompts["category"], categories=list(CATEGORIES)).codes)
         prompts = prompts.sort_values(["order", "prompt_id"])
         ids = prompts["prompt_id"].to_numpy()
@@ -109,23 +127,27 @@ def family_arrays(entropy: pd.DataFrame, definitions: list[str]) -> dict[str, Fa
         head = frame["head"].to_numpy(dtype=np.int64)
         if layer.min() < 0 or head.min() < 0:
             raise UserError(f"{where}: layer and head indices must be >= 0")
-        n_p, n_l, n_h = len(ids), int(layer.max()) + 1, int(head.max()) + 1
+        n_s, n_p, n_l, n_h = len(order), len(ids), int(layer.max()) + 1, int(head.max()) + 1
         code = pd.Categorical(frame["prompt_id"], categories=ids).codes.astype(np.int64)
-        variant = (frame["variant"] == "instruct").to_numpy(dtype=np.int64)
+        variant = pd.Categorical(frame["variant"], categories=list(order)).codes.astype(np.int64)
         flat = ((variant * n_p + code) * n_l + layer) * n_h + head
-        if len(frame) != 2 * n_p * n_l * n_h or np.unique(flat).size != len(frame):
+        n_cells = n_s * n_p * n_l * n_h
+        if len(frame) != n_cells or np.unique(flat).size != len(frame):
             raise UserError(f"{where}: expected one row per (variant, prompt, layer, head) for {n_p} prompts x "
-                            f"{n_l} layers x {n_h} heads x 2 variants = {2 * n_p * n_l * n_h} rows, found "
+                            f"{n_l} layers x {n_h} heads x {n_s} variants = {n_cells} rows, found "
                             f"{len(frame)} rows ({len(frame) - np.unique(flat).size} duplicated)")
         arrays = FamilyArrays(str(family), ids, prompts["category"].to_numpy().astype(str))
+        for stage in order:
+            arrays.stages[stage] = {}
         for definition in definitions:
-            values = np.empty(2 * n_p * n_l * n_h)
+            values = np.empty(n_cells)
             values[flat] = frame[ENTROPY_COLUMNS[definition]].to_numpy(dtype=float)
             if not np.all(np.isfinite(values)):
                 raise UserError(f"{where}: {np.sum(~np.isfinite(values))} non-finite values in column "
                                 f"{ENTROPY_COLUMNS[definition]} (definition {definition})")
-            values = values.reshape(2, n_p, n_l, n_h)
-            arrays.base[definition], arrays.instruct[definition] = values[0], values[1]
+            values = values.reshape(n_s, n_p, n_l, n_h)
+            for i, stage in enumerate(order):
+                arrays.stages[stage][definition] = values[i]
         out[str(family)] = arrays
     return out
 
@@ -154,6 +176,42 @@ def head_t_interval(base: np.ndarray, instruct: np.ndarray, categories: np.ndarr
     return mean, mean - half, mean + half
 
 
+def stage_ratios(prompt_values: np.ndarray, categories: np.ndarray,
+                 indices: np.ndarray) -> tuple[dict, dict, dict, dict]:
+    """One checkpoint's per-layer ratios from prompt-level layer entropies [P, L]: point ratios (with
+    h_neutral), bootstrap ratios [B, L], point category means and bootstrap category means."""
+    means = {c: m[0] for c, m in group_means(prompt_values, categories).items()}
+    resampled = bootstrap_group_means(prompt_values, categories, indices)
+    point, boot = layer_ratios(means), layer_ratios(resampled)
+    point["h_neutral"] = means[NEUTRAL]
+    return point, boot, means, resampled
+
+
+def contrast_statistics(before: tuple[np.ndarray, dict, dict], after: tuple[np.ndarray, dict, dict],
+                        categories: np.ndarray, signs: np.ndarray,
+                        settings: StatsSettings) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """ΔRFC, ΔRSI and Δ(H_self - H_neutral), after - before, of two checkpoints of one family on the same prompts.
+
+    before, after: (prompt-level layer entropies [P, L], point ratios, bootstrap ratios) as `stage_ratios`
+    gives them, bootstrapped with the same prompt indices (paired). Returns the columns (each delta with
+    its percentile interval, paired permutation p and BH q across layers for ΔRFC and Δdiff, layer_class)
+    and the bootstrap deltas [B, L] by name. Used for base -> instruct and for every pair of training stages.
+    """
+    (prompt_a, point_a, boot_a), (prompt_b, point_b, boot_b) = before, after
+    columns, resampled = {}, {}
+    for name, metric in DELTAS.items():
+        columns[name] = point_b[metric] - point_a[metric]
+        resampled[name] = boot_b[metric] - boot_a[metric]
+        columns[f"{name}_lo"], columns[f"{name}_hi"] = percentile_ci(resampled[name], settings.confidence)
+    _, p = paired_permutation_test(prompt_a, prompt_b, categories, _change, signs)
+    columns["p_value"], columns["q_value"] = p[0], fdr_bh(p[0])
+    flagged = columns["q_value"] < settings.alpha
+    columns["layer_class"] = np.where(flagged & (columns["delta_rfc"] < 0), "compression",
+                                      np.where(flagged & (columns["delta_rfc"] > 0), "preservation", "no_change"))
+    columns["p_value_diff"], columns["q_value_diff"] = p[1], fdr_bh(p[1])
+    return columns, resampled
+
+
 def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.ndarray, signs: np.ndarray,
                             settings: StatsSettings) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
     """Layers and deltas rows of one family and definition, plus its bootstrap ΔRFC and Δdiff [B, L]."""
@@ -168,10 +226,7 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
 
     point, boot, layer_frames = {}, {}, []
     for variant, values in (("base", base_prompt), ("instruct", instruct_prompt)):
-        means = {c: m[0] for c, m in group_means(values, cats).items()}
-        resampled = bootstrap_group_means(values, cats, indices)
-        point[variant], boot[variant] = layer_ratios(means), layer_ratios(resampled)
-        point[variant]["h_neutral"] = means[NEUTRAL]
+        point[variant], boot[variant], means, resampled = stage_ratios(values, cats, indices)
         frame = {"definition": definition, "family": arrays.family, "variant": variant, "layer": layer,
                  "n_layers": n_layers, "depth": depth}
         for c in CATEGORIES:
@@ -187,21 +242,13 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
 
     deltas = {"definition": definition, "family": arrays.family, "layer": layer, "n_layers": n_layers,
               "depth": depth}
-    resampled_delta = {}
-    for name, metric in DELTAS.items():
-        deltas[name] = point["instruct"][metric] - point["base"][metric]
-        resampled_delta[name] = boot["instruct"][metric] - boot["base"][metric]
-        deltas[f"{name}_lo"], deltas[f"{name}_hi"] = percentile_ci(resampled_delta[name], confidence)
+    change, resampled_delta = contrast_statistics((base_prompt, point["base"], boot["base"]),
+                                                  (instruct_prompt, point["instruct"], boot["instruct"]),
+                                                  cats, signs, settings)
+    deltas.update(change)
     deltas["rfc_base"], deltas["rfc_instruct"] = point["base"]["rfc"], point["instruct"]["rfc"]
     deltas["h_neutral_base"], deltas["h_neutral_instruct"] = point["base"]["h_neutral"], point["instruct"]["h_neutral"]
-
-    _, p = paired_permutation_test(base_prompt, instruct_prompt, cats, _change, signs)
-    alpha, near_zero = settings.alpha, settings.near_zero
-    deltas["p_value"], deltas["q_value"] = p[0], fdr_bh(p[0])
-    flagged = deltas["q_value"] < alpha
-    deltas["layer_class"] = np.where(flagged & (deltas["delta_rfc"] < 0), "compression",
-                                     np.where(flagged & (deltas["delta_rfc"] > 0), "preservation", "no_change"))
-    deltas["p_value_diff"], deltas["q_value_diff"] = p[1], fdr_bh(p[1])
+    near_zero = settings.near_zero
     deltas["near_zero"] = np.abs(deltas["delta_rfc"]) <= near_zero
     deltas["original_class"] = original_class(deltas["delta_rfc"], near_zero)
     deltas["head_mean_delta_rfc"], deltas["head_t_lo"], deltas["head_t_hi"] = head_t_interval(
@@ -271,6 +318,20 @@ PAIR_KEYS = ("pearson_r", "pearson_p", "pearson_p_shift", "pearson_r_lo", "pears
              "spearman_p", "spearman_p_shift", "spearman_r_lo", "spearman_r_hi", "n_points", "grid")
 
 
+def resampling_draws(families: dict[str, FamilyArrays],
+                     settings: StatsSettings) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Bootstrap prompt indices [B, P] and permutation signs [n_perm, P] per prompt set (`design`): they depend
+    only on the seed and the prompt set, so every family, definition and stage contrast on it sees the same draws."""
+    indices, signs = {}, {}
+    for arrays in families.values():
+        if arrays.design not in indices:
+            indices[arrays.design] = stratified_bootstrap_indices(
+                arrays.categories, settings.n_resamples, rng_for(settings.seed, "bootstrap", arrays.design))
+            signs[arrays.design] = sign_flips(len(arrays.prompt_ids), settings.n_permutations,
+                                              rng_for(settings.seed, "permutation", arrays.design))
+    return indices, signs
+
+
 def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
     """All statistics of the study from the entropy table.
 
@@ -297,14 +358,7 @@ def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
     """
     definitions = settings.definitions
     families = family_arrays(entropy, definitions)
-    seed = settings.seed
-    indices, signs = {}, {}
-    for arrays in families.values():
-        if arrays.design not in indices:
-            indices[arrays.design] = stratified_bootstrap_indices(
-                arrays.categories, settings.n_resamples, rng_for(seed, "bootstrap", arrays.design))
-            signs[arrays.design] = sign_flips(len(arrays.prompt_ids), settings.n_permutations,
-                                              rng_for(seed, "permutation", arrays.design))
+    indices, signs = resampling_draws(families, settings)
 
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
     metrics: dict = {"families": {}, "pairs": {}}

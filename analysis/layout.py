@@ -12,11 +12,13 @@ from pathlib import Path
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
-# The stats stage's tables, by name: data/stats/<name>.parquet (head_families ... correlation_pairs: the report's
-# selections, analysis.report_tables; attention_mass: where heads look, analysis.attention_mass).
+# The stats stage's tables, by name: data/stats/<name>.parquet (head_families … correlation_pairs and the
+# language_contrast_peaks, language_token_counts: the report's selections, analysis.report_tables;
+# attention_mass: where heads look, analysis.mass_statistics).
 STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
                 "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs",
-                "attention_mass")
+                "stage_deltas", "stage_shares", "stage_heads", "language_contrasts", "language_summary",
+                "language_contrast_peaks", "language_token_counts", "attention_mass")
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,11 @@ class ProjectPaths:
     def demo_model_dir(self, checkpoint: str) -> Path:
         """Local Hugging Face directory of a synthetic demo checkpoint."""
         return self.demo_models / checkpoint
+
+    def local_checkpoint(self, folder: str) -> Path:
+        """The folder of a `local:` checkpoint as written in params.yaml: relative paths from the root."""
+        path = Path(folder).expanduser()
+        return path if path.is_absolute() else self.root / path
 
     def relative(self, path: Path) -> str:
         """`path` as shown to users: relative to the root when inside it."""

@@ -4,14 +4,13 @@ Its tables give one ΔRFC per layer and family, so what can be recomputed is eve
 determines: the mean, the share of layers on each side of its ±near_zero rule, the most compressing
 layers, and the correlation between families, here on this project's relative-depth rule
 (analysis.correlation.compare_profiles) and with the circular-shift p that keeps the correlation
-between neighbouring layers (trap 7). Each published claim
+between neighbouring layers (docs/method.md, "Correlated layers"). Each published claim
 (data/original/claims.yaml) is then checked against the original's own tables, and set beside this
 build's value when the active suite runs the original's checkpoints.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis.artefacts import read_json, read_parquet
+from analysis.artefacts import file_sha256, read_json, read_parquet
 from analysis.config import Checkpoint, Config, StatsSettings
 from analysis.correlation import compare_profiles
 from analysis.errors import UserError
@@ -48,14 +47,6 @@ RULES = {
 }
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_files(folder: Path, sums: Path) -> dict[str, str]:
     """Verify every file listed in `sums` (sha256sum format, paths relative to `folder`); {path: sha256}."""
     if not sums.exists():
@@ -73,7 +64,7 @@ def check_files(folder: Path, sums: Path) -> dict[str, str]:
         if not path.exists():
             raise UserError(f"{path}: missing; copy it unchanged from the original repository at the commit "
                             f"named in {folder / 'README.md'}")
-        actual = sha256(path)
+        actual = file_sha256(path)
         if actual != digest:
             raise UserError(f"{path}: SHA-256 {actual} differs from {digest} in {sums.name}; the file was changed. "
                             f"Restore it from the original repository at the commit named in {folder / 'README.md'}")

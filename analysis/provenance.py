@@ -22,6 +22,8 @@ HEADLINE = ("stats.headline_definition", "stats.headline_format")
 BOOT = ("stats.seed", "stats.n_resamples", "stats.confidence")
 PERM = ("stats.seed", "stats.n_permutations", "stats.alpha")
 FAM = r"families\.(?P<family>[A-Za-z0-9_]+)\."
+LANGUAGE = r"languages\.(?P<language>[a-z]{2})\."  # metrics.json: the study of one translation language
+CONTRAST = r"language_contrasts\.(?P<family>[A-Za-z0-9_]+)\.(?P<language>[a-z]{2})\."
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Source:
     meaning: str
 
 
-REGISTRY: tuple[Source, ...] = (
+ENGLISH: tuple[Source, ...] = (
     Source(FAM + r"n_layers$", "metrics", "data/entropy/<format>/<checkpoint>.parquet: layer",
            "analysis.layer_statistics:family_arrays", (), "stats", "layers of the family's checkpoints"),
     Source(FAM + r"n_heads$", "metrics", "data/entropy/<format>/<checkpoint>.parquet: head",
@@ -89,6 +91,41 @@ REGISTRY: tuple[Source, ...] = (
     Source(r"robustness\.(?P<family>[A-Za-z0-9_]+)\.n_layers_length_disagrees$", "metrics",
            "data/stats/length_control.parquet: disagrees", "analysis.robustness:length_control",
            HEADLINE + ("stats.alpha",), "stats", "layers the length-controlled model classifies differently"),
+    Source(r"stages\.(?P<family>[A-Za-z0-9_]+)\.(?P<stage>[a-z][a-z0-9_]*)\.(?P<stat>mean_delta_rfc|share_delta_rfc)"
+           r"(_lo|_hi)?$", "metrics", "data/stats/stage_shares.parquet: {stat} (the step ending at {stage})",
+           "analysis.stage_statistics:stage_statistics", HEADLINE + BOOT, "stats",
+           "mean ΔRFC over layers of one training step and its share of the total (instruct − base); _lo/_hi: "
+           "percentile interval over prompt resamples"),
+    Source(r"stages\.(?P<family>[A-Za-z0-9_]+)\.largest_step$", "metrics",
+           "data/stats/stage_shares.parquet: largest_step", "analysis.stage_statistics:stage_statistics", HEADLINE,
+           "stats", "the training step (named by the stage it ends at) with the largest |mean ΔRFC|"),
+    Source(r"stages\.(?P<family>[A-Za-z0-9_]+)\.head_steps\.L\d+H\d+$", "metrics",
+           "data/stats/stage_heads.parquet: largest_step where candidate",
+           "analysis.stage_statistics:stage_statistics", HEADLINE + ("stats.top_k_heads",), "stats",
+           "for a candidate head (top-k of heads.parquet), the step where its difference in differences changes most"),
+)
+
+
+def in_language(source: Source) -> Source:
+    """The same number computed on one translation language's prompts alone: `languages.<lang>.<key>`
+    (analysis.study:build_study analyses each language as the English study; tables keep a `language` column)."""
+    return Source(LANGUAGE + source.pattern, source.artefact, source.column + " where language == {language}",
+                  source.function, source.params, source.stage,
+                  source.meaning + "; the prompts in language {language} (translations of the English set)")
+
+
+TRANSLATED = tuple(in_language(s) for s in ENGLISH if s.pattern.startswith((FAM, r"pairs\.")))
+
+REGISTRY: tuple[Source, ...] = ENGLISH + TRANSLATED + (
+    Source(CONTRAST + r"mean_contrast$", "metrics", "data/stats/language_contrasts.parquet: contrast "
+           "(mean over layers, language {language})", "analysis.language_statistics:contrast_metrics",
+           HEADLINE, "stats", "mean over layers of ΔRFC_{language} − ΔRFC_en on translation-matched prompts"),
+    Source(CONTRAST + r"n_layers_significant$", "metrics", "data/stats/language_contrasts.parquet: significant "
+           "(language_summary.parquet: n_layers_differ_from_en)", "analysis.language_statistics:language_contrasts",
+           HEADLINE + PERM, "stats", "layers where ΔRFC_{language} differs from ΔRFC_en (language-swap permutation "
+           "test, BH across layers)"),
+    Source(CONTRAST + r"n_layers$", "metrics", "data/stats/language_contrasts.parquet: layer",
+           "analysis.language_statistics:language_contrasts", (), "stats", "layers compared"),
     # data/original/reanalysis.json, keys prefixed `original.`
     Source(r"source\..+$", "reanalysis", "data/original/SHA256SUMS, data/original/claims.yaml",
            "analysis.original_study:check_files", (), "original", "the original repository, commit and file hashes"),
@@ -172,12 +209,13 @@ def explain(key: str, paths: ProjectPaths | None = None) -> list[str]:
     except KeyError:
         raise UserError(f"{key}: matches the registry but is not in {paths.relative(artefact)}") from None
     config = config_mod.load(paths)
-    column = source.column.format(**{"leaf": bare.rsplit(".", 1)[-1], **match.groupdict()})
+    fields = {"leaf": bare.rsplit(".", 1)[-1], **match.groupdict()}
+    column, meaning = source.column.format(**fields), source.meaning.format(**fields)
     lines = [f"{key} = {value}",
              f"  artefact:  {paths.relative(artefact)}  (stage `{source.stage}`, `selfref {source.stage}`)",
              f"  from:      {column}",
              f"  function:  {source.function}",
-             f"  meaning:   {source.meaning}",
+             f"  meaning:   {meaning}",
              "  params:    " + (", ".join(f"{p}={_param(config, p)}" for p in source.params) or "none")]
     hashes = stage_hashes(source.stage, paths)
     lines.append(f"  inputs (dvc.lock, stage {source.stage}):" if hashes else

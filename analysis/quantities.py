@@ -12,6 +12,11 @@ import numpy as np
 SELF, NEUTRAL, THIRD, CONFOUNDER = "self_referent", "neutral", "third_person", "confounder"
 CATEGORIES = (SELF, NEUTRAL, THIRD, CONFOUNDER)
 
+# Prompt languages (ISO 639-1: English, Simplified Chinese, Spanish); English is the source every translation
+# renders (data/prompts.csv `source_id`) and the language of the headline numbers.
+LANGUAGES = ("en", "zh", "es")
+SOURCE_LANGUAGE = "en"
+
 # The two checkpoints of a family.
 VARIANTS = ("base", "instruct")
 
@@ -76,6 +81,11 @@ def relative_depth(n_layers: int) -> np.ndarray:
     return (np.arange(n_layers) + 0.5) / n_layers
 
 
-def choice_rows(frame, definition: str, prompt_format: str):
-    """The rows of a stats table (layers, deltas, heads, cross_family) for one entropy definition and prompt format."""
-    return frame[(frame["definition"] == definition) & (frame["format"] == prompt_format)]
+def choice_rows(frame, definition: str, prompt_format: str, language: str | None = SOURCE_LANGUAGE):
+    """The rows of a stats table (layers, deltas, heads, cross_family) for one entropy definition, prompt format and
+    prompt language (English, the headline language, unless asked; None: every language; tables without a
+    `language` column are English)."""
+    keep = (frame["definition"] == definition) & (frame["format"] == prompt_format)
+    if "language" in frame.columns and language is not None:
+        keep &= frame["language"] == language
+    return frame[keep]

@@ -448,6 +448,9 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderRes
             raise UserError(f"quarto render wrote no index.{suffix} under {outdir}; check _quarto.yml formats")
         if found != target:
             shutil.move(found, target)
+    nested = outdir / qmd.parent.relative_to(root)  # where Quarto put them: left empty by the moves above
+    if nested != outdir and nested.is_dir() and not any(nested.iterdir()):
+        nested.rmdir()
     return RenderResult("quarto", outdir / "index.html", outdir / "index.pdf")
 
 

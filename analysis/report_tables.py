@@ -11,12 +11,15 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.config import StatsSettings
+from analysis.quantities import CATEGORIES
 
 HEAD_FAMILY_COLUMNS = ["family", "n_heads", "n_heads_significant", "min_q_value", "names_candidates"]
 CANDIDATE_COLUMNS = ["family", "rank", "layer", "head", "did", "did_log_ratio", "consistency", "base_entropy",
                      "score", "q_value"]
 DISAGREEMENT_COLUMNS = ["family", "layer", "delta_rfc", "layer_class", "adjusted_delta_rfc", "adjusted_class"]
 PAIR_COLUMNS = ["family_a", "family_b", "n_points", "grid", "defined"]
+PEAK_COLUMNS = ["family", "language", "layer", "delta_rfc_en", "delta_rfc_language", "contrast", "contrast_lo",
+                "contrast_hi", "q_value", "n_layers_significant", "n_layers"]
 
 
 def head_families(heads: pd.DataFrame, alpha: float) -> pd.DataFrame:
@@ -56,6 +59,28 @@ def correlation_pairs(cross_family: pd.DataFrame) -> pd.DataFrame:
     out = cross_family[["family_a", "family_b", "n_points", "grid"]].copy()
     out["defined"] = cross_family["pearson_r"].notna().to_numpy()
     return out[PAIR_COLUMNS].reset_index(drop=True)
+
+
+def language_contrast_peaks(contrasts: pd.DataFrame) -> pd.DataFrame:
+    """Per family and translation language (one definition and format), the layer with the largest |ΔRFC_L −
+    ΔRFC_en| with its interval and q, and how many of the family's layers differ from English at q < alpha."""
+    if not len(contrasts):
+        return pd.DataFrame(columns=PEAK_COLUMNS)
+    rows = []
+    for _, part in contrasts.groupby(["family", "language"], sort=False):
+        peak = part.loc[part["contrast"].abs().idxmax()]
+        rows.append({**{c: peak[c] for c in PEAK_COLUMNS[:-2]}, "n_layers_significant": int(part["significant"].sum()),
+                     "n_layers": int(len(part))})
+    return pd.DataFrame(rows, columns=PEAK_COLUMNS).reset_index(drop=True)
+
+
+def language_token_counts(token_lengths: pd.DataFrame) -> pd.DataFrame:
+    """Mean tokens per prompt by family (its tokenizer), language and category, one row per family and
+    language (one prompt format): how differently the languages tokenise (docs/method.md, "Languages")."""
+    wide = token_lengths.pivot_table(index=["family", "language"], columns="category", values="mean",
+                                     observed=True, sort=False)
+    wide.columns = [str(c) for c in wide.columns]
+    return wide[[c for c in CATEGORIES if c in wide.columns]].reset_index()
 
 
 def build(heads: pd.DataFrame, length_control: pd.DataFrame, cross_family: pd.DataFrame,

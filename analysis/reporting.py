@@ -7,7 +7,6 @@ These helpers format; what to show is selected by the stats stage (analysis.repo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
@@ -20,6 +19,7 @@ import pandas as pd
 import yaml
 
 from analysis import config as config_mod
+from analysis.artefacts import file_sha256
 from analysis.config import Config, StatsSettings
 from analysis.layout import ProjectPaths, project_paths
 from analysis.quantities import choice_rows
@@ -66,7 +66,8 @@ class Numbers:
     def show(self, key: str, style: str = "f4") -> Markdown:
         """The number as markdown: a span with its key, for inline `{python}` expressions and tables."""
         text = format_number(self.value(key), style)
-        return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" title="{self.source}: {key}"}}')
+        return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" artefact="{self.source}" '
+                        f'title="{self.source}: {key}"}}')
 
     def interval(self, key: str, style: str = "f4") -> Markdown:
         """`value [lo, hi]` for a key with `_lo`/`_hi` siblings."""
@@ -84,6 +85,7 @@ class Artefacts:
     robustness: pd.DataFrame
     length_control: pd.DataFrame
     split_half: pd.DataFrame
+    stage_shares: pd.DataFrame
     head_families: pd.DataFrame
     candidate_heads: pd.DataFrame
     length_disagreements: pd.DataFrame
@@ -92,6 +94,8 @@ class Artefacts:
     patching: pd.DataFrame  # data/patching/<family>.parquet of every family of the suite that has one
     manifests: dict[str, dict[str, Any]]
     prompt_summary: dict[str, Any]
+    original: Numbers
+    original_claims: pd.DataFrame
 
     @property
     def suite(self) -> str:
@@ -125,6 +129,7 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         robustness=pd.read_parquet(paths.stats_table("robustness")),
         length_control=pd.read_parquet(paths.stats_table("length_control")),
         split_half=pd.read_parquet(paths.stats_table("split_half")),
+        stage_shares=pd.read_parquet(paths.stats_table("stage_shares")),
         head_families=pd.read_parquet(paths.stats_table("head_families")),
         candidate_heads=pd.read_parquet(paths.stats_table("candidate_heads")),
         length_disagreements=pd.read_parquet(paths.stats_table("length_disagreements")),
@@ -134,6 +139,8 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
                             if paths.patch_table(f).exists()] or [pd.DataFrame()], ignore_index=True),
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
+        original=Numbers(json.loads(paths.reanalysis.read_text()), source=paths.relative(paths.reanalysis)),
+        original_claims=pd.read_parquet(paths.reanalysis_claims),
     )
 
 
@@ -141,7 +148,8 @@ def markdown_table(frame: pd.DataFrame) -> Markdown:
     """A pipe table (pandoc and Quarto both read it); its caption and number come from the cell's
     `label` and `tbl-cap`."""
     header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    cells = [[str(v) for v in row] for row in frame.itertuples(index=False)]
+    # a | inside a cell (e.g. |ΔRFC|) would end the cell: escape it
+    cells = [[str(v).replace("|", "\\|") for v in row] for row in frame.itertuples(index=False)]
     # pandoc sizes the columns of a table with long source lines (number spans) by the dashes under the
     # header: give each column as many as the widest text a reader sees in it
     widths = [max([len(visible_text(str(c)))] + [len(visible_text(row[i])) for row in cells])
@@ -190,7 +198,7 @@ def git_state(paths: ProjectPaths | None = None) -> dict[str, str]:
     return {
         "commit": git("rev-parse", "HEAD"),
         "dirty": "yes" if git("status", "--porcelain", "--untracked-files=no") else "no",
-        "dvc_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest() if lock.exists() else "no dvc.lock",
+        "dvc_lock_sha256": file_sha256(lock) if lock.exists() else "no dvc.lock",
     }
 
 
@@ -221,4 +229,79 @@ def ranked_values(value: dict[str, Any]) -> list[Any]:
 def layer_list(numbers: Numbers, key: str) -> str:
     """A ranked metric (layer indices keyed by rank) as text, traceable like any other number."""
     text = ", ".join(str(v) for v in ranked_values(numbers.value(key)))
-    return f'[{text}]{{.num key="{key}" fmt="list" title="{numbers.source}: {key}"}}'
+    return (f'[{text}]{{.num key="{key}" fmt="list" artefact="{numbers.source}" '
+            f'title="{numbers.source}: {key}"}}')
+
+
+# Claims whose recomputed form is a sentence, not a number: the report states them as a list under the table.
+DESCRIBED_CLAIMS = ("compression_band",)
+
+
+def original_claim_rows(claims: pd.DataFrame) -> pd.DataFrame:
+    """The original study's claims as the report's table: where stated, published, recomputed from its own
+    tables, whether they agree, the circular-shift p where the claim is about layers, and this build's value
+    (a column only when this build ran any of the original's checkpoints; the text says why otherwise)."""
+    claims = claims[~claims["quantity"].isin(DESCRIBED_CLAIMS)]
+    rows = pd.DataFrame({
+        "claim (where stated)": [f"{c} ({w})" if isinstance(w, str) and w else c
+                                 for c, w in zip(claims["statement"], claims["stated_at"])],
+        "published": claims["published_text"].fillna("–"),
+        "recomputed": claims["recomputed_text"].fillna("–"),
+        "reproduced": claims["reproduced"].map({True: "yes", False: "**no**"}),
+        "shift p": [format_number(p, "p") if pd.notna(p) else "–" for p in claims["autocorr_p"]],
+    })
+    built = claims["build_text"].fillna("")
+    if (built != "").any():
+        rows["this build"] = built.replace("", "–")
+    return rows
+
+
+def original_claim_notes(claims: pd.DataFrame) -> Markdown:
+    """The claims of DESCRIBED_CLAIMS as a list: the claim, what its tables show, and the shift p."""
+    items = []
+    for _, c in claims[claims["quantity"].isin(DESCRIBED_CLAIMS)].iterrows():
+        verdict = "holds" if c["reproduced"] else "does not hold"
+        shift = f"; circular-shift p = {format_number(c['autocorr_p'], 'p')}" if pd.notna(c["autocorr_p"]) else ""
+        items.append(f"- *{c['statement']}* ({verdict} by its rule): {c['recomputed_text']}{shift}.")
+    return Markdown("\n".join(items) + "\n")
+
+
+def build_values_note(claims: pd.DataFrame) -> str:
+    """Why the 'this build' column is empty, when it is (one reason for the whole table)."""
+    missing = claims["build_text"].isna() | (claims["build_text"] == "")
+    notes = claims.loc[missing, "build_note"].dropna().unique()
+    return "; ".join(notes)
+
+
+def staged_families(art: Artefacts) -> list[str]:
+    """Families run at more than two training stages."""
+    return list(config_mod.staged_families(art.config.stages))
+
+
+def stage_step_rows(art: Artefacts) -> pd.DataFrame:
+    """One row per training step of every staged family: its mean ΔRFC and share of the total, with intervals."""
+    rows = []
+    for f in staged_families(art):
+        order, k = art.config.stages[f], f"stages.{f}"
+        rows += [{"family": f, "step": f"{before} → {stage}",
+                  "mean ΔRFC [CI]": art.numbers.interval(f"{k}.{stage}.mean_delta_rfc"),
+                  "share of the total [CI]": art.numbers.interval(f"{k}.{stage}.share_delta_rfc", "pct1")}
+                 for stage, before in zip(order[1:], order[:-1])]
+    if not rows:
+        return pd.DataFrame([{"family": "–", "step": "no family with more than two stages", "mean ΔRFC [CI]": "–",
+                              "share of the total [CI]": "–"}])
+    return pd.DataFrame(rows)
+
+
+def stage_step_notes(art: Artefacts) -> Markdown:
+    """Per staged family: the total change, the step with the largest change, and where each candidate head
+    changes most."""
+    lines = []
+    for f in staged_families(art):
+        k, num = f"stages.{f}", art.numbers
+        heads = num.value(f"{k}.head_steps")
+        where = "; ".join(f"{h} at the step to {s}" for h, s in heads.items())
+        lines.append(f"**{f}**: total mean ΔRFC {num.interval(f'families.{f}.mean_delta_rfc')}; the largest step "
+                     f"ends at **{num.value(f'{k}.largest_step')}**"
+                     + (f"; candidate heads change most: {where}" if where else "") + ".")
+    return Markdown("\n\n".join(lines) + "\n")

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis import report_tables, robustness
+from analysis import language_statistics, report_tables, robustness, stage_statistics
+from analysis.config import StatsSettings, staged_families
 from analysis.mass_statistics import mass_changes
-from analysis.config import StatsSettings
 from analysis.errors import UserError
 from analysis.layer_statistics import build_statistics, metric_value
-from analysis.quantities import CATEGORIES, ENTROPY_COLUMNS, choice_rows
+from analysis.quantities import (CATEGORIES, ENTROPY_COLUMNS, LANGUAGES, SOURCE_LANGUAGE, VARIANTS,
+                                 choice_rows)
+
+STAGE_TABLES = ("stage_deltas", "stage_shares", "stage_heads")
+# Tables computed per prompt language (a `language` column); the others describe the headline language, English.
+LANGUAGE_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "attention_mass", *STAGE_TABLES)
 
 
 def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
@@ -23,22 +28,86 @@ def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSettings) -> dict:
-    """Everything the stats stage writes, from the entropy tables of each prompt format (raw, chat).
+def endpoints(entropy: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the base and instruct checkpoints: every family's endpoints, what base vs instruct compares."""
+    keep = entropy["variant"].isin(VARIANTS)
+    return entropy if keep.all() else entropy[keep].reset_index(drop=True)
 
-    The tables of `build_statistics` for every format with a `format` column; token_lengths; the
-    robustness table of every (definition, format) conclusion; length control and split-half
-    reliability on the headline definition and format; the headline ΔRFC for `dvc plots`; the report's
-    selections (analysis.report_tables); and metrics.
+
+def languages_of(entropy: pd.DataFrame) -> list[str]:
+    """The prompt languages of an entropy table, in LANGUAGES order (a table without `language` is English)."""
+    if "language" not in entropy:
+        return [SOURCE_LANGUAGE]
+    present = set(entropy["language"])
+    return [x for x in LANGUAGES if x in present]
+
+
+def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSettings,
+                stages: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """Everything the stats stage writes, per prompt language (docs/method.md, "Languages").
+
+    The English study (`study_of_language`) gives every table and the headline metrics unchanged; each other
+    language's layers, deltas, cross_family, heads, token_lengths and stage tables join them with a `language`
+    column, its family metrics go to metrics["languages"][language]; language_contrasts holds ΔRFC_L − ΔRFC_en
+    per family and layer (analysis.language_statistics) and language_summary the family × language table.
     """
+    languages = sorted({x for e in entropy_by_format.values() for x in languages_of(e)}, key=LANGUAGES.index)
+    if SOURCE_LANGUAGE not in languages:
+        raise UserError(f"the entropy tables have no {SOURCE_LANGUAGE} prompts; prompts.languages must include it")
+
+    def part(language: str) -> dict[str, pd.DataFrame]:
+        if "language" not in next(iter(entropy_by_format.values())):
+            return entropy_by_format
+        return {f: e[e["language"] == language].reset_index(drop=True) for f, e in entropy_by_format.items()}
+
+    studies = {language: study_of_language(part(language), settings, stages) for language in languages}
+    out = studies[SOURCE_LANGUAGE]
+    for key in LANGUAGE_TABLES:
+        out[key] = pd.concat([studies[x][key].assign(language=x) for x in languages], ignore_index=True)
+    out["metrics"]["languages"] = {x: {"families": studies[x]["metrics"]["families"],
+                                       "pairs": studies[x]["metrics"]["pairs"]}
+                                   for x in languages if x != SOURCE_LANGUAGE}
+    contrasts = []
+    for prompt_format, entropy in entropy_by_format.items():
+        contrasts.append(language_statistics.language_contrasts(endpoints(entropy), settings)
+                         .assign(format=prompt_format))
+    out["language_contrasts"] = pd.concat(contrasts, ignore_index=True)
+    out["language_summary"] = language_statistics.language_summary(out["deltas"], out["language_contrasts"])
+    headline = choice_rows(out["language_contrasts"], settings.headline_definition, settings.headline_format,
+                           None) if len(out["language_contrasts"]) else out["language_contrasts"]
+    out["language_contrast_peaks"] = report_tables.language_contrast_peaks(headline)
+    lengths = out["token_lengths"]
+    out["language_token_counts"] = report_tables.language_token_counts(
+        lengths[lengths["format"] == settings.headline_format])
+    if len(headline):
+        out["metrics"]["language_contrasts"] = language_statistics.contrast_metrics(headline)
+    return out
+
+
+def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSettings,
+                      stages: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """Everything the stats stage writes for one prompt language, from the entropy tables of each prompt format.
+
+    The tables of `build_statistics` for every format with a `format` column, computed on each family's
+    endpoints (base and instruct); token_lengths; the robustness table of every (definition, format)
+    conclusion; length control and split-half reliability on the headline definition and format; the
+    headline ΔRFC for `dvc plots`; the stage tables of families with more than two training stages
+    (`stages`: family -> stages in order; analysis.stage_statistics); and metrics; the report's
+    selections (analysis.report_tables).
+    """
+    stages = stages or {}
+    full_by_format = entropy_by_format
+    entropy_by_format = {f: endpoints(e) for f, e in full_by_format.items()}
     definition, headline_format = settings.headline_definition, settings.headline_format
     if headline_format not in entropy_by_format:
         raise UserError(f"stats.headline_format {headline_format!r}: use one of {', '.join(entropy_by_format)}")
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads",
-                                                               "attention_mass")}
+                                                                "attention_mass", *STAGE_TABLES)}
     summaries, lengths = [], []
     for prompt_format, entropy in entropy_by_format.items():
         result = build_statistics(entropy, settings)
+        result.update(stage_statistics.stage_statistics(full_by_format[prompt_format], stages, result["heads"],
+                                                        settings, prompt_format))
         result["attention_mass"] = mass_changes(entropy, n_resamples=settings.n_resamples,
                                                 confidence=settings.confidence, seed=settings.seed)
         for key in tables:
@@ -57,6 +126,9 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
                                                     headline_format)
     entries = robustness.metrics_entries(out["robustness"], out["split_half"], out["length_control"])
     metrics["robustness"] = {f: {k: metric_value(v) for k, v in e.items()} for f, e in entries.items()}
+    if staged_families(stages):
+        metrics["stages"] = stage_statistics.stage_metrics(choice_rows(out["stage_shares"], definition, headline_format),
+                                                           choice_rows(out["stage_heads"], definition, headline_format))
     token_lengths = pd.concat(lengths, ignore_index=True)
     token_lengths["category"] = pd.Categorical(token_lengths["category"], categories=list(CATEGORIES))
     out["token_lengths"] = token_lengths.sort_values(["format", "family", "category"], ignore_index=True)

@@ -1,13 +1,20 @@
 """Synthetic demo checkpoints in Hugging Face format, with attention effects planted at known heads.
 
-A demo family's base and instruct share one random initialisation (the spec's `seed`). Two residual
-dimensions are reserved: one is constant for every token, one marks self-referent words (you, your,
-yourself, ...). A `self_focus` head reads the constant dimension in its query and the self dimension
-in its key, on the lowest-frequency rotary pair (so position barely matters): its queries attend to
-self-referent tokens. `planted` heads are wired the same way in base and instruct except for that
+A demo family's base and instruct share one random initialisation (the spec's `seed`). Residual
+dimensions are reserved: one is constant for every token, and one per prompt language marks that language's
+self-referent words (you, your, ...; 你, 您; tú, te, ti, tu, ...: SELF_MARKERS). A `self_focus` head reads the
+constant dimension in its query and the self dimensions of the spec's `self_languages` (default: every
+language) in its key, on the lowest-frequency rotary pair (so position barely matters): its queries attend to
+self-referent tokens of those languages. `planted` heads are wired the same way in base and instruct except for that
 query row, so the two variants differ only where the spec says. `noise` perturbs only weights that
 no attention pattern reads (last layer's value/output/MLP, final norm, unembedding), so a family
 meant to show no effect holds that null exactly (docs/method.md, "Exact nulls").
+
+For families with several training stages: `clones` ([layer, head, of_head]) makes a head compute
+exactly the pattern of another head of its key/value group, and `mute_planted` zeroes the output of the
+planted heads, so that changing their focus changes no other head. A layer with k identical self-focus
+heads that lose their focus one by one over the stages then changes by exactly j/k of its total at a
+step where j of them do: a planted split of the change that the step shares must recover.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -29,21 +36,31 @@ from transformers import (
 )
 
 from analysis.errors import UserError
+from analysis.quantities import LANGUAGES
 
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
-SELF_WORDS = frozenset({"you", "your", "yours", "yourself", "yourselves"})
+# The demo's self markers per language: the words that address the model, as whole tokens (self_token_ids).
+SELF_MARKERS = {
+    "en": ("you", "your", "yours", "yourself", "yourselves"),
+    "zh": ("你", "您"),
+    "es": ("tú", "te", "ti", "tu", "tus", "contigo"),
+}
+SELF_WORDS = frozenset(SELF_MARKERS["en"])
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
     "{{ message['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-CONST_DIM, SELF_DIM = 0, 1
-FOCUS_SCORE = 4.0  # attention logit a self-focus head gives a self-referent key, before normalisation drift
+CJK_CHARACTER = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]"
+CONST_DIM = 0
+SELF_DIMS = {language: 1 + i for i, language in enumerate(LANGUAGES)}  # one marker dimension per language
+FOCUS_SCORE = 8.0  # attention logit a self-focus head gives a self-referent key, before normalisation drift;
+# strong enough that attending to a marker late in an English prompt still lowers the head's entropy
 VOCAB_SIZE = 4096
 QK_SCALE = 4.0  # random query/key weights scaled up so random heads attend unevenly, as trained heads do
 
@@ -78,12 +95,30 @@ def check_spec(spec: dict[str, Any], where: str) -> None:
     stray = {tuple(x) for x in spec.get("self_focus", [])} - {tuple(x) for x in spec.get("planted", [])}
     if stray:
         raise UserError(f"{where}: self_focus heads {sorted(stray)} must also be listed under planted")
+    group = heads // kv
+    for entry in spec.get("clones", []):
+        if len(entry) != 3:
+            raise UserError(f"{where}: clones entry {entry} must be [layer, head, of_head]")
+        layer, head, source = map(int, entry)
+        if not (0 <= layer < int(spec["layers"]) and 0 <= head < heads and 0 <= source < heads) or head == source:
+            raise UserError(f"{where}: clones entry {entry} names a head outside {spec['layers']} layers x {heads} "
+                            "heads, or a head cloning itself")
+        if head // group != source // group:
+            raise UserError(f"{where}: clones entry {entry}: a clone must share its key/value head with its source "
+                            f"({group} query heads per key/value head)")
+    languages = spec.get("self_languages", list(LANGUAGES))
+    if not isinstance(languages, list) or not languages or any(x not in LANGUAGES for x in languages):
+        raise UserError(f"{where}: self_languages {languages!r} must be a non-empty list of {', '.join(LANGUAGES)}")
+    if not isinstance(spec.get("mute_planted", False), bool):
+        raise UserError(f"{where}: mute_planted must be true or false")
 
 
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the prompt texts plus a small corpus; adds a BOS token."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Each CJK character is its own pre-token (Chinese has no spaces: without this, BPE learns whole questions).
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CJK_CHARACTER), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -102,10 +137,18 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def self_token_ids(tokenizer: PreTrainedTokenizerFast) -> list[int]:
-    """Ids of tokens that spell a whole self-referent word (any case, with or without a leading space)."""
-    return sorted(i for token, i in tokenizer.get_vocab().items()
-                  if tokenizer.convert_tokens_to_string([token]).strip().lower() in SELF_WORDS)
+def self_token_ids(tokenizer: PreTrainedTokenizerFast, language: str = "en") -> list[int]:
+    """Ids of tokens that spell a whole self-referent word of `language`: English in any case, with or without a
+    leading space; Spanish after a space or capitalised (a word's start: "te" inside "gente" is no marker); Chinese
+    the character itself."""
+    words = frozenset(SELF_MARKERS[language])
+
+    def marks(text: str) -> bool:
+        if language == "es":
+            return (text.startswith(" ") and text[1:] in words) or (text[:1].isupper() and text.lower() in words)
+        return text.strip().lower() in words
+
+    return sorted(i for token, i in tokenizer.get_vocab().items() if marks(tokenizer.convert_tokens_to_string([token])))
 
 
 def _focus_gain(hidden: int, head_dim: int) -> float:
@@ -134,11 +177,18 @@ def build_model(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> tor
             proj.weight.mul_(QK_SCALE)
     embed = model.get_input_embeddings().weight
     embed[:, CONST_DIM] = 1.0
-    embed[:, SELF_DIM] = 0.0
-    embed[self_token_ids(tokenizer), SELF_DIM] = 1.0
+    for language, dim in SELF_DIMS.items():
+        embed[:, dim] = 0.0
+        embed[self_token_ids(tokenizer, language), dim] = 1.0
+    heard = [SELF_DIMS[x] for x in spec.get("self_languages", LANGUAGES)]
 
     head_dim = hidden // heads
     group = heads // kv
+    for layer, head, source in spec.get("clones", []):
+        q = model.model.layers[layer].self_attn.q_proj
+        q.weight[head * head_dim:(head + 1) * head_dim] = q.weight[source * head_dim:(source + 1) * head_dim]
+        if q.bias is not None:
+            q.bias[head * head_dim:(head + 1) * head_dim] = q.bias[source * head_dim:(source + 1) * head_dim]
     row, partner = head_dim // 2 - 1, head_dim - 1  # lowest-frequency rotary pair
     gain = _focus_gain(hidden, head_dim)
     focus = {tuple(x) for x in spec.get("self_focus", [])}
@@ -154,9 +204,14 @@ def build_model(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> tor
             attn.k_proj.weight[r] = 0.0
             if attn.k_proj.bias is not None:
                 attn.k_proj.bias[r] = 0.0
-        attn.k_proj.weight[kv_head * head_dim + row, SELF_DIM] = gain
+        attn.k_proj.weight[kv_head * head_dim + row, heard] = gain
+        if spec.get("mute_planted", False):
+            attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = 0.0
+    # The focus rows are set after every planted head's group was cleared, so planted heads sharing a
+    # key/value head keep their focus.
+    for layer, head in spec.get("planted", []):
         if (layer, head) in focus:
-            attn.q_proj.weight[head * head_dim + row, CONST_DIM] = gain
+            model.model.layers[layer].self_attn.q_proj.weight[head * head_dim + row, CONST_DIM] = gain
 
     noise = float(spec.get("noise", 0.0))
     if noise:

@@ -26,8 +26,8 @@ from analysis.layout import ProjectPaths, project_paths
 # Entropies are accumulated in float32 (7 significant digits of a few nats), so no number derived from them
 # is meaningful below about 1e-7 in absolute terms; 1e-6 is far below anything the report prints.
 ABSOLUTE_TOLERANCE = 1e-6
-ID_COLUMNS = ("definition", "format", "family", "family_a", "family_b", "variant", "category", "layer", "head",
-              "claim")
+ID_COLUMNS = ("definition", "format", "family", "family_a", "family_b", "variant", "language", "contrast", "from_stage",
+              "to_stage", "category", "layer", "head", "claim")
 NOT_CHECKED = ("The entropy tables (data/entropy/**) are the input of this check and need the models to "
                "recompute: run `dvc repro` (it re-extracts every table whose inputs changed; `dvc repro --force "
                "extract@<checkpoint>` re-extracts one) and compare the new tables with the old ones at tolerance, "
@@ -144,7 +144,8 @@ def compare_tables(report: Report, where: str, stored: pd.DataFrame, recomputed:
         report.mismatches.append((f"{where}: shape", f"{len(stored)} rows x {list(stored.columns)}",
                                   f"{len(recomputed)} rows x {list(recomputed.columns)}"))
         return
-    ids = [c for c in ID_COLUMNS if c in stored.columns]
+    # a number is never an id (language_contrasts' `contrast` is a value, the stage tables' a label)
+    ids = [c for c in ID_COLUMNS if c in stored.columns and not pd.api.types.is_float_dtype(stored[c])]
     stored = stored.reset_index(drop=True)
     recomputed = recomputed.reset_index(drop=True)
     for i in range(len(stored)):
@@ -192,7 +193,7 @@ def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None
         raise UserError(f"--keep {keep}: choose a folder outside data/, verify never writes into the workspace")
     copy = project_paths(tmp)
     try:
-        study = _stats_function()(entropy_tables(config), config.stats)
+        study = _stats_function()(entropy_tables(config), config.stats, config.stages)
         write_study(study, paths, copy.stats)
 
         if paths.reanalysis.exists() or paths.reanalysis_claims.exists():

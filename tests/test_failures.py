@@ -114,7 +114,7 @@ def test_a_stats_run_killed_between_two_writes_leaves_the_old_set(stats_project,
     cfg = config.load()
     before = _digests(stats_project / "data" / "stats")
     monkeypatch.setattr(stage, "entropy_tables", lambda cfg: {})
-    monkeypatch.setattr(stage, "build_study", lambda entropy, settings: _tracked_study())
+    monkeypatch.setattr(stage, "build_study", lambda entropy, settings, stages: _tracked_study())
     writes = {"n": 0}
     real_write = stage.write_parquet
 

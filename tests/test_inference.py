@@ -9,42 +9,20 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from analysis.errors import UserError
+from reference_entropy import eager_entropies
 from analysis.config import ExtractSettings
 from analysis.extraction import encode, extract_checkpoint, length_sorted_batches
 
-SETTINGS = ExtractSettings(batch_size=7, device="cpu", dtype="auto", trust_remote_code=False, device_map=None)
+SETTINGS = ExtractSettings(batch_size=7, device="cpu", dtype="auto", trust_remote_code=False, device_map=None,
+                           chat_system="default", chat_date=None)
 CHECKPOINTS = [("demo_llama", "base"), ("demo_mistral", "base"), ("demo_qwen", "instruct")]
 
 
 def reference_entropies(local_dir, texts) -> dict[str, np.ndarray]:
-    """One prompt at a time through transformers' eager attention; entropies in float64 numpy loops."""
+    """The independent computation on raw prompts (every position counted)."""
     tok = AutoTokenizer.from_pretrained(local_dir)
-    model = AutoModelForCausalLM.from_pretrained(local_dir, attn_implementation="eager").eval()
-    out = {"raw": [], "no_bos": [], "normalised": []}
-    for text in texts:
-        ids = tok(text, return_tensors="pt")
-        with torch.no_grad():
-            attn = model(**ids, output_attentions=True).attentions
-        rows = {k: [] for k in out}
-        for layer in attn:
-            p = layer[0].double().numpy()  # [heads, q, k]
-            n = p.shape[-1]
-            raw, nob, norm = [], [], []
-            for h in range(p.shape[0]):
-                ent = [-sum(x * np.log(x) for x in p[h, q, : q + 1] if x > 0) for q in range(n)]
-                raw.append(np.mean(ent))
-                norm.append(np.mean([ent[q] / np.log(q + 1) for q in range(1, n)]))
-                rest = []
-                for q in range(1, n):
-                    r = p[h, q, 1: q + 1] / p[h, q, 1: q + 1].sum()
-                    rest.append(-sum(x * np.log(x) for x in r if x > 0))
-                nob.append(np.mean(rest))
-            rows["raw"].append(raw)
-            rows["no_bos"].append(nob)
-            rows["normalised"].append(norm)
-        for k in out:
-            out[k].append(rows[k])
-    return {k: np.array(v) for k, v in out.items()}
+    encoded = [tok(text)["input_ids"] for text in texts]
+    return eager_entropies(local_dir, [(ids, [True] * len(ids)) for ids in encoded])
 
 
 @pytest.mark.parametrize("family,variant", CHECKPOINTS)

@@ -33,18 +33,20 @@ def test_masses_by_hand():
 
 
 def test_marker_spans_are_whole_words():
-    assert marker_spans("Did you choose your own name?", "you your") == [(4, 7), (15, 19)]
-    with pytest.raises(ValueError, match="'you'"):
-        marker_spans("What is your name?", "you")
+    assert marker_spans("Did you choose your own name?", "your") == [(15, 19)]
+    assert marker_spans("Would you describe yourself?", "you") == [(6, 9)]  # not inside "yourself"
+    assert marker_spans("What is your name?", "you") == []
+    assert marker_spans("Es tu gente, te digo", "te") == [(12, 14)]  # not inside "gente"
+    assert marker_spans("你叫什么名字？你好", "你") == [(0, 1), (7, 8)]  # Chinese: no spaces, every occurrence
 
 
 @pytest.mark.parametrize("field,category,message", [
     ("your", "neutral", "neutral prompts have no person marker"),
-    ("", "self_referent", "empty person_marker"),
-    ("yours", "self_referent", "not in the text as whole words"),
+    ("", "self_referent", "empty marker"),
+    ("you", "self_referent", "as a word of its own"),
 ])
 def test_marker_column_is_validated(tmp_path, field, category, message):
-    rows = ["prompt_id,category,text,person_marker"]
+    rows = ["prompt_id,category,text,marker"]
     for c in ("self_referent", "neutral", "third_person", "confounder"):
         marker = {"self_referent": "your", "neutral": "", "third_person": "her", "confounder": "my"}[c]
         rows.append(f"{c}_1,{c},Is {marker or 'the'} cat here?,{marker}")
@@ -56,12 +58,14 @@ def test_marker_column_is_validated(tmp_path, field, category, message):
 
 
 def test_marker_tokens_found_through_offsets(demo_dir, prompts):
+    from conftest import REPO_CONFIG
+
     tok = AutoTokenizer.from_pretrained(demo_dir("demo_llama", "base"))
     for fmt in ("raw", "chat"):
-        enc = encode(tok, "Did you choose your own name?", fmt, marker="you your")
+        enc = encode(tok, "Did you choose your own name?", fmt, marker="your")
         words = [tok.decode([i]).strip() for i, m in zip(enc.input_ids, enc.marker_mask) if m]
-        assert words == ["you", "your"]
-    encoded = encode_prompts(tok, prompts, "raw")
+        assert words == ["your"]
+    encoded = encode_prompts(tok, prompts, "raw", REPO_CONFIG.extract)
     neutral = prompts["category"].to_numpy() == "neutral"
     assert not any(any(e.marker_mask) for e, n in zip(encoded, neutral) if n)
     assert all(any(e.marker_mask) for e, n in zip(encoded, neutral) if not n)

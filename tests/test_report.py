@@ -18,15 +18,17 @@ from analysis.reporting import format_number, lookup, ranked_values
 from analysis.stages import report as report_stage
 
 REPO = Path(__file__).resolve().parent.parent
-INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json",
+INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json", "data/original",
           "report/index.qmd", "report/figures"]
-SECTIONS = ["The question", "Method", "Results", "Candidate heads for activation patching", "Does it hold?",
+SECTIONS = ["The question", "Method", "Results", "Candidate heads for activation patching",
+            "Does the language of the question matter?", "Comparison with the original study", "Does it hold?",
             "Limitations and next steps", "Appendix: provenance"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars",
                   "--virtual-time-budget=20000", "--window-size=1200,1600"]
 FLOAT_NAMES = {"fig": "Figure", "tbl": "Table"}
 LABELS = re.findall(r"^#\|\s*label:\s*((fig|tbl)-[\w-]+)", (REPO / "report/index.qmd").read_text(), re.M)
+N_FIGURES = sum(kind == "fig" for _, kind in LABELS)  # every figure is one chart
 NBSP = re.compile(r"&nbsp;|&#160;|\xa0")
 
 
@@ -80,31 +82,33 @@ class NumberSpans(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "span" and attrs.get("class") == "num":
-            self._open = [attrs["data-key"], attrs["data-fmt"], ""]
+            self._open = [attrs["data-artefact"], attrs["data-key"], attrs["data-fmt"], ""]
 
     def handle_data(self, data):
         if self._open is not None:
-            self._open[2] += data
+            self._open[3] += data
 
     def handle_endtag(self, tag):
         if tag == "span" and self._open is not None:
-            self.found.append((self._open[0], self._open[1], " ".join(self._open[2].split())))
+            self.found.append((self._open[0], self._open[1], self._open[2], " ".join(self._open[3].split())))
             self._open = None
 
 
-def test_every_stated_number_equals_metrics_json_at_its_precision(built):
-    """Each number in the text is a span naming its metrics.json key; its text is that value as printed."""
+def test_every_stated_number_equals_its_artefact_at_its_precision(built):
+    """Each number in the text is a span naming its artefact and key; its text is that value as printed."""
     root, result = built
     metrics = json.loads((root / "data/stats/metrics.json").read_text())
     parser = NumberSpans()
     parser.feed(result.html.read_text())
     defined = [pair for pair, values in metrics["pairs"].items() if values["pearson_r"] is not None]
     assert len(parser.found) >= 7 * len(metrics["families"]) + 11 * len(defined)
-    for key, style, text in parser.found:
-        value = lookup(metrics, key)
+    sources = {src for src, _, _, _ in parser.found}
+    assert sources == {"data/stats/metrics.json", "data/original/reanalysis.json"}, sources
+    for src, key, style, text in parser.found:
+        value = lookup(json.loads((root / src).read_text()), key)
         expected = ", ".join(map(str, ranked_values(value))) if style == "list" else format_number(value, style)
-        assert text == expected, f"{key}: page says {text}, metrics.json gives {expected}"
-    keys = {key for key, _, _ in parser.found}
+        assert text == expected, f"{src}: {key}: page says {text}, the artefact gives {expected}"
+    keys = {key for src, key, _, _ in parser.found if src == "data/stats/metrics.json"}
     for family in metrics["families"]:
         for field in ("mean_delta_rfc", "mean_delta_rfc_lo", "mean_delta_rfc_hi", "share_compression",
                       "share_preservation", "share_no_change"):
@@ -128,10 +132,10 @@ def test_demo_build_says_it_is_synthetic_and_names_its_sources(built):
 
 def test_html_is_self_contained(built):
     """No script, stylesheet or image is fetched from anywhere: everything is inlined."""
-    _, result = built
+    root, result = built
     html = result.html.read_text()
     assert not re.search(r'<(script|img|link)[^>]+(src|href)="(https?:)?//', html)
-    assert "window.vegaEmbed" in html and html.count('class="vega-chart"') == 5
+    assert "window.vegaEmbed" in html and html.count('class="vega-chart"') == N_FIGURES
     end = html.index("window.vegaEmbed=") if "window.vegaEmbed=" in html else html.index("window.vegaEmbed =")
     assert "<table" not in html[html.rindex("<script", 0, end):end], "Quarto would read the bundle's <table as HTML"
 
@@ -142,7 +146,7 @@ def test_figures_and_tables_are_numbered_and_cross_referenced_in_html(built):
     _, result = built
     html = NBSP.sub(" ", result.html.read_text())
     numbers = expected_numbers()
-    assert len([k for _, k in LABELS if k == "fig"]) == 5 and len([k for _, k in LABELS if k == "tbl"]) >= 8
+    assert N_FIGURES >= 6 and len([k for _, k in LABELS if k == "tbl"]) >= 9
     for label, number in numbers.items():
         start = html.index(f'id="{label}"')
         caption = re.search(r"(Figure|Table) (\d+):", html[start:])
@@ -172,13 +176,13 @@ def test_toc_links_every_section(built):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_html_renders_its_charts_offline_in_chromium(built, tmp_path):
     """Headless Chromium with the network blocked draws every chart as SVG and takes a screenshot."""
-    _, result = built
+    root, result = built
     url = result.html.resolve().as_uri()
     dom = subprocess.run(["chromium", *CHROMIUM_FLAGS, "--dump-dom", url], capture_output=True, text=True,
                          timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]
     charts = re.split(r'<div id="vis-[^"]+" class="vega-chart', dom.stdout)[1:]
-    assert len(charts) == 5
+    assert len(charts) == N_FIGURES
     for chart in charts:
         drawn = chart.split("</svg>")[0]
         assert "<svg" in drawn and drawn.count("<path") > 5, "a chart did not render"
@@ -189,11 +193,12 @@ def test_html_renders_its_charts_offline_in_chromium(built, tmp_path):
 
 
 def test_pdf_has_the_sections_and_numbered_captions(built):
-    """The PDF's text holds every section title and every caption with its number, and the five charts
-    are drawn in it."""
+    """The PDF's text holds every section title and every caption with its number, and every chart is
+    drawn in it."""
     _, result = built
     reader = PdfReader(result.pdf)
     text = " ".join(" ".join(page.extract_text() for page in reader.pages).replace("\xa0", " ").split())
+    text = text.replace("\u2019", "'")  # Quarto's typographic apostrophes
     for title in SECTIONS:
         assert title in text, title
     source = (REPO / "report/index.qmd").read_text()
@@ -203,4 +208,4 @@ def test_pdf_has_the_sections_and_numbered_captions(built):
         assert f"{number}: {words}" in text, f"caption of {label} missing from the PDF"
     drawn = sum(len(page["/Resources"].get_object().get("/XObject", {}).get_object()) for page in reader.pages
                 if "/Resources" in page and "/XObject" in page["/Resources"].get_object())
-    assert drawn >= 5
+    assert drawn >= N_FIGURES

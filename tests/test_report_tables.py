@@ -44,3 +44,26 @@ def test_length_disagreements_and_correlation_pairs():
                           "grid": ["layer", "relative_depth"], "pearson_r": [0.5, np.nan]})
     pairs = report_tables.correlation_pairs(cross)
     assert pairs["defined"].tolist() == [True, False] and list(pairs.columns) == report_tables.PAIR_COLUMNS
+
+
+def test_language_contrast_peaks_take_the_largest_absolute_contrast_and_count_significant_layers():
+    contrasts = pd.DataFrame({
+        "family": ["a"] * 3 + ["a"] * 3, "language": ["zh"] * 3 + ["es"] * 3, "layer": [0, 1, 2] * 2,
+        "delta_rfc_en": [-0.1] * 6, "delta_rfc_language": [0.0, -0.4, -0.1, -0.1, -0.1, -0.05],
+        "contrast": [0.1, -0.3, 0.0, 0.0, 0.0, 0.05], "contrast_lo": [0.05, -0.5, -0.1, -0.1, -0.1, -0.02],
+        "contrast_hi": [0.2, -0.1, 0.1, 0.1, 0.1, 0.1], "q_value": [0.01, 0.02, 0.9, 1.0, 1.0, 0.4],
+        "significant": [True, True, False, False, False, False]})
+    out = report_tables.language_contrast_peaks(contrasts)
+    assert list(out.columns) == report_tables.PEAK_COLUMNS
+    assert out[["family", "language", "layer", "n_layers_significant", "n_layers"]].values.tolist() == [
+        ["a", "zh", 1, 2, 3], ["a", "es", 2, 0, 3]]
+    assert out.loc[0, "contrast_lo"] == -0.5 and out.loc[1, "q_value"] == 0.4
+    assert report_tables.language_contrast_peaks(contrasts.iloc[:0]).empty
+
+
+def test_language_token_counts_are_one_row_per_tokenizer_and_language_in_category_order():
+    lengths = pd.DataFrame({"family": ["a"] * 4, "language": ["en", "en", "zh", "zh"],
+                            "category": ["neutral", "self_referent"] * 2, "mean": [9.0, 8.0, 5.0, 4.5]})
+    out = report_tables.language_token_counts(lengths)
+    assert list(out.columns) == ["family", "language", "self_referent", "neutral"]
+    assert out.values.tolist() == [["a", "en", 8.0, 9.0], ["a", "zh", 4.5, 5.0]]

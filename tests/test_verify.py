@@ -20,32 +20,38 @@ from analysis import cli, config
 from analysis.errors import UserError
 from analysis.layout import project_paths
 from analysis.provenance import REGISTRY, all_keys, explain, lookup
-from analysis.quantities import CATEGORIES as CATS
+from analysis.quantities import CATEGORIES as CATS, LANGUAGES
 from analysis.verification import numbers_agree, tolerance, verify_workspace
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"n_resamples": 100, "n_permutations": 100, "split_half_splits": 10}
 
 
-def entropy_table(checkpoint: str, family: str, variant: str, seed: int, prompt_format: str) -> pd.DataFrame:
-    """A small positive entropy table in the extract stage's long format: 3 prompts per category, 3 x 2 heads."""
+def entropy_table(checkpoint: str, family: str, variant: str, seed: int, prompt_format: str,
+                  language: str = "en") -> pd.DataFrame:
+    """A small positive entropy table in the extract stage's long format: 3 prompts per category, 3 x 2 heads;
+    a translation (`language` other than en) has its own prompt_ids and the English ones as source_id."""
     rng = np.random.default_rng(seed)
     categories = np.repeat(CATS, 3)
-    ids = [f"{c[:4]}_{i:02d}" for i, c in enumerate(categories)]
+    sources = [f"{c[:4]}_{i:02d}" for i, c in enumerate(categories)]
+    ids = sources if language == "en" else [f"{s}_{language}" for s in sources]
     p, layer, head = np.meshgrid(np.arange(categories.size), np.arange(3), np.arange(2), indexing="ij")
     e = 1.5 + rng.gamma(4.0, 0.1, size=p.shape)
-    n_tokens = (8 + np.arange(categories.size) % 4)[p.ravel()]
+    n_tokens = (8 + np.arange(categories.size) % 4 + (0 if language == "en" else 2))[p.ravel()]
     return pd.DataFrame({
         "checkpoint": checkpoint, "family": family, "variant": variant, "prompt_id": np.asarray(ids)[p.ravel()],
-        "category": categories[p.ravel()], "layer": layer.ravel(), "head": head.ravel(), "entropy": e.ravel(),
+        "category": categories[p.ravel()], "language": language, "source_id": np.asarray(sources)[p.ravel()],
+        "layer": layer.ravel(), "head": head.ravel(), "entropy": e.ravel(),
         "entropy_no_bos": 0.9 * e.ravel(), "entropy_normalised": e.ravel() / np.log(n_tokens + 1.0),
-        "n_tokens": n_tokens, "n_query": n_tokens, "first_token": "<s>", "prompt_format": prompt_format})
+        "n_tokens": n_tokens, "n_query": n_tokens, "first_token": "<s>", "prompt_format": prompt_format,
+        # the same token ids at every stage of a family (the stats stage checks it for staged families)
+        "input_ids_sha1": np.asarray([f"{language}{i:014x}" for i in range(categories.size)])[p.ravel()]})
 
 
 @pytest.fixture
 def built(project):
-    """The project with small stats settings, synthetic entropy tables for every checkpoint, and the
-    stats and original stages run once."""
+    """The project with small stats settings, synthetic entropy tables of English prompts and English's
+    translations for every checkpoint, and the stats and original stages run once."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["stats"].update(SMALL)
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -54,7 +60,8 @@ def built(project):
         for j, fmt in enumerate(("raw", "chat")):
             target = paths.entropy_table(ckpt.name, fmt)
             target.parent.mkdir(parents=True, exist_ok=True)
-            entropy_table(ckpt.name, ckpt.family, ckpt.variant, 10 * i + j, fmt).to_parquet(target)
+            pd.concat([entropy_table(ckpt.name, ckpt.family, ckpt.variant, 100 * k + 10 * i + j, fmt, language)
+                       for k, language in enumerate(LANGUAGES)], ignore_index=True).to_parquet(target)
     shutil.copytree(REPO / "data" / "original", project / "data" / "original",
                     ignore=shutil.ignore_patterns("reanalysis*"))
     shutil.copy(REPO / "dvc.lock", project / "dvc.lock")
@@ -114,6 +121,38 @@ def test_perturbed_entropy_value_is_caught(built):
     assert not any("demo_llama" in k and "metrics.json: families" in k for k in keys)
 
 
+def test_perturbed_language_numbers_are_named(built):
+    """A translation's metric and a cell of language_contrasts.parquet are recomputed and named by key."""
+    paths = project_paths()
+    metrics = json.loads(paths.metrics.read_text())
+    metrics["languages"]["zh"]["families"]["demo_llama"]["mean_delta_rfc"] *= 1.01
+    paths.metrics.write_text(json.dumps(metrics))
+    target = paths.stats_table("language_contrasts")
+    table = pd.read_parquet(target)
+    row = table.index[(table["family"] == "demo_qwen") & (table["language"] == "es") & (table["layer"] == 2)][0]
+    table.loc[row, "contrast_hi"] += 0.01
+    table.to_parquet(target)
+    keys = sorted(k for k, _, _ in verify_workspace().mismatches)
+    assert len(keys) == 2 and keys[1] == "data/stats/metrics.json: languages.zh.families.demo_llama.mean_delta_rfc"
+    assert keys[0].startswith("data/stats/language_contrasts.parquet[definition=") and keys[0].endswith(
+        "family=demo_qwen, language=es, layer=2].contrast_hi")
+
+
+def test_perturbed_translation_entropy_changes_that_language_only(built):
+    paths = project_paths()
+    target = paths.entropy_table("demo_mistral-instruct", "raw")
+    table = pd.read_parquet(target)
+    row = table.index[(table["language"] == "zh") & (table["category"] == "self_referent") & (table["layer"] == 1)][0]
+    table.loc[row, "entropy"] += 0.5
+    table.to_parquet(target)
+    keys = [key for key, _, _ in verify_workspace().mismatches]
+    assert any(k.startswith("data/stats/metrics.json: languages.zh.families.demo_mistral.mean_delta_rfc") for k in keys)
+    assert any(k.startswith("data/stats/metrics.json: language_contrasts.demo_mistral.zh.") for k in keys)
+    assert not any(k.startswith(("data/stats/metrics.json: families.", "data/stats/metrics.json: languages.es."))
+                   for k in keys)
+    assert not any("language=en" in k or "language=es" in k for k in keys if "deltas.parquet" in k)
+
+
 def test_perturbed_reanalysis_is_named(built):
     paths = project_paths()
     document = json.loads(paths.reanalysis.read_text())
@@ -160,6 +199,11 @@ def test_data_readme_documents_every_registry_function_and_key():
     ("robustness.demo_null.split_half_r", ["split_half.parquet: split_half_r", "analysis.robustness:split_half",
                                            "stats.split_half_splits=10"]),
     ("families.demo_qwen.top_heads.rank_1", ["heads.parquet: rank", "stats.top_k_heads=10"]),
+    ("languages.zh.families.demo_mistral.mean_delta_rfc", ["deltas.parquet: delta_rfc (mean over layers) where "
+                                                           "language == zh", "in language zh", "stats.n_resamples=100"]),
+    ("language_contrasts.demo_mistral.es.n_layers_significant", ["language_contrasts.parquet: significant",
+                                                                 "language_summary.parquet", "ΔRFC_es differs from ΔRFC_en",
+                                                                 "stats.n_permutations=100"]),
     ("original.claims.mean_delta_rfc:qwen.recomputed", ["= 0.142385", "data/original/reanalysis.json",
                                                          "analysis.original_study:reanalyse"]),
     ("original.source.sha256.figures/llama/comparison/detailed_comparison.csv", ["a08f67be9598"]),

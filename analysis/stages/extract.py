@@ -16,8 +16,9 @@ def run(config: Config, name: str, prompt_format: str) -> None:
     """Run every prompt through checkpoint `name` and write its entropy table."""
     paths = config.paths
     ckpt = config.checkpoint(name)
-    prompts = load_prompts(paths.prompts, config.prompts.min_per_category)
-    texts = list(prompts["text"])
+    every = load_prompts(paths.prompts, config.prompts.min_per_category)
+    texts = list(every["text"])  # a demo tokenizer is trained on every language's prompts, as `pull` did
+    prompts = every[every["language"].isin(config.prompts.languages)].reset_index(drop=True)
     manifest = checkpoints.read_manifest(paths, name)
     local = checkpoints.local_dir(manifest, ckpt.demo, texts, paths)
     chat_dir = None
@@ -27,10 +28,12 @@ def run(config: Config, name: str, prompt_format: str) -> None:
     frame = extract_checkpoint(local, prompts, checkpoint=name, family=ckpt.family, variant=ckpt.variant,
                                settings=config.extract, prompt_format=prompt_format, chat_dir=chat_dir,
                                expected_shape=(manifest["n_layers"], manifest["n_heads"]))
-    lengths = frame.drop_duplicates("prompt_id")
-    check = token_lengths(prompts, list(lengths["n_tokens"]), name, config.prompts.max_token_gap)
-    if check.warning:
-        typer.secho("warning: " + check.warning, fg="yellow", err=True)
+    lengths = frame.drop_duplicates("prompt_id").set_index("prompt_id")["n_tokens"]
+    for language, part in prompts.groupby("language", sort=False):
+        check = token_lengths(part, list(lengths.loc[part["prompt_id"]]), f"{name} ({language})",
+                              config.prompts.max_token_gap)
+        if check.warning:
+            typer.secho("warning: " + check.warning, fg="yellow", err=True)
     target = paths.entropy_table(name, prompt_format)
     write_parquet(frame, target)
     typer.echo(f"{name}: {len(frame):,} rows -> {paths.relative(target)}")

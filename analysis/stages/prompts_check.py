@@ -18,8 +18,9 @@ def run(config: Config, tokenizers: bool) -> dict:
     paths = config.paths
     prompts = load_prompts(paths.prompts, config.prompts.min_per_category)
     info = summary(prompts, paths.prompts)
-    typer.echo(f"{paths.prompts.name}: {info['n_prompts']} prompts "
-               + ", ".join(f"{k} {v}" for k, v in info["per_category"].items()))
+    for language, counts in info["per_language"].items():
+        typer.echo(f"{paths.prompts.name} ({language}): {sum(counts.values())} prompts "
+                   + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if tokenizers:
         from transformers import AutoTokenizer
 
@@ -28,10 +29,11 @@ def run(config: Config, tokenizers: bool) -> dict:
             if local is None:
                 continue
             tok = AutoTokenizer.from_pretrained(str(local))
-            counts = [len(tok(t)["input_ids"]) for t in prompts["text"]]
-            check = token_lengths(prompts, counts, ckpt.family, config.prompts.max_token_gap)
-            typer.echo(check.table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
-            if check.warning:
-                typer.secho("warning: " + check.warning, fg="yellow", err=True)
+            for language, part in prompts.groupby("language", sort=False):
+                counts = [len(tok(t)["input_ids"]) for t in part["text"]]
+                check = token_lengths(part, counts, f"{ckpt.family} ({language})", config.prompts.max_token_gap)
+                typer.echo(check.table.to_string(index=False, float_format=lambda x: f"{x:.2f}"))
+                if check.warning:
+                    typer.secho("warning: " + check.warning, fg="yellow", err=True)
     write_json(info, paths.prompt_summary)
     return info

@@ -1,4 +1,4 @@
-"""Stage `pull@<checkpoint>`: download (hub) or generate (demo) a checkpoint and write its manifest."""
+"""Stage `pull@<checkpoint>`: download (hub), generate (demo) or pin (local) a checkpoint and write its manifest."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def run(config: Config, name: str, update: bool) -> dict:
     if ckpt.source == "demo":
         texts = list(load_prompts(config.paths.prompts, config.prompts.min_per_category)["text"])
         manifest = checkpoints.pull_demo(ckpt, texts, config.paths)
+    elif ckpt.source == "local":
+        manifest = checkpoints.pull_local(ckpt, config.paths)
     else:
         manifest = checkpoints.pull_hub(ckpt, config.paths, update=update)
     typer.echo(f"{name}: {manifest['architecture']} {manifest['n_layers']} layers x {manifest['n_heads']} heads "

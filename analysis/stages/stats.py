@@ -48,7 +48,7 @@ def write_study(study: dict, paths: ProjectPaths, folder: Path) -> None:
 def run(config: Config) -> dict:
     """Compute the study and replace data/stats with the new tables, plots and metrics in one step."""
     paths = config.paths
-    study = build_study(entropy_tables(config), config.stats)
+    study = build_study(entropy_tables(config), config.stats, config.stages)
     with atomic_dir(paths.stats) as staging:
         write_study(study, paths, staging)
     for family, values in study["metrics"]["families"].items():
