@@ -202,21 +202,25 @@ def is_out_of_memory(err: BaseException) -> bool:
 # Extra hooks for one batch: given the batch's prompt indices, its token ids and attention mask, and a dict
 # the hooks may fill with per-prompt arrays [batch, ...] (returned with the entropies), the hooks to add.
 BatchHooks = Callable[[list[int], torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], list[tuple[str, Any]]]
+# What to keep of a batch's next-token log-probabilities (float64, [batch, vocab], each prompt's last real
+# position), given the batch's prompt indices: per-prompt arrays [batch, ...] by name, reduced on the device.
+LogitReducer = Callable[[list[int], torch.Tensor], dict[str, torch.Tensor]]
 
 
 class EntropyRunner:
     """Runs batches through a bridge and returns per-(prompt, layer, head) entropies and attention masses.
 
     The patching stage (analysis/interventions.py) runs its interventions through the same batching,
-    padding, hooks and out-of-memory splitting: `batch_hooks` add hooks per batch, `logits` returns each
-    prompt's next-token log-probabilities at its last real position.
+    padding, hooks and out-of-memory splitting: `batch_hooks` add hooks per batch, `logits` reduces each
+    prompt's next-token log-probabilities at its last real position (so a vocabulary-wide array per prompt
+    need not be kept).
     """
 
     def __init__(self, bridge: Any, n_layers: int, n_heads: int, pad_id: int, device: str):
         self.bridge, self.n_layers, self.n_heads, self.pad_id, self.device = bridge, n_layers, n_heads, pad_id, device
 
     def _forward(self, prompts: list[EncodedPrompt], batch: list[int], batch_hooks: BatchHooks | None = None,
-                 logits: bool = False) -> dict[str, np.ndarray]:
+                 logits: LogitReducer | None = None) -> dict[str, np.ndarray]:
         first = next(self.bridge.parameters()).device
         ids, attention, query = pad_batch(prompts, self.pad_id, first)
         keys = marker_keys(prompts, ids.shape[1], first)
@@ -237,7 +241,7 @@ class EntropyRunner:
             hooks += batch_hooks(batch, ids, attention, extras)
         with torch.inference_mode():
             out = self.bridge.run_with_hooks(ids, attention_mask=attention, fwd_hooks=hooks,
-                                             return_type="logits" if logits else None)
+                                             return_type="logits" if logits is not None else None)
         missing = sorted(set(range(self.n_layers)) - set(per_layer))
         if missing:
             raise UserError(f"no attention pattern reached the hooks of layers {missing}")
@@ -245,15 +249,17 @@ class EntropyRunner:
         values = stacked.double().cpu().numpy()  # [quantity, prompt, layer, head]
         names = [*DEFINITIONS, *(MASS_COLUMNS[m] for m in MASSES)]
         result = {name: values[i] for i, name in enumerate(names)}
-        if logits:
+        if logits is not None:
             last = attention.sum(dim=1) - 1
             rows = out[torch.arange(out.shape[0], device=out.device), last.to(out.device)]
-            result["log_probs"] = torch.log_softmax(rows.float(), dim=-1).double().cpu().numpy()
+            kept = logits(batch, torch.log_softmax(rows.double(), dim=-1))
+            result.update({k: v.detach().double().cpu().numpy() for k, v in kept.items()})
         result.update({k: v.detach().float().cpu().numpy() for k, v in extras.items()})
         return result
 
     def run(self, prompts: list[EncodedPrompt], batch_size: int, label: str = "",
-            batch_hooks: BatchHooks | None = None, logits: bool = False, progress: bool = True) -> dict[str, np.ndarray]:
+            batch_hooks: BatchHooks | None = None, logits: LogitReducer | None = None,
+            progress: bool = True) -> dict[str, np.ndarray]:
         """Per quantity an array [prompt, ...]: entropies per definition and masses [prompt, layer, head],
         plus what `logits` and `batch_hooks` add; a batch that runs out of memory is split and retried."""
         result: dict[str, np.ndarray] = {}

@@ -1,9 +1,10 @@
 """Do the candidate heads matter? Ablation and base<->instruct activation patching of single heads.
 
-For each head (the family's top candidates and seeded random controls of the same layers) and each
-intervention, one batched forward pass per batch through the extraction's runner (same batching, padding,
-pattern hooks and out-of-memory splitting), with one more hook on the head's output before the output
-projection (`blocks.<l>.attn.hook_z`, per query head). Per prompt: the KL divergence of the next-token
+For the selected heads (the family's top candidates and seeded random controls of the same layers) and each
+intervention, the prompt list is replicated once per head and run through the extraction's runner (same
+batching, padding, pattern hooks and out-of-memory splitting), with one more hook on the heads' output before
+the output projection (`blocks.<l>.attn.hook_z`, per query head) that intervenes on each row's own head, so
+a forward pass covers several heads. Per prompt: the KL divergence of the next-token
 distribution at the last position from the unpatched run, and the mean entropy of the layers after the
 head. docs/method.md, "Interventions on heads", says why mean ablation, KL and random controls.
 """
@@ -51,6 +52,8 @@ INTERVENTIONS = (
     Intervention("patch_base_into_instruct", "instruct", "patch"),
     Intervention("patch_instruct_into_base", "base", "patch"),
 )
+# The prompts intervened on: the categories the effects and their specificity compare (English prompts only).
+PATCH_CATEGORIES = (SELF, NEUTRAL)
 # Per-prompt effect sizes summarised per head: KL of the next-token distribution, and the absolute change of
 # the mean entropy of the layers after the head (what the planted structure of the demo is about).
 METRICS = ("kl", "entropy_later")
@@ -128,17 +131,25 @@ def capture_hooks(heads: list[tuple[int, int]], n_heads: int, width: int):
     return make
 
 
-def replace_hooks(layer: int, head: int, n_heads: int, replacement: np.ndarray):
-    """Batch hooks that overwrite one head's output with replacement[prompt, position] ([n_prompts, width, d_head])."""
-    source = torch.as_tensor(replacement)
+def replace_hooks(heads: list[tuple[int, int]], n_prompts: int, n_heads: int, replacement: torch.Tensor):
+    """Batch hooks for the head-replicated prompt list (row = copy * n_prompts + prompt, copy i intervenes on
+    heads[i]): each row's head output is overwritten with replacement[copy, prompt] ([n_sel, n_prompts, width,
+    d_head]), so one forward pass intervenes on several heads, one per row."""
 
     def make(batch, ids, attention, extras):
+        rows = torch.as_tensor(batch)
+        copy, prompt = rows // n_prompts, rows % n_prompts
+        layer_of = torch.tensor([layer for layer, _ in heads])[copy]
+        head_of = torch.tensor([head for _, head in heads])[copy]
+
         def hook(z, hook):
+            pick = (layer_of == int(hook.name.split(".")[1])).nonzero().flatten()
             new = z.clone()
             view = _as_heads(new, n_heads)
-            view[:, :, head] = source[batch, : z.shape[1]].to(device=z.device, dtype=z.dtype)
+            source = replacement[copy[pick], prompt[pick], : z.shape[1]]
+            view[pick.to(z.device), :, head_of[pick].to(z.device)] = source.to(device=z.device, dtype=z.dtype)
             return new
-        return [(f"blocks.{layer}.attn.hook_z", hook)]
+        return [(f"blocks.{layer}.attn.hook_z", hook) for layer in sorted({int(x) for x in layer_of})]
 
     return make
 
@@ -157,9 +168,9 @@ def neutral_mean(z: np.ndarray, lengths: np.ndarray, is_neutral: np.ndarray) -> 
     return out.astype(np.float32)
 
 
-def kl_divergence(clean: np.ndarray, other: np.ndarray) -> np.ndarray:
+def kl_divergence(clean: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """KL(clean || other) per row of log-probabilities [n, vocab], in nats."""
-    return (np.exp(clean) * (clean - other)).sum(axis=-1)
+    return (clean.exp() * (clean - other)).sum(dim=-1)
 
 
 def later_entropy(entropy: np.ndarray, layer: int) -> np.ndarray:
@@ -181,50 +192,88 @@ class CleanRun:
 def clean_run(runner: EntropyRunner, encoded: list[EncodedPrompt], heads: list[tuple[int, int]], batch_size: int,
               definition: str, label: str) -> CleanRun:
     width = max(len(e.input_ids) for e in encoded)
-    out = runner.run(encoded, batch_size, label=label, logits=True, progress=False,
-                     batch_hooks=capture_hooks(heads, runner.n_heads, width))
+    out = runner.run(encoded, batch_size, label=label, logits=lambda batch, log_probs: {"log_probs": log_probs},
+                     progress=False, batch_hooks=capture_hooks(heads, runner.n_heads, width))
     return CleanRun(out[definition], out["log_probs"], out["z"])
 
 
-def run_interventions(runners: dict[str, EntropyRunner], encoded: list[EncodedPrompt], prompts: pd.DataFrame,
-                      heads: pd.DataFrame, batch_size: int, definition: str, family: str) -> tuple[pd.DataFrame, dict]:
-    """Per (intervention, head, prompt): KL from the unpatched run and the later layers' mean entropy.
+def kl_from(clean_log_probs: np.ndarray, n_prompts: int):
+    """Logit reducer: per row of the head-replicated prompt list, KL(clean run of its prompt || this run)."""
+    clean = torch.as_tensor(clean_log_probs, dtype=torch.float64)
 
-    `runners` maps base/instruct to their runners; `encoded` are the prompts (identical ids in both);
-    `heads` the output of `select_controls`. Returns the per-prompt table and the clean runs.
-    """
-    unique = sorted({(int(r.layer), int(r.head)) for r in heads.itertuples()})
+    def reduce(batch, log_probs):
+        p = clean[torch.as_tensor(batch) % n_prompts].to(log_probs.device)
+        return {"kl": kl_divergence(p, log_probs)}
+
+    return reduce
+
+
+def replacement_for(iv: Intervention, clean: dict[str, CleanRun], lengths: np.ndarray,
+                    is_neutral: np.ndarray) -> torch.Tensor:
+    """What replaces each selected head's output in `iv`: [n_sel, n_prompts, width, d_head]."""
+    own = clean[iv.variant].z
+    if iv.kind == "mean_ablation":
+        out = np.stack([neutral_mean(own[:, :, i], lengths, is_neutral) for i in range(own.shape[2])])
+    elif iv.kind == "zero_ablation":
+        out = np.zeros((own.shape[2], own.shape[0], own.shape[1], own.shape[3]), dtype=np.float32)
+    else:
+        out = np.moveaxis(clean[OTHER[iv.variant]].z, 2, 0)
+    return torch.as_tensor(np.ascontiguousarray(out))
+
+
+def intervened_runs(runners: dict[str, EntropyRunner], encoded: list[EncodedPrompt], is_neutral: np.ndarray,
+                    unique: list[tuple[int, int]], batch_size: int, definition: str,
+                    family: str) -> tuple[dict[str, CleanRun], dict[str, dict[str, np.ndarray]]]:
+    """The clean runs of both variants and, per intervention, the intervened runs of every selected head:
+    entropies [n_sel, n_prompts, layer, head] and KL from the clean run [n_sel, n_prompts]. Each intervention
+    is one pass over the prompt list replicated once per head (`batch_size` rows per forward pass)."""
     clean = {v: clean_run(runners[v], encoded, unique, batch_size, definition, f"{family}-{v}") for v in runners}
     lengths = np.array([len(e.input_ids) for e in encoded])
+    n, n_sel = len(encoded), len(unique)
+    replicated = [e for _ in unique for e in encoded]
+    runs = {}
+    for iv in INTERVENTIONS:
+        runner = runners[iv.variant]
+        out = runner.run(replicated, batch_size, label=f"{family} {iv.name}", progress=False,
+                         logits=kl_from(clean[iv.variant].log_probs, n),
+                         batch_hooks=replace_hooks(unique, n, runner.n_heads,
+                                                   replacement_for(iv, clean, lengths, is_neutral)))
+        runs[iv.name] = {"entropy": out[definition].reshape(n_sel, n, *out[definition].shape[1:]),
+                         "kl": out["kl"].reshape(n_sel, n)}
+    return clean, runs
+
+
+def run_interventions(runners: dict[str, EntropyRunner], encoded: list[EncodedPrompt], prompts: pd.DataFrame,
+                      heads: pd.DataFrame, batch_size: int, definition: str,
+                      family: str) -> tuple[pd.DataFrame, dict[str, CleanRun], dict[str, dict[str, np.ndarray]]]:
+    """Per (intervention, head, prompt): KL from the unpatched run and the later layers' mean entropy (intervened,
+    clean, and the other variant's clean run).
+
+    `runners` maps base/instruct to their runners; `encoded` are the prompts (identical ids in both);
+    `heads` the output of `select_controls`. Returns the per-prompt table, the clean runs and the intervened
+    runs (`intervened_runs`).
+    """
+    unique = sorted({(int(r.layer), int(r.head)) for r in heads.itertuples()})
     is_neutral = (prompts["category"] == NEUTRAL).to_numpy()
+    clean, runs = intervened_runs(runners, encoded, is_neutral, unique, batch_size, definition, family)
     frames = []
-    for i, (layer, head) in enumerate(unique):
-        for iv in INTERVENTIONS:
-            own = clean[iv.variant]
-            if iv.kind == "mean_ablation":
-                replacement = neutral_mean(own.z[:, :, i], lengths, is_neutral)
-            elif iv.kind == "zero_ablation":
-                replacement = np.zeros_like(own.z[:, :, i])
-            else:
-                replacement = clean[OTHER[iv.variant]].z[:, :, i]
-            out = runners[iv.variant].run(encoded, batch_size, label=f"{family} {iv.name} {head_label(layer, head)}",
-                                          logits=True, progress=False,
-                                          batch_hooks=replace_hooks(layer, head, runners[iv.variant].n_heads,
-                                                                    replacement))
+    for iv in INTERVENTIONS:
+        own, other = clean[iv.variant], clean[OTHER[iv.variant]]
+        for i, (layer, head) in enumerate(unique):
             frames.append(pd.DataFrame({
                 "intervention": iv.name, "variant": iv.variant, "kind": iv.kind,
                 "layer": layer, "head": head,
                 "prompt_id": prompts["prompt_id"].to_numpy(), "category": prompts["category"].to_numpy(),
-                "kl": kl_divergence(own.log_probs, out["log_probs"]),
+                "kl": runs[iv.name]["kl"][i],
                 "h_later_clean": later_entropy(own.entropy, layer),
-                "h_later": later_entropy(out[definition], layer),
-                "h_later_other": later_entropy(clean[OTHER[iv.variant]].entropy, layer),
+                "h_later": later_entropy(runs[iv.name]["entropy"][i], layer),
+                "h_later_other": later_entropy(other.entropy, layer),
             }))
     table = pd.concat(frames, ignore_index=True)
     table.insert(0, "family", family)
     for col in ("layer", "head"):
         table[col] = table[col].astype("int32")
-    return table, clean
+    return table, clean, runs
 
 
 def _metric_values(rows: pd.DataFrame, metric: str) -> np.ndarray:

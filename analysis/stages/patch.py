@@ -12,11 +12,11 @@ from analysis.artefacts import read_parquet, write_json, write_parquet
 from analysis.config import Config
 from analysis.errors import UserError
 from analysis.extraction import encode_prompts, open_checkpoint
-from analysis.interventions import INTERVENTIONS, METRICS, check_identical_ids, head_label, run_interventions, \
-    select_controls, summarise
+from analysis.interventions import (INTERVENTIONS, METRICS, PATCH_CATEGORIES, check_identical_ids, head_label,
+                                    run_interventions, select_controls, summarise)
 from analysis.layer_statistics import metric_value
 from analysis.prompts import load_prompts
-from analysis.quantities import VARIANTS, choice_rows
+from analysis.quantities import SOURCE_LANGUAGE, VARIANTS, choice_rows
 
 SUMMARY_FIELDS = ("effect_self", "effect_self_lo", "effect_self_hi", "specificity", "control_percentile",
                   "p_value", "q_value", "delta_rfc_later", "delta_rfc_later_lo", "delta_rfc_later_hi")
@@ -56,8 +56,11 @@ def run(config: Config, family: str) -> None:
         raise UserError(f"{paths.relative(paths.stats_table('heads'))}: no heads of {family}; run `selfref stats`")
     selection = select_controls(heads, settings.top_k, settings.controls_per_candidate, stats.seed, family)
 
-    prompts = load_prompts(paths.prompts, config.prompts.min_per_category)
-    texts = list(prompts["text"])
+    every = load_prompts(paths.prompts, config.prompts.min_per_category)
+    texts = list(every["text"])  # a demo tokenizer is trained on every language's prompts, as `pull` did
+    # The headline language and the two categories the statistics compare (docs/method.md, "Interventions on heads")
+    prompts = every[(every["language"] == SOURCE_LANGUAGE) & every["category"].isin(PATCH_CATEGORIES)]
+    prompts = prompts.reset_index(drop=True)
     local = {}
     for variant in VARIANTS:
         ckpt = config.checkpoint(f"{family}-{variant}")
@@ -66,11 +69,11 @@ def run(config: Config, family: str) -> None:
     chat_dir = dirs["instruct"] if stats.headline_format == "chat" else None
     loaded = {v: open_checkpoint(dirs[v], checkpoint=local[v][0].name, settings=config.extract, chat_dir=chat_dir,
                                  expected_shape=(local[v][1]["n_layers"], local[v][1]["n_heads"])) for v in VARIANTS}
-    encoded = {v: encode_prompts(loaded[v].tokenizer, prompts, stats.headline_format, loaded[v].chat_tokenizer)
-               for v in VARIANTS}
+    encoded = {v: encode_prompts(loaded[v].tokenizer, prompts, stats.headline_format, config.extract,
+                                 loaded[v].chat_tokenizer) for v in VARIANTS}
     check_identical_ids(encoded["base"], encoded["instruct"], list(prompts["prompt_id"]), family)
 
-    per_prompt, _ = run_interventions({v: loaded[v].runner for v in VARIANTS}, encoded["base"], prompts, selection,
+    per_prompt, _, _ = run_interventions({v: loaded[v].runner for v in VARIANTS}, encoded["base"], prompts, selection,
                                       settings.batch_size, stats.headline_definition, family)
     table = summarise(per_prompt, selection, seed=stats.seed, n_resamples=settings.n_resamples,
                       n_permutations=settings.n_permutations, confidence=stats.confidence,
