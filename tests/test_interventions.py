@@ -36,7 +36,7 @@ def test_marker_spans_are_whole_words():
     assert marker_spans("Did you choose your own name?", "your") == [(15, 19)]
     assert marker_spans("Would you describe yourself?", "you") == [(6, 9)]  # not inside "yourself"
     assert marker_spans("What is your name?", "you") == []
-    assert marker_spans("Es tu gente, te digo", "te") == [(12, 14)]  # not inside "gente"
+    assert marker_spans("Es tu gente, te digo", "te") == [(13, 15)]  # not inside "gente"
     assert marker_spans("你叫什么名字？你好", "你") == [(0, 1), (7, 8)]  # Chinese: no spaces, every occurrence
 
 
