@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pandas as pd
 import typer
 
 from analysis import checkpoints
@@ -18,6 +19,7 @@ from analysis.layer_statistics import metric_value
 from analysis.prompts import load_prompts
 from analysis.quantities import SOURCE_LANGUAGE, VARIANTS, choice_rows
 
+HEADS_COLUMNS = ("family", "definition", "format", "layer", "head", "base_entropy", "rank")
 SUMMARY_FIELDS = ("effect_self", "effect_self_lo", "effect_self_hi", "specificity", "control_percentile",
                   "p_value", "q_value", "delta_rfc_later", "delta_rfc_later_lo", "delta_rfc_later_hi")
 
@@ -42,19 +44,35 @@ def summary_json(family: str, table, selection, definition: str, prompt_format: 
     return out
 
 
+def selection_for(config: Config, family: str, heads: pd.DataFrame) -> pd.DataFrame:
+    """The family's candidate heads and their random controls, from the stats stage's heads table."""
+    stats = config.stats
+    heads = choice_rows(heads, stats.headline_definition, stats.headline_format)
+    heads = heads[heads["family"] == family]
+    if heads.empty:
+        raise UserError(f"{config.paths.relative(config.paths.stats_table('heads'))}: no heads of {family}; "
+                        "run `selfref stats`")
+    return select_controls(heads, config.patch.top_k, config.patch.controls_per_candidate, stats.seed, family)
+
+
+def summaries(config: Config, family: str, per_prompt: pd.DataFrame, selection: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """The per-head table and the metrics summary from the per-prompt effects (what `selfref verify` recomputes)."""
+    stats, settings = config.stats, config.patch
+    table = summarise(per_prompt, selection, seed=stats.seed, n_resamples=settings.n_resamples,
+                      n_permutations=settings.n_permutations, confidence=stats.confidence,
+                      effect_floor=settings.effect_floor)
+    table = table.assign(definition=stats.headline_definition, format=stats.headline_format)
+    summary = summary_json(family, table, selection, stats.headline_definition, stats.headline_format, stats.alpha)
+    return table, summary
+
+
 def run(config: Config, family: str) -> None:
     """Intervene on one family's candidate and control heads and write its patching tables and summary."""
     if family not in config.families:
         raise UserError(f"family {family!r} is not in suite {config.suite}; use one of {', '.join(config.families)}")
     paths, settings, stats = config.paths, config.patch, config.stats
     started = time.perf_counter()
-    heads = read_parquet(paths.stats_table("heads"), ("family", "definition", "format", "layer", "head",
-                                                      "base_entropy", "rank"))
-    heads = choice_rows(heads, stats.headline_definition, stats.headline_format)
-    heads = heads[heads["family"] == family]
-    if heads.empty:
-        raise UserError(f"{paths.relative(paths.stats_table('heads'))}: no heads of {family}; run `selfref stats`")
-    selection = select_controls(heads, settings.top_k, settings.controls_per_candidate, stats.seed, family)
+    selection = selection_for(config, family, read_parquet(paths.stats_table("heads"), HEADS_COLUMNS))
 
     every = load_prompts(paths.prompts, config.prompts.min_per_category)
     texts = list(every["text"])  # a demo tokenizer is trained on every language's prompts, as `pull` did
@@ -73,13 +91,9 @@ def run(config: Config, family: str) -> None:
                                  loaded[v].chat_tokenizer) for v in VARIANTS}
     check_identical_ids(encoded["base"], encoded["instruct"], list(prompts["prompt_id"]), family)
 
-    per_prompt, _, _ = run_interventions({v: loaded[v].runner for v in VARIANTS}, encoded["base"], prompts, selection,
-                                      settings.batch_size, stats.headline_definition, family)
-    table = summarise(per_prompt, selection, seed=stats.seed, n_resamples=settings.n_resamples,
-                      n_permutations=settings.n_permutations, confidence=stats.confidence,
-                      effect_floor=settings.effect_floor)
-    table = table.assign(definition=stats.headline_definition, format=stats.headline_format)
-    summary = summary_json(family, table, selection, stats.headline_definition, stats.headline_format, stats.alpha)
+    per_prompt, _, _ = run_interventions({v: loaded[v].runner for v in VARIANTS}, encoded["base"], prompts,
+                                         selection, settings.batch_size, stats.headline_definition, family)
+    table, summary = summaries(config, family, per_prompt, selection)
     write_parquet(per_prompt, paths.patch_prompts(family))
     write_parquet(table, paths.patch_table(family))
     write_json(summary, paths.patch_summary(family))
