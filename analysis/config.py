@@ -103,7 +103,7 @@ class PatchSettings:
     """`patch:` — which heads the patching stage intervenes on and how its effects are tested."""
 
     top_k: int                   # candidate heads per family, by rank in data/stats/heads.parquet
-    batch_size: int              # prompts per intervened forward pass (halved automatically on out-of-memory)
+    batch_size: int              # rows per intervened forward pass: a prompt copy per head (halved on out-of-memory)
     controls_per_candidate: int  # seeded random heads of the same layer and similar base entropy
     n_resamples: int             # prompt-bootstrap resamples for the effect intervals
     n_permutations: int          # per-prompt sign flips of candidate minus control effect
