@@ -22,7 +22,7 @@ from analysis import config as config_mod
 from analysis.artefacts import file_sha256
 from analysis.config import Config, StatsSettings
 from analysis.layout import ProjectPaths, project_paths
-from analysis.quantities import choice_rows
+from analysis.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows
 from analysis.rendering import Markdown, chart_markdown
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
@@ -93,6 +93,8 @@ class Artefacts:
     candidate_heads: pd.DataFrame
     length_disagreements: pd.DataFrame
     correlation_pairs: pd.DataFrame
+    language_contrast_peaks: pd.DataFrame
+    language_token_counts: pd.DataFrame
     attention_mass: pd.DataFrame
     patching: pd.DataFrame  # data/patching/<family>.parquet of every family of the suite that has one
     patch_numbers: dict[str, Numbers]  # data/patching/<family>.json, per family that has one
@@ -138,6 +140,8 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         candidate_heads=pd.read_parquet(paths.stats_table("candidate_heads")),
         length_disagreements=pd.read_parquet(paths.stats_table("length_disagreements")),
         correlation_pairs=pd.read_parquet(paths.stats_table("correlation_pairs")),
+        language_contrast_peaks=pd.read_parquet(paths.stats_table("language_contrast_peaks")),
+        language_token_counts=pd.read_parquet(paths.stats_table("language_token_counts")),
         attention_mass=pd.read_parquet(paths.stats_table("attention_mass")),
         patching=pd.concat([pd.read_parquet(paths.patch_table(f)) for f in config.families
                             if paths.patch_table(f).exists()] or [pd.DataFrame()], ignore_index=True),
@@ -335,3 +339,23 @@ def stage_step_notes(art: Artefacts) -> Markdown:
                      f"ends at **{num.value(f'{k}.largest_step')}**"
                      + (f"; candidate heads change most: {where}" if where else "") + ".")
     return Markdown("\n\n".join(lines) + "\n")
+
+
+def language_length_text(counts: pd.DataFrame) -> str:
+    """Per translation language, the families whose tokenizer makes its prompts longer or shorter than the
+    English ones (mean tokens over the categories): the order differs by tokenizer (docs/method.md, "Languages")."""
+    categories = [c for c in CATEGORIES if c in counts]
+    mean = counts.assign(tokens=counts[categories].mean(axis=1)).pivot(index="family", columns="language",
+                                                                        values="tokens")
+    parts = []
+    for language in [x for x in LANGUAGES if x in mean.columns and x != SOURCE_LANGUAGE]:
+        ratio = mean[language] / mean[SOURCE_LANGUAGE]
+        said = []
+        for comparison, pick in (("longer than", ratio > 1), ("shorter than", ratio < 1), ("as long as", ratio == 1)):
+            families = list(ratio.index[pick])
+            if families:
+                who = ("every tokenizer of this build" if len(families) == len(ratio)
+                       else "the tokenizer" + "s" * (len(families) > 1) + " of " + ", ".join(families))
+                said.append(f"{comparison} the English ones with {who}")
+        parts.append(f"{language} prompts are " + ", and ".join(said))
+    return "; ".join(parts) if parts else "this build has English prompts only"

@@ -172,3 +172,23 @@ def test_heads_hearing_every_language_compress_in_every_language_and_the_null_ne
         assert row["delta_rfc_en"] < 0 and row["delta_rfc_language"] < 0
     null = contrasts[contrasts["family"] == "demo_null"]
     assert len(null) and (null["contrast"] == 0).all() and (null["q_value"] >= STATS.alpha).all()
+
+
+def test_token_lengths_by_language_depend_on_the_tokenizer(real_tokenizer):
+    """docs/method.md, "Languages": with real tokenizers the project's Spanish prompts are the longest in tokens,
+    and whether Chinese is shorter than English depends on the tokenizer (shorter with Qwen's, longer with
+    Llama's); the report therefore reads the order from the data, never assumes it."""
+    from transformers import PreTrainedTokenizerFast
+
+    prompts = load_prompts(REPO / "data" / "prompts.csv", min_per_category=40, languages=LANGUAGES)
+
+    def mean_tokens(key: str) -> dict[str, float]:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(real_tokenizer(key) / "tokenizer.json"))
+        return {language: float(np.mean([len(tok(t, add_special_tokens=False)["input_ids"]) for t in rows["text"]]))
+                for language, rows in prompts.groupby("language")}
+
+    lengths = {key: mean_tokens(key) for key in ("llama3_1", "qwen3", "llama2")}
+    for counts in lengths.values():
+        assert counts["es"] > max(counts["en"], counts["zh"])
+    assert lengths["qwen3"]["zh"] < lengths["qwen3"]["en"]
+    assert lengths["llama3_1"]["zh"] > lengths["llama3_1"]["en"] and lengths["llama2"]["zh"] > lengths["llama2"]["en"]

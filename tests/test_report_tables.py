@@ -67,3 +67,13 @@ def test_language_token_counts_are_one_row_per_tokenizer_and_language_in_categor
     out = report_tables.language_token_counts(lengths)
     assert list(out.columns) == ["family", "language", "self_referent", "neutral"]
     assert out.values.tolist() == [["a", "en", 8.0, 9.0], ["a", "zh", 4.5, 5.0]]
+
+
+def test_language_length_text_names_the_tokenizers_by_direction():
+    from analysis.reporting import language_length_text
+    counts = pd.DataFrame({"family": ["a", "a", "a", "b", "b", "b"], "language": ["en", "zh", "es"] * 2,
+                           "self_referent": [8.0, 6.0, 11.0, 8.0, 9.0, 11.0], "neutral": [8.0, 6.0, 11.0, 8.0, 9.0, 11.0]})
+    assert language_length_text(counts) == (
+        "zh prompts are longer than the English ones with the tokenizer of b, and shorter than the English ones "
+        "with the tokenizer of a; es prompts are longer than the English ones with every tokenizer of this build")
+    assert language_length_text(counts[counts["language"] == "en"]) == "this build has English prompts only"

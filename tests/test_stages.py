@@ -163,9 +163,13 @@ def test_step_shares_recover_the_planted_split(staged_study):
     split = _planted_split()
     assert split == pytest.approx({"sft": 1 / 3, "dpo": 2 / 3, "instruct": 0.0})
     shares = staged_study["stage_shares"].query("format == 'raw'").set_index("to_stage")
+    # The share of Δ(H_self − H_neutral) is linear in the clones' entropies: exact. The share of ΔRFC is exact
+    # only to first order: when a planted head loses its focus its neutral entropy moves too (the residual
+    # stream at its layer carries a trace of the marker dimensions), and RFC divides by H_neutral; measured
+    # 1.5e-4 off 1/3 at the demo's focus logit.
     for stage, share in split.items():
-        assert shares.at[stage, "share_delta_rfc"] == pytest.approx(share, abs=1e-4), stage
-        assert shares.at[stage, "share_delta_diff"] == pytest.approx(share, abs=1e-4), stage
+        assert shares.at[stage, "share_delta_rfc"] == pytest.approx(share, abs=5e-4), stage
+        assert shares.at[stage, "share_delta_diff"] == pytest.approx(share, abs=1e-5), stage
     assert shares.at["dpo", "largest_step"] and not shares.at["sft", "largest_step"]
     assert shares["total_excludes_zero"].all()
     # the split holds prompt by prompt, so every resample gives it (up to float32 entropies): a tight interval;
