@@ -276,10 +276,13 @@ def run_interventions(runners: dict[str, EntropyRunner], encoded: list[EncodedPr
     return table, clean, runs
 
 
-def _metric_values(rows: pd.DataFrame, metric: str) -> np.ndarray:
+def _metric_values(rows: pd.DataFrame, metric: str, effect_floor: float) -> np.ndarray:
+    """Per-prompt effect: KL, or |Δ later-layer mean entropy| with changes below `effect_floor` set to 0 (the same
+    computation in differently padded batches differs by ~1e-7 nats in float32; such noise is no effect)."""
     if metric == "kl":
         return rows["kl"].to_numpy(dtype=float)
-    return (rows["h_later"] - rows["h_later_clean"]).abs().to_numpy(dtype=float)
+    change = (rows["h_later"] - rows["h_later_clean"]).abs().to_numpy(dtype=float)
+    return np.where(change < effect_floor, 0.0, change)
 
 
 def summarise(per_prompt: pd.DataFrame, selection: pd.DataFrame, *, seed: int, n_resamples: int,
@@ -310,7 +313,7 @@ def summarise(per_prompt: pd.DataFrame, selection: pd.DataFrame, *, seed: int, n
             rfc_clean = float(rfc(m_clean[SELF], m_clean[NEUTRAL])[0])
             rfc_patched = float(rfc(m_patched[SELF], m_patched[NEUTRAL])[0])
             for metric in METRICS:
-                v = _metric_values(rows.reset_index(), metric)
+                v = _metric_values(rows.reset_index(), metric, effect_floor)
                 values[(metric, int(layer), int(head))] = v
                 means, boot = group_means(v, categories), bootstrap_group_means(v, categories, indices)
                 e_self, e_neutral = float(means[SELF][0]), float(means[NEUTRAL][0])
