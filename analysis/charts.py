@@ -152,6 +152,59 @@ def head_scores(heads: pd.DataFrame, width: int, columns: int) -> alt.Chart:
         facet=alt.Facet("family:N", title=None), columns=columns).resolve_scale(x="independent", y="independent")
 
 
+MASS_PARTS = ("first token", "person marker", "rest")
+MASS_COLOURS = alt.Scale(domain=list(MASS_PARTS), range=["#7f7f7f", "#d62728", "#c7c7c7"])
+
+
+def where_heads_look(mass: pd.DataFrame, candidates: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """Where each family's candidate heads attend on self-referent prompts, base against instruct: the mean mass
+    on the first token, on the person marker, and the rest (1 − both, at least 0; the two masses are averaged
+    over different query positions, docs/method.md "Where heads look"). data/stats/attention_mass.parquet."""
+    rows = mass[mass["category"] == "self_referent"].merge(candidates[["family", "layer", "head"]])
+    wide = rows.pivot_table(index=["family", "layer", "head"], columns="mass", values=["base", "instruct"])
+    records = []
+    for (family, layer, head), r in wide.iterrows():
+        for variant in ("base", "instruct"):
+            first, marker = float(r[(variant, "first")]), float(r[(variant, "marker")])
+            for part, value in zip(MASS_PARTS, (first, marker, max(0.0, 1.0 - first - marker))):
+                records.append({"family": family, "head": f"L{layer}H{head}", "variant": variant,
+                                "row": f"L{layer}H{head} {variant}", "part": part, "mass": value,
+                                "order": MASS_PARTS.index(part)})
+    data = pd.DataFrame(records, columns=["family", "head", "variant", "row", "part", "mass", "order"])
+    bars = alt.Chart().mark_bar().encode(
+        y=alt.Y("row:N", title=None, sort="ascending"),
+        x=alt.X("sum(mass):Q", title="attention mass, self-referent prompts"),
+        color=alt.Color("part:N", scale=MASS_COLOURS, sort=list(MASS_PARTS), title="attends to"),
+        order=alt.Order("order:Q"),
+        tooltip=["family", "head", "variant", "part", alt.Tooltip("mass:Q", format=".3f")],
+    )
+    panels = max(1, min(columns, data["family"].nunique()))
+    return alt.layer(bars, data=data).properties(width=panel_width(width, panels), height=alt.Step(12)).facet(
+        facet=alt.Facet("family:N", title=None), columns=panels).resolve_scale(y="independent")
+
+
+def patch_effects(patching: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """Each candidate head's later-layer effect (self-referent prompts) against the family's random control heads,
+    per intervention: controls as grey ticks, candidates as labelled points (data/patching/<family>.parquet).
+    A symmetric-log axis, so that exact zeros (heads whose output the intervention leaves unchanged) show."""
+    fields = ["family", "intervention", "role", "layer", "head", "effect_self", "control_percentile", "q_value"]
+    data = patching[patching["metric"] == "entropy_later"][fields].dropna(subset=["effect_self"])
+    data = data.assign(label=[f"L{l}H{h}" for l, h in zip(data["layer"], data["head"])])
+    order = list(dict.fromkeys(data["intervention"]))
+    x = alt.X("effect_self:Q", title="|Δ mean entropy of later layers| (nats, symlog)",
+              scale=alt.Scale(type="symlog", constant=1e-5))
+    y = alt.Y("intervention:N", title=None, sort=order)
+    controls = alt.Chart().transform_filter(alt.datum.role == "control").mark_tick(color="#9e9e9e", thickness=2).encode(
+        x=x, y=y, tooltip=["label", "intervention", alt.Tooltip("effect_self:Q", format=".3g")])
+    cands = alt.Chart().transform_filter(alt.datum.role == "candidate").mark_point(filled=True, size=60).encode(
+        x=x, y=y, color=alt.Color("label:N", title="candidate"),
+        tooltip=["label", "intervention", alt.Tooltip("effect_self:Q", format=".3g"),
+                 alt.Tooltip("control_percentile:Q", format=".0f"), alt.Tooltip("q_value:Q", format=".3g")])
+    panels = max(1, min(columns, data["family"].nunique()))
+    return alt.layer(controls, cands, data=data).properties(width=panel_width(width, panels), height=alt.Step(18)).facet(
+        facet=alt.Facet("family:N", title=None), columns=panels).resolve_scale(x="independent", color="independent")
+
+
 def prompt_lengths(lengths: pd.DataFrame, width: int, columns: int) -> alt.Chart:
     """Prompt counts and mean token length per category, for each family's tokenizer."""
     bars = alt.Chart().mark_bar().encode(
@@ -183,11 +236,13 @@ def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
 
 def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, lengths: pd.DataFrame,
               folder: Path, definition: str, prompt_format: str, width: int, columns: int,
-              stage_deltas: pd.DataFrame) -> dict[str, dict[str, Path]]:
+              stage_deltas: pd.DataFrame, attention_mass: pd.DataFrame, patching: pd.DataFrame,
+              top_k: int) -> dict[str, dict[str, Path]]:
     """Every chart of the report for the headline definition and prompt format, `width` pixels wide
     with facets wrapped into `columns` columns (params.yaml `figures`); `stage_profiles` for the families with
     more than two training stages (otherwise a chart that says there is none);
-    `language_profiles` for every prompt language the build has."""
+    `language_profiles` for every prompt language the build has; `where_heads_look` for the `top_k`
+    (params.yaml `patch.top_k`) candidates of each family and `patch_effects` from the patching tables."""
     alt.data_transformers.disable_max_rows()
     charts = {
         "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format), width, columns),
@@ -198,4 +253,10 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
         "language_profiles": language_profiles(choice_rows(deltas, definition, prompt_format, None), width, columns),
     }
     charts["stage_profiles"] = stage_profiles(choice_rows(stage_deltas, definition, prompt_format), width, columns)
+    headline_heads = choice_rows(heads, definition, prompt_format)
+    mass = attention_mass[attention_mass["format"] == prompt_format]
+    if "language" in mass:
+        mass = mass[mass["language"] == SOURCE_LANGUAGE]
+    charts["where_heads_look"] = where_heads_look(mass, headline_heads[headline_heads["rank"] <= top_k], width, columns)
+    charts["patch_effects"] = patch_effects(patching, width, columns)
     return {name: save(chart, folder, name) for name, chart in charts.items()}

@@ -115,6 +115,14 @@ def stats() -> None:
 
 
 @app.command()
+def patch(family: str = typer.Argument(..., help="a family of the active suite")) -> None:
+    """Ablate and patch the family's top candidate heads and random controls: data/patching/<family>.*"""
+    from analysis.stages import patch as stage
+
+    stage.run(_config(), family)
+
+
+@app.command()
 def figures() -> None:
     """Charts of the report from data/stats: report/figures/<name>.vl.json, .svg, .png."""
     from analysis.stages import figures as stage

@@ -99,6 +99,18 @@ class StatsSettings:
 
 
 @dataclass(frozen=True)
+class PatchSettings:
+    """`patch:` — which heads the patching stage intervenes on and how its effects are tested."""
+
+    top_k: int                   # candidate heads per family, by rank in data/stats/heads.parquet
+    batch_size: int              # rows per intervened forward pass: a prompt copy per head (halved on out-of-memory)
+    controls_per_candidate: int  # seeded random heads of the same layer and similar base entropy
+    n_resamples: int             # prompt-bootstrap resamples for the effect intervals
+    n_permutations: int          # per-prompt sign flips of candidate minus control effect
+    effect_floor: float          # nats: a later-layer entropy change below it is 0; specificity NaN below it
+
+
+@dataclass(frozen=True)
 class FigureSettings:
     """`figures:` — the size of the report's charts."""
 
@@ -116,6 +128,7 @@ class Config:
     prompts: PromptSettings
     extract: ExtractSettings
     stats: StatsSettings
+    patch: PatchSettings
     figures: FigureSettings
     preflight: PreflightSettings
     paths: ProjectPaths
@@ -292,6 +305,18 @@ def _figure_settings(params: dict[str, Any]) -> FigureSettings:
 
 # --- suites ----------------------------------------------------------------------------------------
 
+def _patch_settings(params: dict[str, Any]) -> PatchSettings:
+    s = _section(params, "patch", PatchSettings)
+    return PatchSettings(
+        top_k=_integer(s["top_k"], "patch.top_k", 1),
+        batch_size=_integer(s["batch_size"], "patch.batch_size", 1, 4096),
+        controls_per_candidate=_integer(s["controls_per_candidate"], "patch.controls_per_candidate", 3),
+        n_resamples=_integer(s["n_resamples"], "patch.n_resamples", 100),
+        n_permutations=_integer(s["n_permutations"], "patch.n_permutations", 100),
+        effect_floor=_number(s["effect_floor"], "patch.effect_floor", 0.0, None),
+    )
+
+
 def _checkpoint(suite: str, family: str, variant: str, spec: Any) -> Checkpoint:
     where = _where(f"suites.{suite}.families.{family}.{variant}")
     if not isinstance(spec, dict):
@@ -369,6 +394,11 @@ def checkpoint_entries(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -
 
 # --- reading ---------------------------------------------------------------------------------------
 
+def family_names(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> list[str]:
+    """The `families:` list of params.yaml (one patch@<family> stage each): the suite's families in order."""
+    return list(dict.fromkeys(c.family for c in checkpoints))
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """params.yaml as a dict; a syntax error is one line naming its line and column."""
     try:
@@ -399,9 +429,12 @@ def parse(params: dict[str, Any], paths: ProjectPaths, *, check_active: bool = T
                         "run `selfref suite use <name>`")
     if check_active and params.get("checkpoints") != checkpoint_entries(parsed[suite]):
         raise UserError(f"{_where('checkpoints')}: does not match suite {suite!r}; run `selfref suite use {suite}`")
+    if check_active and params.get("families") != family_names(parsed[suite]):
+        raise UserError(f"{_where('families')}: does not match suite {suite!r}; run `selfref suite use {suite}`")
     return Config(suite=suite, checkpoints=parsed[suite], suites=parsed, prompts=_prompt_settings(params),
                   extract=_extract_settings(params), stats=_stats_settings(params),
-                  figures=_figure_settings(params), preflight=_preflight_settings(params), paths=paths)
+                  patch=_patch_settings(params), figures=_figure_settings(params),
+                  preflight=_preflight_settings(params), paths=paths)
 
 
 def load(paths: ProjectPaths | None = None, *, check_active: bool = True) -> Config:
@@ -411,9 +444,9 @@ def load(paths: ProjectPaths | None = None, *, check_active: bool = True) -> Con
 
 
 def use_suite(name: str, paths: ProjectPaths | None = None) -> tuple[Checkpoint, ...]:
-    """Make `name` the active suite: rewrite `suite` and `checkpoints` in params.yaml, keeping comments."""
+    """Make `name` the active suite: rewrite `suite`, `checkpoints` and `families` in params.yaml, keeping comments."""
     from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
     from analysis.artefacts import atomic_path
 
@@ -434,6 +467,9 @@ def use_suite(name: str, paths: ProjectPaths | None = None) -> tuple[Checkpoint,
         item.fa.set_flow_style()
         entries[key] = item
     doc["checkpoints"] = entries
+    families = CommentedSeq(family_names(checkpoints))
+    families.fa.set_flow_style()
+    doc["families"] = families
     with atomic_path(paths.params) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         yml.dump(doc, fh)
     return checkpoints

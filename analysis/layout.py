@@ -13,11 +13,12 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 # The stats stage's tables, by name: data/stats/<name>.parquet (head_families … correlation_pairs and the
-# language_contrast_peaks, language_token_counts: the report's selections, analysis.report_tables).
+# language_contrast_peaks, language_token_counts: the report's selections, analysis.report_tables;
+# attention_mass: where heads look, analysis.mass_statistics).
 STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
                 "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs",
                 "stage_deltas", "stage_shares", "stage_heads", "language_contrasts", "language_summary",
-                "language_contrast_peaks", "language_token_counts")
+                "language_contrast_peaks", "language_token_counts", "attention_mass")
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,23 @@ class ProjectPaths:
         if name not in STATS_TABLES:
             raise KeyError(f"unknown stats table {name!r}; known: {', '.join(STATS_TABLES)}")
         return self.stats / f"{name}.parquet"
+
+    @property
+    def patching(self) -> Path:
+        """data/patching: one patch@<family> stage's tables and summary per family."""
+        return self.data / "patching"
+
+    def patch_table(self, family: str) -> Path:
+        """Per (intervention, metric, head) effects of one family's candidate and control heads."""
+        return self.patching / f"{family}.parquet"
+
+    def patch_prompts(self, family: str) -> Path:
+        """Per (intervention, head, prompt) KL and later-layer entropy of one family."""
+        return self.patching / f"{family}.prompts.parquet"
+
+    def patch_summary(self, family: str) -> Path:
+        """The family's headline patching numbers (a DVC metrics file)."""
+        return self.patching / f"{family}.json"
 
     def manifest(self, checkpoint: str) -> Path:
         """Tracked manifest of one checkpoint (`<family>-<variant>`)."""

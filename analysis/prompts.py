@@ -17,11 +17,31 @@ import pandas as pd
 
 from analysis.artefacts import file_sha256
 from analysis.errors import UserError
-from analysis.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE
+from analysis.quantities import CATEGORIES, LANGUAGES, NEUTRAL, SOURCE_LANGUAGE
 
 REQUIRED_COLUMNS = ("prompt_id", "category", "text")
+# The person marker: the word that makes a prompt first, second or third person ("your", "my", "her", 你);
+# empty for neutral prompts, which have no person (docs/method.md, "Where heads look").
+MARKER_COLUMN = "marker"
 # Optional columns and what a file without them means: every prompt English, no person marker recorded.
-OPTIONAL_COLUMNS = ("triple_id", "marker", "language", "source_id")
+OPTIONAL_COLUMNS = ("triple_id", MARKER_COLUMN, "language", "source_id")
+
+
+def _inside_word(char: str) -> bool:
+    """A letter of a cased script (Latin, Greek, Cyrillic): such scripts separate words, so a marker next to one
+    is part of a longer word ("you" in "yourself"). Uncased scripts written without spaces (Chinese) never are."""
+    return char.isalpha() and char.lower() != char.upper()
+
+
+def marker_spans(text: str, marker: str) -> list[tuple[int, int]]:
+    """Character spans of every occurrence of the marker in `text` as a word of its own (for token offsets)."""
+    spans = []
+    for m in re.finditer(re.escape(marker), text):
+        before = text[m.start() - 1] if m.start() else ""
+        after = text[m.end()] if m.end() < len(text) else ""
+        if not (_inside_word(before) or _inside_word(after)):
+            spans.append((m.start(), m.end()))
+    return spans
 
 
 def normalise_text(text: str) -> str:
@@ -68,7 +88,7 @@ def load_prompts(path: Path, min_per_category: int, languages: tuple[str, ...] |
         category = (row.get("category") or "").strip()
         text = (row.get("text") or "").strip()
         language = (row.get("language") or SOURCE_LANGUAGE).strip()
-        marker = (row.get("marker") or "").strip()
+        marker = (row.get(MARKER_COLUMN) or "").strip()
         where = f"line {line} (prompt_id {prompt_id!r})"
         if not prompt_id:
             problems.append(f"line {line}: empty prompt_id")
@@ -89,8 +109,13 @@ def load_prompts(path: Path, min_per_category: int, languages: tuple[str, ...] |
                                 f"{seen_texts[key]} up to case and spacing)")
             else:
                 seen_texts[key] = line
-        if marker and marker not in text:
-            problems.append(f"{where}: marker {marker!r} does not occur in the text {text!r}")
+        if marker and not marker_spans(text, marker):
+            problems.append(f"{where}: marker {marker!r} does not occur in the text {text!r} as a word of its own")
+        if MARKER_COLUMN in columns and category in CATEGORIES and text:
+            if category == NEUTRAL and marker:
+                problems.append(f"{where}: neutral prompts have no person marker; empty the {MARKER_COLUMN} field")
+            elif category != NEUTRAL and not marker:
+                problems.append(f"{where}: empty {MARKER_COLUMN}; name the word that carries the person, e.g. 'your'")
         rows.append({**{k: (v or "").strip() for k, v in row.items()}, "prompt_id": prompt_id,
                      "category": category, "text": text, "language": language, "order": index, "line": line})
 

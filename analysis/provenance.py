@@ -18,11 +18,14 @@ from analysis.errors import UserError
 from analysis.layout import ProjectPaths, project_paths
 
 ORIGINAL_PREFIX = "original."
+PATCHING_PREFIX = "patching."  # data/patching/<family>.json, keys `patching.<family>.<key of the file>`
 HEADLINE = ("stats.headline_definition", "stats.headline_format")
 BOOT = ("stats.seed", "stats.n_resamples", "stats.confidence")
 PERM = ("stats.seed", "stats.n_permutations", "stats.alpha")
 FAM = r"families\.(?P<family>[A-Za-z0-9_]+)\."
 LANGUAGE = r"languages\.(?P<language>[a-z]{2})\."  # metrics.json: the study of one translation language
+PATCHING = r"patching\.(?P<family>[A-Za-z0-9_]+)\."
+INTERVENTION = r"interventions\.(?P<intervention>[A-Za-z_@]+)\.(?P<metric>[a-z_]+)\."
 CONTRAST = r"language_contrasts\.(?P<family>[A-Za-z0-9_]+)\.(?P<language>[a-z]{2})\."
 
 
@@ -126,6 +129,26 @@ REGISTRY: tuple[Source, ...] = ENGLISH + TRANSLATED + (
            "test, BH across layers)"),
     Source(CONTRAST + r"n_layers$", "metrics", "data/stats/language_contrasts.parquet: layer",
            "analysis.language_statistics:language_contrasts", (), "stats", "layers compared"),
+    # data/patching/<family>.json (stage patch@<family>), keys prefixed `patching.<family>.`
+    Source(PATCHING + r"(family|definition|format)$", "patching", "params.yaml stats.headline_*",
+           "analysis.stages.patch:summary_json", HEADLINE, "patch", "the family and the headline choice patched"),
+    Source(PATCHING + r"(n_candidates|n_controls)$", "patching", "data/patching/{family}.parquet: role",
+           "analysis.interventions:select_controls", ("stats.seed", "patch.top_k", "patch.controls_per_candidate"),
+           "patch", "candidate heads (top-k of heads.parquet) and distinct random control heads"),
+    Source(PATCHING + INTERVENTION + r"n_significant$", "patching", "data/patching/{family}.parquet: q_value",
+           "analysis.interventions:summarise", ("stats.seed", "patch.n_permutations", "stats.alpha"), "patch",
+           "candidates whose {metric} effect under {intervention} differs from their controls' (q < alpha)"),
+    Source(PATCHING + INTERVENTION + r"heads\.(?P<head>L\d+H\d+)\.(?P<stat>effect_self|specificity|"
+           r"delta_rfc_later)(_lo|_hi)?$", "patching", "data/patching/{family}.parquet: {stat} ({head})",
+           "analysis.interventions:summarise", ("stats.seed", "patch.n_resamples", "stats.confidence",
+                                                "patch.effect_floor"), "patch",
+           "{metric} effect of {intervention} on {head} over self-referent prompts (specificity: self / neutral; "
+           "delta_rfc_later: change of RFC over the later layers); _lo/_hi: prompt-bootstrap interval"),
+    Source(PATCHING + INTERVENTION + r"heads\.(?P<head>L\d+H\d+)\.(?P<stat>control_percentile|p_value|q_value)$",
+           "patching", "data/patching/{family}.parquet: {stat} ({head})", "analysis.interventions:summarise",
+           ("stats.seed", "patch.n_permutations"), "patch",
+           "{head} against the random control heads: percentile among them, paired permutation p of candidate "
+           "minus its own controls, BH across the family's candidates"),
     # data/original/reanalysis.json, keys prefixed `original.`
     Source(r"source\..+$", "reanalysis", "data/original/SHA256SUMS, data/original/claims.yaml",
            "analysis.original_study:check_files", (), "original", "the original repository, commit and file hashes"),
@@ -151,7 +174,8 @@ REGISTRY: tuple[Source, ...] = ENGLISH + TRANSLATED + (
 
 def lookup(key: str) -> tuple[Source, re.Match]:
     """The registry entry of a key (`original.` prefix: data/original/reanalysis.json)."""
-    artefact = "reanalysis" if key.startswith(ORIGINAL_PREFIX) else "metrics"
+    artefact = ("reanalysis" if key.startswith(ORIGINAL_PREFIX) else
+                "patching" if key.startswith(PATCHING_PREFIX) else "metrics")
     bare = key[len(ORIGINAL_PREFIX):] if artefact == "reanalysis" else key
     hits = [(s, m) for s in REGISTRY if s.artefact == artefact and (m := re.fullmatch(s.pattern, bare))]
     if not hits:
@@ -200,8 +224,13 @@ def explain(key: str, paths: ProjectPaths | None = None) -> list[str]:
     """Lines that say where the number at `key` comes from."""
     paths = paths or project_paths()
     source, match = lookup(key)
-    artefact = getattr(paths, source.artefact)
-    bare = key[len(ORIGINAL_PREFIX):] if source.artefact == "reanalysis" else key
+    stage = source.stage
+    if source.artefact == "patching":  # one file and one stage per family
+        artefact, stage = paths.patch_summary(match["family"]), f"patch@{match['family']}"
+        bare = key[len(PATCHING_PREFIX) + len(match["family"]) + 1:]
+    else:
+        artefact = getattr(paths, source.artefact)
+        bare = key[len(ORIGINAL_PREFIX):] if source.artefact == "reanalysis" else key
     if not artefact.exists():
         raise UserError(f"{paths.relative(artefact)}: missing; run `dvc repro`")
     try:
@@ -212,14 +241,14 @@ def explain(key: str, paths: ProjectPaths | None = None) -> list[str]:
     fields = {"leaf": bare.rsplit(".", 1)[-1], **match.groupdict()}
     column, meaning = source.column.format(**fields), source.meaning.format(**fields)
     lines = [f"{key} = {value}",
-             f"  artefact:  {paths.relative(artefact)}  (stage `{source.stage}`, `selfref {source.stage}`)",
+             f"  artefact:  {paths.relative(artefact)}  (stage `{stage}`, `selfref {stage.replace('@', ' ')}`)",
              f"  from:      {column}",
              f"  function:  {source.function}",
              f"  meaning:   {meaning}",
              "  params:    " + (", ".join(f"{p}={_param(config, p)}" for p in source.params) or "none")]
-    hashes = stage_hashes(source.stage, paths)
-    lines.append(f"  inputs (dvc.lock, stage {source.stage}):" if hashes else
-                 f"  inputs:    stage {source.stage} not in dvc.lock yet (run `dvc repro`)")
+    hashes = stage_hashes(stage, paths)
+    lines.append(f"  inputs (dvc.lock, stage {stage}):" if hashes else
+                 f"  inputs:    stage {stage} not in dvc.lock yet (run `dvc repro`)")
     lines.extend(f"    {h}" for h in hashes)
     return lines
 

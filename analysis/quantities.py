@@ -24,6 +24,10 @@ VARIANTS = ("base", "instruct")
 DEFINITIONS = ("raw", "no_bos", "normalised")
 ENTROPY_COLUMNS = {"raw": "entropy", "no_bos": "entropy_no_bos", "normalised": "entropy_normalised"}
 
+# Where a head looks (docs/method.md, "Where heads look"): attention mass on the first token and on the
+# person-marker tokens, and their column in the entropy tables.
+MASS_COLUMNS = {"first": "mass_first", "marker": "mass_marker"}
+
 # How a prompt is fed: alone (the original study) or inside the family's instruct chat template.
 PROMPT_FORMATS = ("raw", "chat")
 

@@ -38,9 +38,12 @@ def lookup(metrics: dict[str, Any], key: str) -> Any:
 
 
 def format_number(value: Any, style: str) -> str:
-    """`f4`: 4 decimals; `pct1`: a share as a percentage with 1 decimal; `p`: a p-value; `int`."""
+    """`f4`: 4 decimals; `e2`: scientific with 2 decimals; `pct1`: a share as a percentage with 1 decimal;
+    `p`: a p-value; `int`."""
     if value is None:
         return "n/a"
+    if style.startswith("e"):
+        return f"{float(value):.{int(style[1:])}e}"
     if style == "int":
         return f"{int(value)}"
     if style.startswith("pct"):
@@ -92,6 +95,9 @@ class Artefacts:
     correlation_pairs: pd.DataFrame
     language_contrast_peaks: pd.DataFrame
     language_token_counts: pd.DataFrame
+    attention_mass: pd.DataFrame
+    patching: pd.DataFrame  # data/patching/<family>.parquet of every family of the suite that has one
+    patch_numbers: dict[str, Numbers]  # data/patching/<family>.json, per family that has one
     manifests: dict[str, dict[str, Any]]
     prompt_summary: dict[str, Any]
     original: Numbers
@@ -136,6 +142,12 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         correlation_pairs=pd.read_parquet(paths.stats_table("correlation_pairs")),
         language_contrast_peaks=pd.read_parquet(paths.stats_table("language_contrast_peaks")),
         language_token_counts=pd.read_parquet(paths.stats_table("language_token_counts")),
+        attention_mass=pd.read_parquet(paths.stats_table("attention_mass")),
+        patching=pd.concat([pd.read_parquet(paths.patch_table(f)) for f in config.families
+                            if paths.patch_table(f).exists()] or [pd.DataFrame()], ignore_index=True),
+        patch_numbers={f: Numbers(json.loads(paths.patch_summary(f).read_text()),
+                                  source=paths.relative(paths.patch_summary(f)))
+                       for f in config.families if paths.patch_summary(f).exists()},
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
         original=Numbers(json.loads(paths.reanalysis.read_text()), source=paths.relative(paths.reanalysis)),
@@ -270,6 +282,29 @@ def build_values_note(claims: pd.DataFrame) -> str:
     missing = claims["build_text"].isna() | (claims["build_text"] == "")
     notes = claims.loc[missing, "build_note"].dropna().unique()
     return "; ".join(notes)
+
+
+PATCH_TABLE_INTERVENTIONS = ("patch_base_into_instruct", "mean_ablation@base")
+
+
+def patching_rows(art: "Artefacts") -> pd.DataFrame:
+    """The report's table of patching results: per family, intervention (base's output patched into instruct,
+    and mean ablation in base) and candidate head, its later-layer effect on self-referent prompts [CI],
+    specificity, percentile among the random control heads and q, each a span naming data/patching/<family>.json."""
+    rows = []
+    for family, numbers in art.patch_numbers.items():
+        for intervention in PATCH_TABLE_INTERVENTIONS:
+            prefix = f"interventions.{intervention}.entropy_later.heads"
+            for head, values in numbers.value(prefix).items():
+                key = f"{prefix}.{head}"
+                rows.append({
+                    "family": family, "intervention": intervention, "head": head,
+                    "effect [CI]": numbers.interval(f"{key}.effect_self", "e2"),
+                    "specificity": "–" if values["specificity"] is None else numbers.show(f"{key}.specificity", "f1"),
+                    "percentile": "–" if values["control_percentile"] is None else
+                    numbers.show(f"{key}.control_percentile", "f0"),
+                    "q": "–" if values["q_value"] is None else numbers.show(f"{key}.q_value", "p")})
+    return pd.DataFrame(rows)
 
 
 def staged_families(art: Artefacts) -> list[str]:

@@ -10,6 +10,7 @@ import pandas as pd
 
 from analysis import language_statistics, report_tables, robustness, stage_statistics
 from analysis.config import StatsSettings, staged_families
+from analysis.mass_statistics import mass_changes
 from analysis.errors import UserError
 from analysis.layer_statistics import build_statistics, metric_value
 from analysis.quantities import (CATEGORIES, ENTROPY_COLUMNS, LANGUAGES, SOURCE_LANGUAGE, VARIANTS,
@@ -17,7 +18,7 @@ from analysis.quantities import (CATEGORIES, ENTROPY_COLUMNS, LANGUAGES, SOURCE_
 
 STAGE_TABLES = ("stage_deltas", "stage_shares", "stage_heads")
 # Tables computed per prompt language (a `language` column); the others describe the headline language, English.
-LANGUAGE_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", *STAGE_TABLES)
+LANGUAGE_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "attention_mass", *STAGE_TABLES)
 
 
 def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
@@ -101,12 +102,14 @@ def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: Stat
     if headline_format not in entropy_by_format:
         raise UserError(f"stats.headline_format {headline_format!r}: use one of {', '.join(entropy_by_format)}")
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads",
-                                                                *STAGE_TABLES)}
+                                                                "attention_mass", *STAGE_TABLES)}
     summaries, lengths = [], []
     for prompt_format, entropy in entropy_by_format.items():
         result = build_statistics(entropy, settings)
         result.update(stage_statistics.stage_statistics(full_by_format[prompt_format], stages, result["heads"],
                                                         settings, prompt_format))
+        result["attention_mass"] = mass_changes(entropy, n_resamples=settings.n_resamples,
+                                                confidence=settings.confidence, seed=settings.seed)
         for key in tables:
             tables[key].append(result[key].assign(format=prompt_format))
         summaries.append(robustness.family_summaries(result, prompt_format))

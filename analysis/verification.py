@@ -1,5 +1,5 @@
-"""`selfref verify`: recompute every number of data/stats and data/original from the tracked tables, in a
-temporary folder, and compare each with the stored one at the precision the artefacts keep.
+"""`selfref verify`: recompute every number of data/stats, data/original and data/patching (tables and summaries)
+from the tracked tables, in a temporary folder, and compare each with the stored one at the precision the artefacts keep.
 
 metrics.json stores 6 significant digits; floating-point results differ in the last bits between CPUs,
 so two numbers agree when they differ by at most one unit in the 6th significant digit (never by hash).
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import config as config_mod
-from analysis.artefacts import read_json
+from analysis.artefacts import read_json, write_json, write_parquet
 from analysis.errors import UserError
 from analysis.layer_statistics import SIGNIFICANT_DIGITS  # what metrics.json keeps
 from analysis.layout import ProjectPaths, project_paths
@@ -27,8 +27,9 @@ from analysis.layout import ProjectPaths, project_paths
 # is meaningful below about 1e-7 in absolute terms; 1e-6 is far below anything the report prints.
 ABSOLUTE_TOLERANCE = 1e-6
 ID_COLUMNS = ("definition", "format", "family", "family_a", "family_b", "variant", "language", "contrast", "from_stage",
-              "to_stage", "category", "layer", "head", "claim")
-NOT_CHECKED = ("The entropy tables (data/entropy/**) are the input of this check and need the models to "
+              "to_stage", "category", "intervention", "metric", "layer", "head", "claim")
+NOT_CHECKED = ("The entropy tables (data/entropy/**) and the per-prompt patching effects "
+               "(data/patching/<family>.prompts.parquet) are the input of this check and need the models to "
                "recompute: run `dvc repro` (it re-extracts every table whose inputs changed; `dvc repro --force "
                "extract@<checkpoint>` re-extracts one) and compare the new tables with the old ones at tolerance, "
                "e.g. `selfref verify` again afterwards, never by file hash (md5s in dvc.lock change between CPUs).")
@@ -178,6 +179,23 @@ def _compare_tree(report: Report, paths: ProjectPaths, copy: ProjectPaths) -> No
         _compare_files(report, str(relative), paths.root / relative, written)
 
 
+def _recompute_patching(report: Report, config: config_mod.Config, heads: pd.DataFrame, copy: ProjectPaths) -> None:
+    """Each family's patching table and summary from its stored per-prompt effects (the forward passes that
+    made those need the models, like the entropy tables) and the recomputed heads table."""
+    from analysis.stages.patch import selection_for, summaries
+
+    paths = config.paths
+    for family in config.families:
+        if not paths.patch_prompts(family).exists():
+            report.notes.append(f"{paths.relative(paths.patch_prompts(family))}: absent, not checked "
+                                f"(run `selfref patch {family}`)")
+            continue
+        per_prompt = pd.read_parquet(paths.patch_prompts(family))
+        table, summary = summaries(config, family, per_prompt, selection_for(config, family, heads))
+        write_parquet(table, copy.patch_table(family))
+        write_json(summary, copy.patch_summary(family))
+
+
 def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None) -> Report:
     """Recompute the stats and original stages' artefacts into a temporary folder (or `keep`) and compare
     them with the workspace's. Reads params.yaml, data/entropy/**, data/original/*; writes nothing else."""
@@ -204,6 +222,7 @@ def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None
             write_reanalysis(result, copy)
         else:
             report.notes.append(f"{paths.relative(paths.reanalysis)}: absent, not checked (run `selfref original`)")
+        _recompute_patching(report, config, study["heads"], copy)
         _compare_tree(report, paths, copy)
         if keep is not None:
             report.notes.append(f"recomputed artefacts kept in {tmp}")

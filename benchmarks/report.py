@@ -120,6 +120,15 @@ def tables(r: dict[str, Any]) -> dict[str, str]:
             for name, s in stats.items() if isinstance(s, dict) and "seconds" in s]
     if rows:
         out["stats"] = table(rows, ".1f")
+    patch = r.get("patching", {})
+    runs = {**({k: v for k, v in patch.get("demo", {}).items() if isinstance(v, dict)}),
+            **({"synthetic {layers} layers, d_model {hidden}".format(**patch["larger"]["checkpoint"]): patch["larger"]}
+               if "checkpoint" in patch.get("larger", {}) else {})}
+    if runs:
+        out["patching"] = table([{"checkpoints": k, "heads": v["heads"], "prompts": v["prompts"],
+                                  "forward rows": v["forward_rows"], "forward passes (s)": v["forward_s"],
+                                  "ms / row": v["ms_per_row"], "summaries (s)": v["summaries_s"],
+                                  "total (s)": v["total_s"]} for k, v in runs.items()], ".2f")
     return out
 
 

@@ -1,4 +1,4 @@
-"""`make bench`: extraction A/B/C on the CPU, on a GPU when CUDA is present, the pipeline, the stats stage.
+"""`make bench`: extraction A/B/C on the CPU, on a GPU when CUDA is present, the pipeline, the stats stage, patching.
 
 Writes benchmarks/results.json (every number) and renders benchmarks/results.md from it (benchmarks/report.py).
 Exits 1 when a part failed; the files then say which and why.
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import extraction
+    import patching
     import pipeline
     import stats_stage
 
@@ -105,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         r["pipeline"] = attempt("pipeline", lambda: pipeline.measure(log))
     r["stats"] = attempt("stats stage", lambda: {s: stats_stage.measure(s, args.quick) for s in ("demo", "paper")})
+    r["patching"] = attempt("patching", lambda: patching.measure(args.quick, log))
     r["machine"]["load average at end"] = [round(x, 2) for x in os.getloadavg()]
     r["seconds"] = time.perf_counter() - start
     write(r, args.output)
     log(f"wrote {args.output} and {args.output.with_suffix('.md').name}")
-    failed = [k for k in ("extraction", "gpu", "pipeline", "stats") if "error" in r[k]]
+    failed = [k for k in ("extraction", "gpu", "pipeline", "stats", "patching") if "error" in r[k]]
     if failed:
         log(f"benchmark incomplete, failed: {', '.join(failed)} (see {args.output.with_suffix('.md').name})")
     return 1 if failed else 0

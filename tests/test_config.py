@@ -51,6 +51,10 @@ def test_the_tracked_params_parse():
     ("extract__dtype", "fp8", r"extract.dtype: 'fp8' is not allowed; use one of auto, float32, bfloat16, float16"),
     ("extract__trust_remote_code", "yes", r"extract.trust_remote_code: 'yes' is not true or false"),
     ("prompts__min_per_category", 1.5, r"prompts.min_per_category: 1.5 is not a whole number"),
+    ("patch__controls_per_candidate", 2, r"patch.controls_per_candidate: 2 is out of range; use a whole number >= 3"),
+    ("patch__top_k", 0, r"patch.top_k: 0 is out of range"),
+    ("patch__n_permutations", 10, r"patch.n_permutations: 10 is out of range"),
+    ("patch__effect_floor", -1, r"patch.effect_floor: -1 is out of range"),
     ("figures__width", 100, r"figures.width: 100 is out of range; use a whole number from 300 to 4000"),
     ("figures__width", "640px", r"figures.width: '640px' is not a whole number"),
     ("figures__columns", 0, r"figures.columns: 0 is out of range; use a whole number from 1 to 8"),
@@ -95,6 +99,8 @@ def test_an_unknown_suite_and_a_stale_checkpoint_list_name_the_fix():
         config.parse({**params, "suite": "nosuch"}, project_paths(REPO))
     with pytest.raises(UserError, match=r"does not match suite 'paper'; run `selfref suite use paper`"):
         config.parse({**params, "suite": "paper"}, project_paths(REPO))
+    with pytest.raises(UserError, match=r"families: does not match suite 'demo'"):
+        config.parse({**params, "families": ["demo_llama"]}, project_paths(REPO))
 
 
 def test_a_malformed_repo_id_is_refused():
@@ -134,6 +140,7 @@ def test_suite_use_rewrites_suite_and_checkpoints_keeping_comments(tmp_path):
     assert "# Every tunable of the pipeline" in text
     cfg = config.load(paths)
     assert cfg.suite == "paper" and [c.family for c in cfg.checkpoints][::2] == ["mistral_7b", "qwen25_7b", "llama31_8b"]
+    assert "families: [mistral_7b, qwen25_7b, llama31_8b]" in text  # one patch@<family> stage each
     with pytest.raises(UserError, match="unknown suite 'nosuch'"):
         config.use_suite("nosuch", paths)
 

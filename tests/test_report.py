@@ -19,9 +19,11 @@ from analysis.stages import report as report_stage
 
 REPO = Path(__file__).resolve().parent.parent
 INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json", "data/original",
+          "data/patching",
           "report/index.qmd", "report/figures"]
 SECTIONS = ["The question", "Method", "Results", "Candidate heads for activation patching",
             "Does the language of the question matter?", "Comparison with the original study", "Does it hold?",
+            "Do the candidate heads matter?",
             "Limitations and next steps", "Appendix: provenance"]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars",
@@ -103,7 +105,8 @@ def test_every_stated_number_equals_its_artefact_at_its_precision(built):
     defined = [pair for pair, values in metrics["pairs"].items() if values["pearson_r"] is not None]
     assert len(parser.found) >= 7 * len(metrics["families"]) + 11 * len(defined)
     sources = {src for src, _, _, _ in parser.found}
-    assert sources == {"data/stats/metrics.json", "data/original/reanalysis.json"}, sources
+    patching = {f"data/patching/{f}.json" for f in metrics["families"]}  # the patching table (tbl-patching)
+    assert sources == {"data/stats/metrics.json", "data/original/reanalysis.json"} | patching, sources
     for src, key, style, text in parser.found:
         value = lookup(json.loads((root / src).read_text()), key)
         expected = ", ".join(map(str, ranked_values(value))) if style == "list" else format_number(value, style)

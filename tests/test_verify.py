@@ -44,6 +44,9 @@ def entropy_table(checkpoint: str, family: str, variant: str, seed: int, prompt_
         "layer": layer.ravel(), "head": head.ravel(), "entropy": e.ravel(),
         "entropy_no_bos": 0.9 * e.ravel(), "entropy_normalised": e.ravel() / np.log(n_tokens + 1.0),
         "n_tokens": n_tokens, "n_query": n_tokens, "first_token": "<s>", "prompt_format": prompt_format,
+        # attention masses (where heads look); neutral prompts have no marker
+        "mass_first": rng.uniform(0.2, 0.8, size=p.size),
+        "mass_marker": np.where(categories[p.ravel()] == "neutral", np.nan, rng.uniform(0.0, 0.2, size=p.size)),
         # the same token ids at every stage of a family (the stats stage checks it for staged families)
         "input_ids_sha1": np.asarray([f"{language}{i:014x}" for i in range(categories.size)])[p.ravel()]})
 
@@ -215,3 +218,55 @@ def test_explain(built, key, expect):
         assert text in result.output, f"{text!r} not in\n{result.output}"
     value = explain(key)[0].split(" = ", 1)[1]
     assert value != ""
+
+
+def _patched(project_root) -> str:
+    """A per-prompt patching table for demo_llama (what `selfref patch` would measure; synthetic effects), and
+    the table and summary the stage writes from it. Returns the family."""
+    from analysis.artefacts import read_parquet
+    from analysis.interventions import INTERVENTIONS, PATCH_CATEGORIES
+    from analysis.stages.patch import HEADS_COLUMNS, selection_for, summaries
+
+    family, paths = "demo_llama", project_paths()
+    params = yaml.safe_load(paths.params.read_text())
+    params["patch"].update({"top_k": 1, "controls_per_candidate": 3})  # the test tables have 3 x 2 heads
+    paths.params.write_text(yaml.safe_dump(params, sort_keys=False))
+    cfg = config.load(paths)
+    selection = selection_for(cfg, family, read_parquet(paths.stats_table("heads"), HEADS_COLUMNS))
+    rng = np.random.default_rng(3)
+    rows = []
+    for iv in INTERVENTIONS:
+        for layer, head in sorted(set(zip(selection["layer"], selection["head"]))):
+            for i, category in enumerate(np.repeat(PATCH_CATEGORIES, 4)):
+                rows.append({"family": family, "intervention": iv.name, "variant": iv.variant, "kind": iv.kind,
+                             "layer": layer, "head": head, "prompt_id": f"p{i}", "category": category,
+                             "kl": rng.gamma(2.0, 1e-3), "h_later_clean": 2.0 + rng.normal(0, 0.01),
+                             "h_later": 2.0 + rng.normal(0, 0.01), "h_later_other": 2.1 + rng.normal(0, 0.01)})
+    per_prompt = pd.DataFrame(rows)
+    paths.patching.mkdir(parents=True, exist_ok=True)
+    per_prompt.to_parquet(paths.patch_prompts(family))
+    table, summary = summaries(cfg, family, per_prompt, selection)
+    table.to_parquet(paths.patch_table(family))
+    paths.patch_summary(family).write_text(json.dumps(summary))
+    return family
+
+
+def test_patching_summary_is_recomputed_and_every_key_explained(built):
+    family = _patched(built)
+    paths = project_paths()
+    assert verify_workspace().ok
+    summary = json.loads(paths.patch_summary(family).read_text())
+    keys = [f"patching.{family}.{k}" for k in all_keys(summary)]
+    for key in keys:
+        hits = [s for s in REGISTRY if s.artefact == "patching" and re.fullmatch(s.pattern, key)]
+        assert len(hits) == 1, f"{key}: {len(hits)} registry entries"
+    entry = summary["interventions"]["patch_base_into_instruct"]["entropy_later"]["heads"]
+    head = next(iter(entry))
+    lines = explain(f"patching.{family}.interventions.patch_base_into_instruct.entropy_later.heads.{head}.effect_self")
+    assert f"data/patching/{family}.json" in lines[1] and "selfref patch demo_llama" in lines[1]
+    assert "analysis.interventions:summarise" in "\n".join(lines)
+    entry[head]["effect_self"] *= 1.01
+    paths.patch_summary(family).write_text(json.dumps(summary))
+    mismatches = [k for k, _, _ in verify_workspace().mismatches]
+    assert mismatches == [f"data/patching/{family}.json: interventions.patch_base_into_instruct.entropy_later."
+                          f"heads.{head}.effect_self"]

@@ -12,14 +12,15 @@ from analysis.config import Config
 from analysis.errors import UserError
 from analysis.layout import STATS_TABLES, ProjectPaths
 from analysis.layer_statistics import REQUIRED_COLUMNS
-from analysis.quantities import ENTROPY_COLUMNS, PROMPT_FORMATS
+from analysis.quantities import ENTROPY_COLUMNS, MASS_COLUMNS, PROMPT_FORMATS
 from analysis.study import build_study
 
 
 def entropy_tables(config: Config) -> dict[str, pd.DataFrame]:
     """The entropy tables of every checkpoint of the active suite, per prompt format."""
     paths = config.paths
-    columns = REQUIRED_COLUMNS + ("n_tokens",) + tuple(ENTROPY_COLUMNS[d] for d in config.stats.definitions)
+    columns = (REQUIRED_COLUMNS + ("n_tokens",) + tuple(ENTROPY_COLUMNS[d] for d in config.stats.definitions)
+               + tuple(MASS_COLUMNS.values()))
     out = {}
     for prompt_format in PROMPT_FORMATS:
         frames = []
