@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 from pathlib import Path
 
@@ -113,3 +115,13 @@ def realshape_dir(tmp_path_factory, real_tokenizer):
         return built[name]
 
     return build
+
+
+def write_prompts_csv(path: Path, rows, header=("prompt_id", "category", "text")) -> Path:
+    """A prompts.csv with `header` and `rows` (lists of cells), as the tests of the prompt validation need it."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(rows)
+    path.write_text(buf.getvalue(), encoding="utf-8")
+    return path

@@ -1,9 +1,7 @@
 """Prompt language as a factor (issue 11): per-language validation of the prompt set, the demo tokenizer's self
 markers in every language, and the language contrast's known answers on the demo families."""
 
-import csv
 import dataclasses
-import io
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from analysis.extraction import extract_checkpoint
 from analysis.language_statistics import language_change, language_contrasts
 from analysis.prompts import load_prompts
 from analysis.quantities import CATEGORIES, LANGUAGES, NEUTRAL, SELF, choice_rows, rfc
-from conftest import REPO_CONFIG
+from conftest import REPO_CONFIG, write_prompts_csv
 
 REPO = Path(__file__).resolve().parent.parent
 HEADER = ("prompt_id", "category", "text", "marker", "language", "source_id")
@@ -28,18 +26,15 @@ def _rows(n: int = 3) -> list[list[str]]:
         for c in CATEGORIES:
             for i in range(n):
                 source = f"{c[:4]}_{i}"
+                marker = "" if c == NEUTRAL else "whose"  # every category but neutral names its person word
                 rows.append([source if language == "en" else f"{source}_{language}", c,
-                             f"{language} question {i} about {c}?", "", language, "" if language == "en" else source])
+                             f"{language} question {i} about {c}, {marker} is it?", marker, language,
+                             "" if language == "en" else source])
     return rows
 
 
 def _write(path: Path, rows) -> Path:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(HEADER)
-    writer.writerows(rows)
-    path.write_text(buf.getvalue(), encoding="utf-8")
-    return path
+    return write_prompts_csv(path, rows, HEADER)
 
 
 def test_the_projects_prompts_are_matched_in_every_language():

@@ -1,7 +1,5 @@
 """Prompt-set validation: every rejected input names its row, and nothing is written on failure."""
 
-import csv
-import io
 import json
 import os
 import subprocess
@@ -14,21 +12,13 @@ from hypothesis import strategies as st
 
 from analysis.errors import UserError
 from analysis.prompts import CATEGORIES, load_prompts, token_lengths
+from conftest import write_prompts_csv
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _rows(n: int = 3) -> list[list[str]]:
     return [[f"{c[:4]}_{i}", c, f"Question {i} about {c} number {i}?"] for c in CATEGORIES for i in range(n)]
-
-
-def _write(path: Path, rows, header=("prompt_id", "category", "text")) -> Path:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    writer.writerows(rows)
-    path.write_text(buf.getvalue(), encoding="utf-8")
-    return path
 
 
 def test_the_projects_prompt_set_is_valid():
@@ -48,13 +38,13 @@ def test_each_problem_is_named_with_its_line(tmp_path, mutate, message):
     rows = _rows()
     mutate(rows)
     with pytest.raises(UserError, match=message) as err:
-        load_prompts(_write(tmp_path / "p.csv", rows), min_per_category=3)
+        load_prompts(write_prompts_csv(tmp_path / "p.csv", rows), min_per_category=3)
     if "minimum" not in message:
         assert "line " in str(err.value)
 
 
 def test_undecodable_bytes_name_the_line(tmp_path):
-    path = _write(tmp_path / "p.csv", _rows())
+    path = write_prompts_csv(tmp_path / "p.csv", _rows())
     raw = path.read_bytes().replace(b"Question 1 about neutral", b"Question 1 about neutr\xff\xfe")
     path.write_bytes(raw)
     with pytest.raises(UserError, match=r"line \d+ has bytes that are not UTF-8"):
@@ -62,7 +52,7 @@ def test_undecodable_bytes_name_the_line(tmp_path):
 
 
 def test_missing_column(tmp_path):
-    path = _write(tmp_path / "p.csv", [r[:2] for r in _rows()], header=("prompt_id", "category"))
+    path = write_prompts_csv(tmp_path / "p.csv", [r[:2] for r in _rows()], header=("prompt_id", "category"))
     with pytest.raises(UserError, match="missing column"):
         load_prompts(path, min_per_category=3)
 
@@ -72,7 +62,7 @@ def test_all_problems_reported_together(tmp_path):
     rows[0][1] = "nope"
     rows[5][2] = ""
     with pytest.raises(UserError) as err:
-        load_prompts(_write(tmp_path / "p.csv", rows), min_per_category=2)
+        load_prompts(write_prompts_csv(tmp_path / "p.csv", rows), min_per_category=2)
     assert "unknown category" in str(err.value) and "empty text" in str(err.value)
 
 
@@ -98,7 +88,7 @@ def test_malformed_files_always_raise_a_named_error(tmp_path, kind, row, other, 
             other = (row + 1) % len(rows)
         rows[row][0] = rows[other][0]
     with pytest.raises(UserError, match=r"line \d+"):
-        load_prompts(_write(tmp_path / "p.csv", rows), min_per_category=3)
+        load_prompts(write_prompts_csv(tmp_path / "p.csv", rows), min_per_category=3)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -123,14 +113,14 @@ def test_cli_rejects_bad_file_and_writes_nothing(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     rows = _rows(40)
     rows[7][1] = "persona"
-    _write(tmp_path / "data" / "prompts.csv", rows)
+    write_prompts_csv(tmp_path / "data" / "prompts.csv", rows)
     result = _cli(tmp_path, "prompts", "check", "--no-tokenizers")
     assert result.returncode == 2
     assert "unknown category 'persona'" in result.stderr and "line 9" in result.stderr
     assert not (tmp_path / "data" / "prompts" / "summary.json").exists()
 
     rows[7][1] = "self_referent"
-    _write(tmp_path / "data" / "prompts.csv", rows)
+    write_prompts_csv(tmp_path / "data" / "prompts.csv", rows)
     result = _cli(tmp_path, "prompts", "check", "--no-tokenizers")
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "data" / "prompts" / "summary.json").read_text())
