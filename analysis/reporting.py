@@ -155,6 +155,9 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
     )
 
 
+TABLE_CELL_PADDING = 2  # characters of a column's width that its cell padding takes (markdown_table)
+
+
 def markdown_table(frame: pd.DataFrame) -> Markdown:
     """A pipe table (pandoc and Quarto both read it); its caption and number come from the cell's
     `label` and `tbl-cap`."""
@@ -162,8 +165,12 @@ def markdown_table(frame: pd.DataFrame) -> Markdown:
     # a | inside a cell (e.g. |ΔRFC|) would end the cell: escape it
     cells = [[str(v).replace("|", "\\|") for v in row] for row in frame.itertuples(index=False)]
     # pandoc sizes the columns of a table with long source lines (number spans) by the dashes under the
-    # header: give each column as many as the widest text a reader sees in it
-    widths = [max([len(visible_text(str(c)))] + [len(visible_text(row[i])) for row in cells])
+    # header. Text wraps at spaces, a number does not: give each column the longest word a reader sees in it
+    # plus room for the cell's padding, so a wide table wraps its phrases instead of overprinting its numbers.
+    def longest_word(text: str) -> int:
+        return max((len(word) for word in visible_text(text).split()), default=0)
+
+    widths = [max([longest_word(str(c))] + [longest_word(row[i]) for row in cells]) + TABLE_CELL_PADDING
               for i, c in enumerate(frame.columns)]
     rule = "|" + "|".join("-" * max(3, w) for w in widths) + "|"
     body = ["| " + " | ".join(row) + " |" for row in cells]

@@ -41,6 +41,7 @@ def hub_project(tmp_path, demo_dir):
     }}}
     params["suite"] = "local"
     params["checkpoints"] = {f"tiny-{v}": {"family": "tiny", "variant": v} for v in ("base", "instruct")}
+    params["families"] = ["tiny"]  # what `selfref suite use local` writes beside `checkpoints`
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cache = tmp_path / "hub"
     _add_snapshot(cache, "selfref-test/tiny", SHA_1, demo_dir("demo_llama", "base"))

@@ -121,10 +121,10 @@ def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, mo
     expected = extract_checkpoint(folder, prompt_subset, **kwargs)
     original = EntropyRunner._forward
 
-    def small_memory(self, prompts):
+    def small_memory(self, prompts, *args, **kwargs):
         if len(prompts) > 3:
             raise failure
-        return original(self, prompts)
+        return original(self, prompts, *args, **kwargs)
 
     monkeypatch.setattr(EntropyRunner, "_forward", small_memory)
     with caplog.at_level("WARNING", logger="analysis.extraction"):
@@ -137,7 +137,8 @@ def test_out_of_memory_on_one_prompt_is_a_clear_error(demo_dir, prompt_subset, m
     """When even one prompt does not fit, the error says what to change instead of crashing."""
     from analysis.extraction import EntropyRunner
 
-    monkeypatch.setattr(EntropyRunner, "_forward", lambda self, prompts: (_ for _ in ()).throw(MemoryError()))
+    monkeypatch.setattr(EntropyRunner, "_forward",
+                        lambda self, prompts, *args, **kwargs: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(UserError, match="out of memory on a single prompt"):
         extract_checkpoint(demo_dir("demo_null", "base"), prompt_subset.head(2), checkpoint="demo_null-base",
                            family="demo_null", variant="base", settings=SETTINGS)
@@ -147,7 +148,7 @@ def test_other_runtime_errors_are_not_taken_for_out_of_memory(demo_dir, prompt_s
     from analysis.extraction import EntropyRunner
 
     monkeypatch.setattr(EntropyRunner, "_forward",
-                        lambda self, prompts: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+                        lambda self, prompts, *args, **kwargs: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         extract_checkpoint(demo_dir("demo_null", "base"), prompt_subset.head(4), checkpoint="demo_null-base",
                            family="demo_null", variant="base", settings=SETTINGS)

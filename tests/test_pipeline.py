@@ -23,11 +23,11 @@ def test_interrupted_extract_leaves_no_partial_file_and_reruns(project, monkeypa
     calls = {"n": 0}
     original = EntropyRunner._forward
 
-    def dying(self, prompts):
+    def dying(self, prompts, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return original(self, prompts)
+        return original(self, prompts, *args, **kwargs)
 
     monkeypatch.setattr(EntropyRunner, "_forward", dying)
     with pytest.raises(KeyboardInterrupt):

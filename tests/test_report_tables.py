@@ -77,3 +77,12 @@ def test_language_length_text_names_the_tokenizers_by_direction():
         "zh prompts are longer than the English ones with the tokenizer of b, and shorter than the English ones "
         "with the tokenizer of a; es prompts are longer than the English ones with every tokenizer of this build")
     assert language_length_text(counts[counts["language"] == "en"]) == "this build has English prompts only"
+
+
+def test_markdown_table_sizes_columns_by_their_longest_word():
+    """A column's share of the width is its longest unbreakable word plus the cell padding: a phrase may
+    wrap, a number may not, so the numbers of a wide table never overprint their neighbours."""
+    from analysis.reporting import TABLE_CELL_PADDING, markdown_table
+    frame = pd.DataFrame({"family": ["demo_llama"], "contrast [CI]": ["-0.0424 [-0.0492, -0.0356]"]})
+    rule = str(markdown_table(frame)).splitlines()[1]
+    assert rule == "|" + "-" * (10 + TABLE_CELL_PADDING) + "|" + "-" * (len("[-0.0492,") + TABLE_CELL_PADDING) + "|"
