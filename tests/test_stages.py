@@ -85,7 +85,8 @@ def _table(order, n_per_category=8, n_layers=3, n_heads=2, seed=0, shift=None) -
                     v = values[p, l, h] + ((shift or {}).get(stage, 0.0) if cat == "self_referent" else 0.0)
                     rows.append({"family": "fam", "variant": stage, "prompt_id": f"p{p:02d}", "category": cat,
                                  "layer": l, "head": h, "entropy": v, "n_tokens": 5 + p % 3,
-                                 "input_ids_sha1": f"h{p}"})
+                                 "input_ids_sha1": f"h{p}", "mass_first": 0.5,  # masses as extraction writes them
+                                 "mass_marker": np.nan if cat == "neutral" else 0.1})
     return pd.DataFrame(rows)
 
 
