@@ -17,7 +17,7 @@ from analysis.artefacts import atomic_path
 from analysis.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
-CLASS_COLOURS = alt.Scale(domain=["compression", "preservation", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
+CLASS_COLOURS = alt.Scale(domain=["compression", "gain", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
 AXIS_PX, LEGEND_PX = 60, 140  # room an independent y axis and a legend take beside the panels (approximate)
 
 

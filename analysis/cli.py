@@ -160,6 +160,19 @@ def verify(keep: Path = typer.Option(None, help="Keep the recomputed artefacts i
         raise typer.Exit(1)
 
 
+@app.command("noise-floor")
+def noise_floor() -> None:
+    """Measure float32 noise: each checkpoint's English prompts run alone and in padded batches; prints the largest
+    difference of every tested quantity (what params.yaml's noise floors were set from; no stage runs it)."""
+    from analysis.noise_floor import QUANTITIES, measure
+
+    results = measure(_config())
+    typer.echo("checkpoint\t" + "\t".join(QUANTITIES))
+    for name, values in results.items():
+        typer.echo(name + "\t" + "\t".join(f"{values[q]:.2e}" for q in QUANTITIES))
+    typer.echo("largest\t" + "\t".join(f"{max(v[q] for v in results.values()):.2e}" for q in QUANTITIES))
+
+
 @app.command()
 def explain(key: str = typer.Argument(..., help="a key of data/stats/metrics.json, e.g. "
                                                 "families.demo_llama.mean_delta_rfc, or original.<key of "

@@ -90,6 +90,7 @@ class StatsSettings:
     alpha: float
     near_zero: float
     neutral_floor: float
+    noise_floor: dict[str, float]  # per quantity (delta_rfc, delta_diff): float32 noise; within it a change is 0
     depth_grid: int
     top_k_heads: int
     split_half_splits: int
@@ -104,10 +105,9 @@ class PatchSettings:
 
     top_k: int                   # candidate heads per family, by rank in data/stats/heads.parquet
     batch_size: int              # rows per intervened forward pass: a prompt copy per head (halved on out-of-memory)
-    controls_per_candidate: int  # seeded random heads of the same layer and similar base entropy
+    max_controls: int            # control heads per candidate: every other head of its layer, at most this many
     n_resamples: int             # prompt-bootstrap resamples for the effect intervals
-    n_permutations: int          # per-prompt sign flips of candidate minus control effect
-    effect_floor: float          # nats: a later-layer entropy change below it is 0; specificity NaN below it
+    noise_floor: dict[str, float]  # per metric (kl, entropy_later): float32 noise; an effect within it is 0
 
 
 @dataclass(frozen=True)
@@ -288,6 +288,7 @@ def _stats_settings(params: dict[str, Any]) -> StatsSettings:
         alpha=_number(s["alpha"], "stats.alpha", 0.0, 0.5, open_lo=True),
         near_zero=_number(s["near_zero"], "stats.near_zero", 0.0, None),
         neutral_floor=_number(s["neutral_floor"], "stats.neutral_floor", 0.0, None),
+        noise_floor=_floors(s["noise_floor"], "stats.noise_floor", STATS_FLOORS),
         depth_grid=_integer(s["depth_grid"], "stats.depth_grid", 4),
         top_k_heads=_integer(s["top_k_heads"], "stats.top_k_heads", 1),
         split_half_splits=_integer(s["split_half_splits"], "stats.split_half_splits", 10),
@@ -305,15 +306,28 @@ def _figure_settings(params: dict[str, Any]) -> FigureSettings:
 
 # --- suites ----------------------------------------------------------------------------------------
 
+# The quantities with a noise floor (docs/method.md, "Noise floor"): the stats stage's changes per layer, and the
+# patching stage's effect metrics (analysis.interventions.METRICS).
+STATS_FLOORS = ("delta_rfc", "delta_diff")
+PATCH_FLOORS = ("kl", "entropy_later")
+
+
+def _floors(value: Any, where: str, names: tuple[str, ...]) -> dict[str, float]:
+    """A mapping with exactly one non-negative floor per quantity of `names`."""
+    if not isinstance(value, dict) or set(value) != set(names):
+        raise UserError(f"{_where(where)}: {value!r} is not allowed; use a mapping with one floor (a number >= 0) "
+                        f"for each of {', '.join(names)}")
+    return {k: _number(value[k], f"{where}.{k}", 0.0, None) for k in names}
+
+
 def _patch_settings(params: dict[str, Any]) -> PatchSettings:
     s = _section(params, "patch", PatchSettings)
     return PatchSettings(
         top_k=_integer(s["top_k"], "patch.top_k", 1),
         batch_size=_integer(s["batch_size"], "patch.batch_size", 1, 4096),
-        controls_per_candidate=_integer(s["controls_per_candidate"], "patch.controls_per_candidate", 3),
+        max_controls=_integer(s["max_controls"], "patch.max_controls", 2),
         n_resamples=_integer(s["n_resamples"], "patch.n_resamples", 100),
-        n_permutations=_integer(s["n_permutations"], "patch.n_permutations", 100),
-        effect_floor=_number(s["effect_floor"], "patch.effect_floor", 0.0, None),
+        noise_floor=_floors(s["noise_floor"], "patch.noise_floor", PATCH_FLOORS),
     )
 
 

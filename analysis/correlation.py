@@ -2,9 +2,12 @@
 
 Families with the same number of layers are compared layer by layer. Otherwise each profile is placed
 at relative depth (l + 0.5) / L and interpolated linearly (np.interp) onto a common grid spanning the
-depth range both families cover (docs/method.md, "Different depths"). Besides scipy's Pearson and Spearman p-values, which treat
-the points as independent, a circular-shift p-value keeps the profiles' autocorrelation ("Correlated layers"), and
-a percentile interval of r comes from the layer bootstrap's ΔRFC resamples of both families.
+depth range both families cover (docs/method.md, "Different depths"). The circular-shift p-value keeps the
+profiles' autocorrelation ("Correlated layers") and is the primary p; scipy's Pearson and Spearman p-values,
+which treat the points as independent, are given beside it for families of the same depth only (interpolated
+points are not observations, so no parametric p is computed on them). A percentile interval of r comes from the
+layer bootstrap's ΔRFC resamples of both families. A profile whose largest |ΔRFC| is within the noise floor
+carries no signal: the pair has no correlation, and `undefined_reason` says why (docs/method.md, "Noise floor").
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ from analysis.resampling import circular_shift_pvalue, percentile_ci, rowwise_pe
 MIN_POINTS = 4
 COLUMNS = ["family_a", "family_b", "n_layers_a", "n_layers_b", "grid", "n_points", "depth_lo", "depth_hi",
            "pearson_r", "pearson_p", "pearson_p_shift", "pearson_r_lo", "pearson_r_hi",
-           "spearman_r", "spearman_p", "spearman_p_shift", "spearman_r_lo", "spearman_r_hi", "joint_resampling"]
+           "spearman_r", "spearman_p", "spearman_p_shift", "spearman_r_lo", "spearman_r_hi", "joint_resampling",
+           "undefined_reason", "parametric_p_reason"]
+# Why a pair has no correlation, or no parametric p (the report prints "undefined (<reason>)").
+NO_SIGNAL = "no signal in {family} (largest |ΔRFC| within the noise floor)"
+CONSTANT = "{family}'s profile is constant"
+TOO_FEW_POINTS = f"fewer than {MIN_POINTS} points"
+INTERPOLATED = "interpolated points are not independent"
 
 
 def interpolation_matrix(depth: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -59,12 +68,31 @@ def _resampled_ci(a: np.ndarray, b: np.ndarray, confidence: float) -> tuple[floa
     return float(lo), float(hi)
 
 
+def undefined_reason(profile_a: np.ndarray, profile_b: np.ndarray, n_points: int, floor: float,
+                     names: tuple[str, str]) -> str | None:
+    """Why two profiles have no correlation, or None: too few points, a profile that is not finite or constant,
+    or one whose largest |ΔRFC| is within the noise floor (no signal: its shape would be float noise)."""
+    if n_points < MIN_POINTS:
+        return TOO_FEW_POINTS
+    for name, profile in zip(names, (profile_a, profile_b)):
+        if not np.all(np.isfinite(profile)):
+            return f"{name}'s profile is not finite"
+        if np.max(np.abs(profile)) <= floor:
+            return NO_SIGNAL.format(family=name)
+        if np.ptp(profile) == 0:
+            return CONSTANT.format(family=name)
+    return None
+
+
 def compare_profiles(profile_a: np.ndarray, profile_b: np.ndarray, *, depth_grid: int, confidence: float,
-                     resamples_a: np.ndarray | None = None, resamples_b: np.ndarray | None = None) -> dict:
+                     resamples_a: np.ndarray | None = None, resamples_b: np.ndarray | None = None,
+                     floor: float = 0.0, names: tuple[str, str] = ("family a", "family b")) -> dict:
     """Correlation statistics of two ΔRFC profiles (one value per layer) on their common grid.
 
     `resamples_a/b` [B, L] are bootstrap ΔRFC profiles whose rows belong together (same resample index);
-    without them the r intervals are NaN. Fewer than MIN_POINTS grid points, or a constant profile, give NaN.
+    without them the r intervals are NaN. A pair with fewer than MIN_POINTS grid points, a constant profile or
+    one without signal (largest |ΔRFC| <= `floor`) gives NaN everywhere with `undefined_reason`; on a
+    relative-depth grid the parametric p-values are NaN (`parametric_p_reason`) and the shift p is the p.
     """
     profile_a = np.asarray(profile_a, dtype=float)
     profile_b = np.asarray(profile_b, dtype=float)
@@ -75,17 +103,19 @@ def compare_profiles(profile_a: np.ndarray, profile_b: np.ndarray, *, depth_grid
     nan_keys = ["pearson_r", "pearson_p", "pearson_p_shift", "pearson_r_lo", "pearson_r_hi",
                 "spearman_r", "spearman_p", "spearman_p_shift", "spearman_r_lo", "spearman_r_hi"]
     row.update(dict.fromkeys(nan_keys, np.nan))
-    usable = (grid.size >= MIN_POINTS and np.all(np.isfinite(x)) and np.all(np.isfinite(y))
-              and np.ptp(x) > 0 and np.ptp(y) > 0)
-    if not usable:
+    row["undefined_reason"] = undefined_reason(profile_a, profile_b, int(grid.size), floor, names)
+    row["parametric_p_reason"] = INTERPOLATED if kind == "relative_depth" else None
+    if row["undefined_reason"] or np.ptp(x) == 0 or np.ptp(y) == 0:
+        row["undefined_reason"] = row["undefined_reason"] or "a profile is constant on the common grid"
         return row
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         pearson = stats.pearsonr(x, y)
         spearman = stats.spearmanr(x, y)
-    row.update(pearson_r=float(pearson.statistic), pearson_p=float(pearson.pvalue),
+    parametric = kind == "layer"
+    row.update(pearson_r=float(pearson.statistic), pearson_p=float(pearson.pvalue) if parametric else np.nan,
                pearson_p_shift=circular_shift_pvalue(x, y, "pearson")[1],
-               spearman_r=float(spearman.statistic), spearman_p=float(spearman.pvalue),
+               spearman_r=float(spearman.statistic), spearman_p=float(spearman.pvalue) if parametric else np.nan,
                spearman_p_shift=circular_shift_pvalue(x, y, "spearman")[1])
     if resamples_a is not None and resamples_b is not None:
         xa, yb = np.asarray(resamples_a) @ wa.T, np.asarray(resamples_b) @ wb.T
@@ -96,7 +126,7 @@ def compare_profiles(profile_a: np.ndarray, profile_b: np.ndarray, *, depth_grid
 
 def cross_family_table(profiles: dict[str, np.ndarray], *, depth_grid: int, confidence: float,
                        resamples: dict[str, np.ndarray] | None = None,
-                       joint: dict[tuple[str, str], bool] | None = None) -> pd.DataFrame:
+                       joint: dict[tuple[str, str], bool] | None = None, floor: float = 0.0) -> pd.DataFrame:
     """One row per unordered pair of families (names sorted, family_a < family_b).
 
     `profiles[family]` is the ΔRFC profile; `resamples[family]` its bootstrap profiles [B, L]. `joint`
@@ -104,9 +134,10 @@ def cross_family_table(profiles: dict[str, np.ndarray], *, depth_grid: int, conf
     otherwise their resamples are independent and the r interval pairs independent draws.
 
     Columns: family_a, family_b, n_layers_a, n_layers_b, grid ("layer" | "relative_depth"), n_points,
-    depth_lo, depth_hi (grid span on relative depth), pearson_r, pearson_p (scipy), pearson_p_shift
-    (circular shift), pearson_r_lo, pearson_r_hi (bootstrap over prompts), spearman_r, spearman_p,
-    spearman_p_shift, spearman_r_lo, spearman_r_hi, joint_resampling.
+    depth_lo, depth_hi (grid span on relative depth), pearson_r, pearson_p (scipy; same depth only),
+    pearson_p_shift (circular shift: the primary p), pearson_r_lo, pearson_r_hi (bootstrap over prompts),
+    spearman_r, spearman_p, spearman_p_shift, spearman_r_lo, spearman_r_hi, joint_resampling,
+    undefined_reason (why the pair has no correlation; `floor`: the ΔRFC noise floor), parametric_p_reason.
     """
     rows = []
     for a, b in itertools.combinations(sorted(profiles), 2):
@@ -114,7 +145,7 @@ def cross_family_table(profiles: dict[str, np.ndarray], *, depth_grid: int, conf
         rb = resamples.get(b) if resamples else None
         row = {"family_a": a, "family_b": b}
         row.update(compare_profiles(profiles[a], profiles[b], depth_grid=depth_grid, confidence=confidence,
-                                    resamples_a=ra, resamples_b=rb))
+                                    resamples_a=ra, resamples_b=rb, floor=floor, names=(a, b)))
         row["joint_resampling"] = bool(joint.get((a, b), False)) if joint else False
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)

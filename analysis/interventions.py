@@ -6,7 +6,9 @@ batching, padding, pattern hooks and out-of-memory splitting), with one more hoo
 the output projection (`blocks.<l>.attn.hook_z`, per query head) that intervenes on each row's own head, so
 a forward pass covers several heads. Per prompt: the KL divergence of the next-token
 distribution at the last position from the unpatched run, and the mean entropy of the layers after the
-head. docs/method.md, "Interventions on heads", says why mean ablation, KL and random controls.
+head. A candidate is tested against the other heads of its own layer (`control_test`): between-head variation,
+one-sided, BH across candidates; effects within the metric's noise floor are exactly 0 and are not tested.
+docs/method.md, "Interventions on heads", says why mean ablation, KL and same-layer controls.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from scipy import stats
 
 from analysis.errors import UserError
 from analysis.extraction import EncodedPrompt, EntropyRunner
@@ -25,10 +28,8 @@ from analysis.resampling import (
     bootstrap_group_means,
     fdr_bh,
     group_means,
-    paired_permutation_test,
     percentile_ci,
     rng_for,
-    sign_flips,
     stratified_bootstrap_indices,
 )
 
@@ -74,36 +75,28 @@ def check_identical_ids(base: list[EncodedPrompt], instruct: list[EncodedPrompt]
                             "that share a tokenizer")
 
 
-def select_controls(heads: pd.DataFrame, top_k: int, per_candidate: int, seed: int, family: str) -> pd.DataFrame:
-    """Candidates (rank <= top_k) and, per candidate, `per_candidate` seeded random non-candidate heads of the
-    same layer with similar base entropy: the closer half of the layer's heads by |Δ base entropy| (at least
-    `per_candidate`); a layer with too few heads is widened to its nearest layers.
+def select_controls(heads: pd.DataFrame, top_k: int, max_controls: int, seed: int, family: str) -> pd.DataFrame:
+    """Candidates (rank <= top_k) and, per candidate, the non-candidate heads of its own layer: all of them, or a
+    seeded draw of `max_controls` where the layer has more. A candidate whose layer has no other head has no
+    controls (its test is undefined, analysis.interventions.candidate_tests says why).
 
     Returns rows (role, layer, head, candidate): role 'candidate' or 'control', candidate the label of
     the candidate a control stands beside (its own label for a candidate).
     """
-    table = heads.sort_values("rank")
+    table = heads.sort_values(["rank", "layer", "head"])
     cands = table[table["rank"] <= top_k]
     others = table[table["rank"] > top_k]
-    if len(others) < per_candidate:
-        raise UserError(f"{family}: {len(others)} non-candidate heads, fewer than patch.controls_per_candidate "
-                        f"= {per_candidate}; lower patch.top_k or patch.controls_per_candidate")
     rows = []
     for c in cands.itertuples():
         label = head_label(c.layer, c.head)
         rows.append({"role": "candidate", "layer": int(c.layer), "head": int(c.head), "candidate": label})
-        distance = (others["layer"] - c.layer).abs()
-        pool = others[distance == 0]
-        for d in sorted(set(distance)):
-            if len(pool) >= per_candidate:
-                break
-            pool = others[distance <= d]
-        pool = pool.assign(gap=(pool["base_entropy"] - c.base_entropy).abs()).sort_values(["gap", "layer", "head"])
-        near = pool.head(max(per_candidate, math.ceil(len(pool) / 2)))
-        pick = rng_for(seed, "patch_controls", family, label).choice(len(near), size=per_candidate, replace=False)
-        for r in near.iloc[np.sort(pick)].itertuples():
+        pool = others[others["layer"] == c.layer].sort_values(["layer", "head"])
+        if len(pool) > max_controls:
+            pick = rng_for(seed, "patch_controls", family, label).choice(len(pool), size=max_controls, replace=False)
+            pool = pool.iloc[np.sort(pick)]
+        for r in pool.itertuples():
             rows.append({"role": "control", "layer": int(r.layer), "head": int(r.head), "candidate": label})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["role", "layer", "head", "candidate"])
 
 
 def _as_heads(z: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -276,22 +269,67 @@ def run_interventions(runners: dict[str, EntropyRunner], encoded: list[EncodedPr
     return table, clean, runs
 
 
-def _metric_values(rows: pd.DataFrame, metric: str, effect_floor: float) -> np.ndarray:
-    """Per-prompt effect: KL, or |Δ later-layer mean entropy| with changes below `effect_floor` set to 0 (the same
-    computation in differently padded batches differs by ~1e-7 nats in float32; such noise is no effect)."""
+# Why a candidate's test, or a ratio, has no value (stored in the *_reason columns; the report prints
+# "undefined (<reason>)" or, for an effect within the floor, "no effect").
+NO_EFFECT = "no effect (within the noise floor)"
+NO_LATER_LAYER = "no later layer"
+TOO_FEW_CONTROLS = "fewer than 2 other heads in its layer"
+NEUTRAL_WITHIN_FLOOR = "neutral effect within the noise floor"
+
+
+def _metric_values(rows: pd.DataFrame, metric: str, floor: float) -> np.ndarray:
+    """Per-prompt effect: KL, or |Δ later-layer mean entropy|; a value within `floor` (float32 noise: the same
+    computation in differently padded batches, docs/method.md "Noise floor") is exactly 0."""
     if metric == "kl":
-        return rows["kl"].to_numpy(dtype=float)
-    change = (rows["h_later"] - rows["h_later_clean"]).abs().to_numpy(dtype=float)
-    return np.where(change < effect_floor, 0.0, change)
+        value = rows["kl"].to_numpy(dtype=float)
+    else:
+        value = (rows["h_later"] - rows["h_later_clean"]).abs().to_numpy(dtype=float)
+    return np.where(np.abs(value) <= floor, 0.0, value)
+
+
+def control_test(effect: float, controls: np.ndarray, floor: float) -> dict:
+    """A candidate's effect against the effects of the other heads of its layer (between-head variation).
+
+    One-sided: does the candidate matter more than a head of its layer? Under the null the candidate is one
+    more draw from the controls' distribution, so t = (effect - mean) / (s * sqrt(1 + 1/n)) has Student's t
+    with n - 1 degrees of freedom (a prediction interval; scipy's two-sample t-test of one value against n),
+    with s the controls' standard deviation, at least `floor` (heads cannot be told apart more finely than
+    float noise). Beside it the exact rank p under exchangeability, (1 + #controls >= effect) / (n + 1), whose
+    smallest attainable value 1 / (n + 1) is stated. An effect within the floor, or undefined, gets no test.
+    """
+    controls = np.asarray(controls, dtype=float)
+    n = int(controls.size)
+    out = {"n_controls": n, "control_mean": float(controls.mean()) if n else np.nan,
+           "control_sd": float(controls.std(ddof=1)) if n > 1 else np.nan, "minus_controls": np.nan,
+           "control_percentile": np.nan, "rank_p": np.nan, "rank_p_min": 1.0 / (n + 1), "t_stat": np.nan,
+           "p_value": np.nan, "test_reason": None}
+    if not np.isfinite(effect):
+        out["test_reason"] = NO_LATER_LAYER
+    elif abs(effect) <= floor:
+        out["test_reason"] = NO_EFFECT
+    elif n < 2:
+        out["test_reason"] = TOO_FEW_CONTROLS
+    else:
+        s = max(out["control_sd"], floor)
+        t = (effect - out["control_mean"]) / (s * np.sqrt(1.0 + 1.0 / n))
+        out.update(minus_controls=effect - out["control_mean"],
+                   control_percentile=100.0 * float(np.mean(controls < effect)),
+                   rank_p=(1.0 + float(np.sum(controls >= effect))) / (n + 1), t_stat=float(t),
+                   p_value=float(stats.t.sf(t, n - 1)))
+    return out
 
 
 def summarise(per_prompt: pd.DataFrame, selection: pd.DataFrame, *, seed: int, n_resamples: int,
-              n_permutations: int, confidence: float, effect_floor: float) -> pd.DataFrame:
+              confidence: float, noise_floor: dict[str, float]) -> pd.DataFrame:
     """Per (intervention, metric, head): effect on self-referent and neutral prompts with prompt-bootstrap
     intervals, specificity = self / neutral effect, the change of RFC over the later layers (and the other
-    variant's RFC there), the candidate's percentile among the family's control heads, and a paired
-    permutation p of (candidate - mean of its own controls) on self-referent prompts, BH across candidates."""
+    variant's RFC there), and for candidates the test against the other heads of their layer (`control_test`,
+    on the self-referent effect), BH across the family's candidates with a test (per intervention and metric).
+    Effects within the metric's noise floor are exactly 0 and get no p, q or percentile (`test_reason` says
+    why a candidate has none; `specificity_reason` why a specificity is undefined)."""
     family = str(per_prompt["family"].iloc[0])
+    chosen = set(zip(selection["layer"].astype(int), selection["head"].astype(int)))
+    per_prompt = per_prompt[[(int(l), int(h)) in chosen for l, h in zip(per_prompt["layer"], per_prompt["head"])]]
     rows_out = []
     for iv in INTERVENTIONS:
         sub = per_prompt[per_prompt["intervention"] == iv.name]
@@ -299,8 +337,7 @@ def summarise(per_prompt: pd.DataFrame, selection: pd.DataFrame, *, seed: int, n
         categories = first["category"].to_numpy()
         # one bootstrap of prompt indices per intervention, shared by every head (paired across heads)
         indices = stratified_bootstrap_indices(categories, n_resamples, rng_for(seed, "patch_boot", family, iv.name))
-        signs = sign_flips(len(categories), n_permutations, rng_for(seed, "patch_perm", family, iv.name))
-        values: dict[tuple[str, int, int], np.ndarray] = {}
+        effects: dict[tuple[str, int, int], float] = {}
         for (layer, head), rows in sub.groupby(["layer", "head"], sort=True):
             rows = rows.set_index("prompt_id").loc[first["prompt_id"]]
             clean = rows["h_later_clean"].to_numpy(dtype=float)
@@ -313,56 +350,56 @@ def summarise(per_prompt: pd.DataFrame, selection: pd.DataFrame, *, seed: int, n
             rfc_clean = float(rfc(m_clean[SELF], m_clean[NEUTRAL])[0])
             rfc_patched = float(rfc(m_patched[SELF], m_patched[NEUTRAL])[0])
             for metric in METRICS:
-                v = _metric_values(rows.reset_index(), metric, effect_floor)
-                values[(metric, int(layer), int(head))] = v
+                floor = noise_floor[metric]
+                v = _metric_values(rows.reset_index(), metric, floor)
                 means, boot = group_means(v, categories), bootstrap_group_means(v, categories, indices)
                 e_self, e_neutral = float(means[SELF][0]), float(means[NEUTRAL][0])
+                effects[(metric, int(layer), int(head))] = e_self
                 lo, hi = percentile_ci(boot[SELF], confidence) if np.isfinite(v).all() else (np.nan, np.nan)
-                undefined = not np.isfinite(e_neutral) or e_neutral < effect_floor
+                reason = (NO_LATER_LAYER if not np.isfinite(e_neutral)
+                          else NEUTRAL_WITHIN_FLOOR if e_neutral <= floor else None)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     ratio = boot[SELF] / boot[NEUTRAL]
-                s_lo, s_hi = (np.nan, np.nan) if undefined or not np.isfinite(ratio).all() else percentile_ci(ratio, confidence)
+                s_lo, s_hi = (np.nan, np.nan) if reason or not np.isfinite(ratio).all() else percentile_ci(ratio, confidence)
                 rows_out.append({
                     "family": family, "intervention": iv.name, "variant": iv.variant, "kind": iv.kind,
                     "metric": metric, "layer": int(layer), "head": int(head),
                     "effect_self": e_self, "effect_self_lo": float(lo), "effect_self_hi": float(hi),
                     "effect_neutral": e_neutral,
-                    "specificity": np.nan if undefined else e_self / e_neutral,
-                    "specificity_lo": float(s_lo), "specificity_hi": float(s_hi),
+                    "no_effect": bool(np.isfinite(e_self) and abs(e_self) <= floor),
+                    "specificity": np.nan if reason else e_self / e_neutral,
+                    "specificity_lo": float(s_lo), "specificity_hi": float(s_hi), "specificity_reason": reason,
                     "rfc_later_clean": rfc_clean, "rfc_later": rfc_patched,
                     "rfc_later_other": float(rfc(m_other[SELF], m_other[NEUTRAL])[0]),
                     "delta_rfc_later": rfc_patched - rfc_clean,
                     "delta_rfc_later_lo": float(d_lo), "delta_rfc_later_hi": float(d_hi),
                 })
-        # candidates against controls: percentile among the family's controls, paired test against its own
-        is_self = categories == SELF
+        cands = selection[selection["role"] == "candidate"]
+        controls = selection[selection["role"] == "control"]
         for metric in METRICS:
-            cands = selection[selection["role"] == "candidate"]
-            controls = selection[selection["role"] == "control"]
-            control_heads = sorted({(int(r.layer), int(r.head)) for r in controls.itertuples()})
-            control_effects = np.array([np.mean(values[(metric,) + h][is_self]) for h in control_heads])
-            control_effects = control_effects[np.isfinite(control_effects)]  # a last-layer head has no later layers
-            ps = []
+            tests = []
             for c in cands.itertuples():
-                own = values[(metric, int(c.layer), int(c.head))][is_self]
                 mine = controls[controls["candidate"] == c.candidate]
-                ctrl = np.mean([values[(metric, int(r.layer), int(r.head))][is_self] for r in mine.itertuples()], axis=0)
-                effect = float(np.mean(own))
-                percentile = (100.0 * float(np.mean(control_effects < effect))
-                              if np.isfinite(effect) and control_effects.size else np.nan)
-                _, p = paired_permutation_test(ctrl[:, None], own[:, None], np.full(own.size, SELF),
-                                               lambda b, i: i[SELF] - b[SELF], signs[:, is_self])
-                ps.append((c.layer, c.head, percentile, float(p[0]), float(np.mean(own) - np.mean(ctrl))))
-            q = fdr_bh(np.array([x[3] for x in ps]))
-            for (layer, head, percentile, p, diff), qv in zip(ps, q):
+                ctrl = np.array([effects[(metric, int(r.layer), int(r.head))] for r in mine.itertuples()])
+                tests.append((int(c.layer), int(c.head),
+                              control_test(effects[(metric, int(c.layer), int(c.head))], ctrl, noise_floor[metric])))
+            tested = [i for i, (_, _, t) in enumerate(tests) if np.isfinite(t["p_value"])]
+            q = fdr_bh(np.array([tests[i][2]["p_value"] for i in tested])) if tested else np.array([])
+            q_of = dict(zip(tested, q))
+            for i, (layer, head, test) in enumerate(tests):
+                test["q_value"] = float(q_of[i]) if i in q_of else np.nan
                 for row in rows_out:
                     if (row["intervention"], row["metric"], row["layer"], row["head"]) == (iv.name, metric, layer, head):
-                        row.update({"control_percentile": percentile, "minus_controls": diff, "p_value": p,
-                                    "q_value": float(qv)})
+                        row.update(test)
     table = pd.DataFrame(rows_out)
     roles = selection.groupby(["layer", "head"])["role"].agg(lambda r: "candidate" if "candidate" in set(r) else "control")
     table["role"] = [roles[(l, h)] for l, h in zip(table["layer"], table["head"])]
-    for col in ("control_percentile", "minus_controls", "p_value", "q_value"):
+    for col in TEST_COLUMNS:
         if col not in table:
-            table[col] = np.nan
+            table[col] = None if col == "test_reason" else np.nan
     return table
+
+
+# What `control_test` adds to a candidate's rows (empty for controls).
+TEST_COLUMNS = ("n_controls", "control_mean", "control_sd", "minus_controls", "control_percentile", "rank_p",
+                "rank_p_min", "t_stat", "p_value", "q_value", "test_reason")

@@ -92,12 +92,12 @@ def _means(values: np.ndarray, categories: np.ndarray) -> dict:
 
 
 def language_summary(deltas: pd.DataFrame, contrasts: pd.DataFrame) -> pd.DataFrame:
-    """Family × language: mean ΔRFC over layers, shares of compressing and preserving layers (deltas.parquet of
+    """Family × language: mean ΔRFC over layers, shares of compressing and gaining layers (deltas.parquet of
     that language), and how many layers differ significantly from English (language_contrasts.parquet)."""
     keys = ["definition", "format", "family", "language"]
     out = deltas.groupby(keys).agg(mean_delta_rfc=("delta_rfc", "mean"),
                                    share_compression=("layer_class", lambda s: float((s == "compression").mean())),
-                                   share_preservation=("layer_class", lambda s: float((s == "preservation").mean())),
+                                   share_gain=("layer_class", lambda s: float((s == "gain").mean())),
                                    n_layers=("layer", "size")).reset_index()
     if len(contrasts):
         sig = contrasts.groupby(keys)["significant"].sum().rename("n_layers_differ_from_en").reset_index()

@@ -207,7 +207,7 @@ def contrast_statistics(before: tuple[np.ndarray, dict, dict], after: tuple[np.n
     columns["p_value"], columns["q_value"] = p[0], fdr_bh(p[0])
     flagged = columns["q_value"] < settings.alpha
     columns["layer_class"] = np.where(flagged & (columns["delta_rfc"] < 0), "compression",
-                                      np.where(flagged & (columns["delta_rfc"] > 0), "preservation", "no_change"))
+                                      np.where(flagged & (columns["delta_rfc"] > 0), "gain", "no_change"))
     columns["p_value_diff"], columns["q_value_diff"] = p[1], fdr_bh(p[1])
     return columns, resampled
 
@@ -259,7 +259,9 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
 
 
 def metric_value(value):
-    """A JSON-ready scalar: None for NaN/inf, floats to SIGNIFICANT_DIGITS significant digits."""
+    """A JSON-ready scalar: None for None/NaN/inf (undefined), floats to SIGNIFICANT_DIGITS significant digits."""
+    if value is None:
+        return None
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
@@ -302,7 +304,7 @@ def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndar
     out.update(_mean_with_ci(delta_rfc, boot_rfc, confidence, "mean_delta_rfc"))
     out.update(_mean_with_ci(delta_rfc[keep], boot_rfc[:, keep], confidence, "mean_delta_rfc_excl_low_neutral"))
     out.update(_mean_with_ci(d["delta_diff"].to_numpy(), boot_diff, confidence, "mean_delta_diff"))
-    for cls in ("compression", "preservation", "no_change"):
+    for cls in ("compression", "gain", "no_change"):
         out[f"share_{cls}"] = metric_value(np.mean(d["layer_class"] == cls))
     out["share_near_zero"] = metric_value(np.mean(d["near_zero"]))
     out["share_below_minus_near_zero"] = metric_value(np.mean(d["original_class"] == "compression"))
@@ -315,7 +317,8 @@ def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndar
 
 
 PAIR_KEYS = ("pearson_r", "pearson_p", "pearson_p_shift", "pearson_r_lo", "pearson_r_hi", "spearman_r",
-             "spearman_p", "spearman_p_shift", "spearman_r_lo", "spearman_r_hi", "n_points", "grid")
+             "spearman_p", "spearman_p_shift", "spearman_r_lo", "spearman_r_hi", "n_points", "grid", "n_layers_a",
+             "n_layers_b", "undefined_reason", "parametric_p_reason")
 
 
 def resampling_draws(families: dict[str, FamilyArrays],
@@ -347,10 +350,10 @@ def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
     deltas (per definition, family, layer): n_layers, depth; delta_rfc, delta_rsi, delta_diff (instruct
       - base of RFC, RSI and H_self - H_neutral), each with paired-bootstrap _lo/_hi; rfc_base,
       rfc_instruct, h_neutral_base, h_neutral_instruct; p_value (paired permutation test of ΔRFC = 0),
-      q_value (BH over the family's layers), layer_class (compression / preservation / no_change by
+      q_value (BH over the family's layers), layer_class (compression / gain / no_change by
       q < alpha and the sign of ΔRFC); p_value_diff, q_value_diff (the same test for delta_diff);
       near_zero (|ΔRFC| <= near_zero); original_class (the ORIGINAL STUDY'S RULE, no test: compression
-      if ΔRFC < -near_zero, preservation if > near_zero, else near_zero); head_mean_delta_rfc,
+      if ΔRFC < -near_zero, gain if > near_zero, else near_zero); head_mean_delta_rfc,
       head_t_lo, head_t_hi (the original study's t-interval across heads: not valid inference, for
       comparison only); low_neutral (H_neutral of base or instruct below neutral_floor).
     cross_family: see analysis.correlation.cross_family_table, plus definition.
@@ -379,7 +382,8 @@ def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
             summaries[definition][family] = family_metrics(arrays, deltas, boot_rfc, boot_diff, heads, settings)
         joint = {(a, b): families[a].design == families[b].design for a in families for b in families}
         cross = cross_family_table(profiles, depth_grid=settings.depth_grid,
-                                   confidence=settings.confidence, resamples=resamples, joint=joint)
+                                   confidence=settings.confidence, resamples=resamples, joint=joint,
+                                   floor=settings.noise_floor["delta_rfc"])
         cross.insert(0, "definition", definition)
         tables["cross_family"].append(cross)
         if definition == settings.headline_definition:

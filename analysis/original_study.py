@@ -123,7 +123,7 @@ def profile_summary(layers: np.ndarray, delta_rfc: np.ndarray, near_zero: float)
     return {"n_layers": int(delta_rfc.size), "mean_delta_rfc": float(delta_rfc.mean()),
             "share_below_minus_near_zero": float(np.mean(classes == "compression")),
             "share_near_zero": float(np.mean(classes == "near_zero")),
-            "share_above_near_zero": float(np.mean(classes == "preservation")),
+            "share_above_near_zero": float(np.mean(classes == "gain")),
             "top_compression_layers": top_compression_layers(layers, delta_rfc)}
 
 

@@ -57,7 +57,7 @@ ENGLISH: tuple[Source, ...] = (
            HEADLINE + BOOT + ("stats.neutral_floor",), "stats", "mean ΔRFC over layers with H_neutral above the floor"),
     Source(FAM + r"mean_delta_diff(_lo|_hi)?$", "metrics", "data/stats/deltas.parquet: delta_diff (mean over layers)",
            "analysis.layer_statistics:family_metrics", HEADLINE + BOOT, "stats", "mean Δ(H_self − H_neutral) over layers"),
-    Source(FAM + r"share_(compression|preservation|no_change)$", "metrics", "data/stats/deltas.parquet: layer_class",
+    Source(FAM + r"share_(compression|gain|no_change)$", "metrics", "data/stats/deltas.parquet: layer_class",
            "analysis.layer_statistics:family_layer_statistics", HEADLINE + PERM, "stats",
            "share of layers in the class (permutation test, BH across layers)"),
     Source(FAM + r"share_near_zero$", "metrics", "data/stats/deltas.parquet: near_zero",
@@ -80,10 +80,11 @@ ENGLISH: tuple[Source, ...] = (
            "metrics", "data/stats/cross_family.parquet: {stat}", "analysis.correlation:compare_profiles",
            HEADLINE + BOOT + ("stats.depth_grid",), "stats", "bootstrap interval of r over prompt resamples"),
     Source(r"pairs\.(?P<pair>[A-Za-z0-9_]+~[A-Za-z0-9_]+)\.(?P<stat>pearson_r|pearson_p|pearson_p_shift|spearman_r|"
-           r"spearman_p|spearman_p_shift|n_points|grid)$",
+           r"spearman_p|spearman_p_shift|n_points|grid|n_layers_a|n_layers_b|undefined_reason|parametric_p_reason)$",
            "metrics", "data/stats/cross_family.parquet: {stat}", "analysis.correlation:compare_profiles",
-           HEADLINE + ("stats.depth_grid",), "stats",
-           "correlation of the two ΔRFC profiles (_p: scipy; _p_shift: circular shift)"),
+           HEADLINE + ("stats.depth_grid", "stats.noise_floor"), "stats",
+           "correlation of the two ΔRFC profiles (_p_shift: circular shift, the primary p; _p: scipy, same depth "
+           "only), real layers of each, and why a value is undefined (no signal, constant, interpolated points)"),
     Source(r"robustness\.(?P<family>[A-Za-z0-9_]+)\.(n_choices|n_choices_differing)$", "metrics",
            "data/stats/robustness.parquet: differs", "analysis.robustness:robustness_table",
            HEADLINE + BOOT + ("stats.definitions",), "stats",
@@ -94,11 +95,12 @@ ENGLISH: tuple[Source, ...] = (
     Source(r"robustness\.(?P<family>[A-Za-z0-9_]+)\.n_layers_length_disagrees$", "metrics",
            "data/stats/length_control.parquet: disagrees", "analysis.robustness:length_control",
            HEADLINE + ("stats.alpha",), "stats", "layers the length-controlled model classifies differently"),
-    Source(r"stages\.(?P<family>[A-Za-z0-9_]+)\.(?P<stage>[a-z][a-z0-9_]*)\.(?P<stat>mean_delta_rfc|share_delta_rfc)"
-           r"(_lo|_hi)?$", "metrics", "data/stats/stage_shares.parquet: {stat} (the step ending at {stage})",
-           "analysis.stage_statistics:stage_statistics", HEADLINE + BOOT, "stats",
-           "mean ΔRFC over layers of one training step and its share of the total (instruct − base); _lo/_hi: "
-           "percentile interval over prompt resamples"),
+    Source(r"stages\.(?P<family>[A-Za-z0-9_]+)\.(?P<stage>[a-z][a-z0-9_]*)\.(?P<stat>(mean|share)_delta_(rfc|diff))"
+           r"(_lo|_hi|_reason)?$", "metrics", "data/stats/stage_shares.parquet: {stat} (the step ending at {stage})",
+           "analysis.stage_statistics:stage_statistics", HEADLINE + BOOT + ("stats.noise_floor",), "stats",
+           "mean ΔRFC (delta_rfc) or Δ(H_self − H_neutral) (delta_diff) over layers of one training step and its "
+           "share of that quantity's total (instruct − base); _lo/_hi: percentile interval over prompt resamples; "
+           "_reason: why a share is undefined"),
     Source(r"stages\.(?P<family>[A-Za-z0-9_]+)\.largest_step$", "metrics",
            "data/stats/stage_shares.parquet: largest_step", "analysis.stage_statistics:stage_statistics", HEADLINE,
            "stats", "the training step (named by the stage it ends at) with the largest |mean ΔRFC|"),
@@ -133,22 +135,26 @@ REGISTRY: tuple[Source, ...] = ENGLISH + TRANSLATED + (
     Source(PATCHING + r"(family|definition|format)$", "patching", "params.yaml stats.headline_*",
            "analysis.stages.patch:summary_json", HEADLINE, "patch", "the family and the headline choice patched"),
     Source(PATCHING + r"(n_candidates|n_controls)$", "patching", "data/patching/{family}.parquet: role",
-           "analysis.interventions:select_controls", ("stats.seed", "patch.top_k", "patch.controls_per_candidate"),
-           "patch", "candidate heads (top-k of heads.parquet) and distinct random control heads"),
-    Source(PATCHING + INTERVENTION + r"n_significant$", "patching", "data/patching/{family}.parquet: q_value",
-           "analysis.interventions:summarise", ("stats.seed", "patch.n_permutations", "stats.alpha"), "patch",
-           "candidates whose {metric} effect under {intervention} differs from their controls' (q < alpha)"),
+           "analysis.interventions:select_controls", ("stats.seed", "patch.top_k", "patch.max_controls"),
+           "patch", "candidate heads (top-k of heads.parquet) and distinct control heads (the other heads of their layers)"),
+    Source(PATCHING + INTERVENTION + r"(n_significant|n_tested|n_no_effect)$", "patching",
+           "data/patching/{family}.parquet: q_value, p_value, no_effect",
+           "analysis.interventions:summarise", ("patch.noise_floor", "stats.alpha"), "patch",
+           "candidates whose {metric} effect under {intervention} exceeds their layer's other heads (q < alpha), "
+           "candidates tested, and candidates whose effect is within the noise floor"),
     Source(PATCHING + INTERVENTION + r"heads\.(?P<head>L\d+H\d+)\.(?P<stat>effect_self|specificity|"
            r"delta_rfc_later)(_lo|_hi)?$", "patching", "data/patching/{family}.parquet: {stat} ({head})",
            "analysis.interventions:summarise", ("stats.seed", "patch.n_resamples", "stats.confidence",
-                                                "patch.effect_floor"), "patch",
+                                                "patch.noise_floor"), "patch",
            "{metric} effect of {intervention} on {head} over self-referent prompts (specificity: self / neutral; "
            "delta_rfc_later: change of RFC over the later layers); _lo/_hi: prompt-bootstrap interval"),
-    Source(PATCHING + INTERVENTION + r"heads\.(?P<head>L\d+H\d+)\.(?P<stat>control_percentile|p_value|q_value)$",
-           "patching", "data/patching/{family}.parquet: {stat} ({head})", "analysis.interventions:summarise",
-           ("stats.seed", "patch.n_permutations"), "patch",
-           "{head} against the random control heads: percentile among them, paired permutation p of candidate "
-           "minus its own controls, BH across the family's candidates"),
+    Source(PATCHING + INTERVENTION + r"heads\.(?P<head>L\d+H\d+)\.(?P<stat>control_percentile|p_value|q_value|"
+           r"rank_p|rank_p_min|n_controls|no_effect|test_reason)$",
+           "patching", "data/patching/{family}.parquet: {stat} ({head})", "analysis.interventions:control_test",
+           ("patch.noise_floor", "patch.max_controls", "stats.seed"), "patch",
+           "{head} against the other heads of its layer: percentile among them, one-sided prediction t-test p, "
+           "rank p and its smallest attainable value, BH across the family's candidates; test_reason says why "
+           "there is none"),
     # data/original/reanalysis.json, keys prefixed `original.`
     Source(r"source\..+$", "reanalysis", "data/original/SHA256SUMS, data/original/claims.yaml",
            "analysis.original_study:check_files", (), "original", "the original repository, commit and file hashes"),

@@ -65,10 +65,10 @@ def deltas(base: dict[str, np.ndarray], instruct: dict[str, np.ndarray]) -> dict
 
 
 def original_class(delta_rfc: np.ndarray, near_zero: float) -> np.ndarray:
-    """The original study's rule on ΔRFC, no test: compression below -near_zero, preservation above
+    """The original study's rule on ΔRFC, no test: compression below -near_zero, gain above
     +near_zero, else near_zero (docs/method.md)."""
     d = np.asarray(delta_rfc, dtype=float)
-    return np.where(d < -near_zero, "compression", np.where(d > near_zero, "preservation", "near_zero"))
+    return np.where(d < -near_zero, "compression", np.where(d > near_zero, "gain", "near_zero"))
 
 
 def did(base_means: dict[str, np.ndarray], instruct_means: dict[str, np.ndarray]) -> np.ndarray:

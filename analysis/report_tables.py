@@ -17,7 +17,7 @@ HEAD_FAMILY_COLUMNS = ["family", "n_heads", "n_heads_significant", "min_q_value"
 CANDIDATE_COLUMNS = ["family", "rank", "layer", "head", "did", "did_log_ratio", "consistency", "base_entropy",
                      "score", "q_value"]
 DISAGREEMENT_COLUMNS = ["family", "layer", "delta_rfc", "layer_class", "adjusted_delta_rfc", "adjusted_class"]
-PAIR_COLUMNS = ["family_a", "family_b", "n_points", "grid", "defined"]
+PAIR_COLUMNS = ["family_a", "family_b", "n_layers_a", "n_layers_b", "n_points", "grid", "defined", "undefined_reason"]
 PEAK_COLUMNS = ["family", "language", "layer", "delta_rfc_en", "delta_rfc_language", "contrast", "contrast_lo",
                 "contrast_hi", "q_value", "n_layers_significant", "n_layers"]
 
@@ -54,9 +54,11 @@ def length_disagreements(length_control: pd.DataFrame) -> pd.DataFrame:
 
 
 def correlation_pairs(cross_family: pd.DataFrame) -> pd.DataFrame:
-    """Every pair of families of one definition and format, `defined` where a Pearson r exists (a constant
-    ΔRFC profile has no shape to correlate)."""
-    out = cross_family[["family_a", "family_b", "n_points", "grid"]].copy()
+    """Every pair of families of one definition and format, `defined` where a Pearson r exists (a profile without
+    signal, or a constant one, has no shape to correlate: `undefined_reason` says which), with each family's
+    number of real layers."""
+    out = cross_family[["family_a", "family_b", "n_layers_a", "n_layers_b", "n_points", "grid",
+                        "undefined_reason"]].copy()
     out["defined"] = cross_family["pearson_r"].notna().to_numpy()
     return out[PAIR_COLUMNS].reset_index(drop=True)
 

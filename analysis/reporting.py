@@ -37,11 +37,31 @@ def lookup(metrics: dict[str, Any], key: str) -> Any:
     return value
 
 
+# How an undefined number (None in metrics, with the reason stored beside it) is printed: never 0, 1, −0.0 or nan.
+NO_EFFECT_REASON = "no effect (within the noise floor)"  # analysis.interventions.NO_EFFECT
+
+
+def undefined(reason: str | None) -> str:
+    """An undefined value as words: "no effect" for an effect within the noise floor, else "undefined (reason)"."""
+    if reason == NO_EFFECT_REASON:
+        return "no effect"
+    return f"undefined ({reason})" if reason else "undefined"
+
+
+def _unsigned_zero(text: str) -> str:
+    """'-0.00' (a tiny negative rounded to zero) printed without its sign."""
+    return text[1:] if text.startswith("-") and not any(c in "123456789" for c in text.split("e")[0]) else text
+
+
 def format_number(value: Any, style: str) -> str:
     """`f4`: 4 decimals; `e2`: scientific with 2 decimals; `pct1`: a share as a percentage with 1 decimal;
-    `p`: a p-value; `int`."""
+    `p`: a p-value; `int`. None (undefined) prints as "undefined"; a value that rounds to zero has no sign."""
     if value is None:
-        return "n/a"
+        return undefined(None)
+    return _unsigned_zero(_format(value, style))
+
+
+def _format(value: Any, style: str) -> str:
     if style.startswith("e"):
         return f"{float(value):.{int(style[1:])}e}"
     if style == "int":
@@ -66,14 +86,30 @@ class Numbers:
     def value(self, key: str) -> Any:
         return lookup(self.metrics, key)
 
+    def reason(self, key: str) -> str | None:
+        """Why the value at `key` is undefined: its `<key>_reason` sibling, else the entry's `test_reason` or
+        `undefined_reason` (patching tests, correlations), else None."""
+        parent, _, leaf = key.rpartition(".")
+        entry = self.value(parent) if parent else self.metrics
+        for name in (f"{leaf}_reason", "test_reason", "undefined_reason"):
+            if isinstance(entry, dict) and entry.get(name):
+                return str(entry[name])
+        if leaf.endswith(("_lo", "_hi")):
+            return self.reason(key[:-3])
+        return None
+
     def show(self, key: str, style: str = "f4") -> Markdown:
-        """The number as markdown: a span with its key, for inline `{python}` expressions and tables."""
-        text = format_number(self.value(key), style)
+        """The number as markdown: a span with its key, for inline `{python}` expressions and tables; an
+        undefined number prints as "undefined (reason)" (or "no effect")."""
+        value = self.value(key)
+        text = undefined(self.reason(key)) if value is None else format_number(value, style)
         return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" artefact="{self.source}" '
                         f'title="{self.source}: {key}"}}')
 
     def interval(self, key: str, style: str = "f4") -> Markdown:
-        """`value [lo, hi]` for a key with `_lo`/`_hi` siblings."""
+        """`value [lo, hi]` for a key with `_lo`/`_hi` siblings; the value alone (in words) when undefined."""
+        if self.value(key) is None:
+            return self.show(key, style)
         return Markdown(f"{self.show(key, style)} [{self.show(key + '_lo', style)}, "
                         f"{self.show(key + '_hi', style)}]")
 
@@ -297,7 +333,9 @@ PATCH_TABLE_INTERVENTIONS = ("patch_base_into_instruct", "mean_ablation@base")
 def patching_rows(art: "Artefacts") -> pd.DataFrame:
     """The report's table of patching results: per family, intervention (base's output patched into instruct,
     and mean ablation in base) and candidate head, its later-layer effect on self-referent prompts [CI],
-    specificity, percentile among the random control heads and q, each a span naming data/patching/<family>.json."""
+    specificity, the number of control heads (the other heads of its layer) with the smallest p their rank can
+    give, its percentile among them and q; "no effect" where the effect is within the noise floor, "undefined
+    (reason)" where a test cannot be made. Each number is a span naming data/patching/<family>.json."""
     rows = []
     for family, numbers in art.patch_numbers.items():
         for intervention in PATCH_TABLE_INTERVENTIONS:
@@ -306,11 +344,13 @@ def patching_rows(art: "Artefacts") -> pd.DataFrame:
                 key = f"{prefix}.{head}"
                 rows.append({
                     "family": family, "intervention": intervention, "head": head,
-                    "effect [CI]": numbers.interval(f"{key}.effect_self", "e2"),
-                    "specificity": "–" if values["specificity"] is None else numbers.show(f"{key}.specificity", "f1"),
-                    "percentile": "–" if values["control_percentile"] is None else
-                    numbers.show(f"{key}.control_percentile", "f0"),
-                    "q": "–" if values["q_value"] is None else numbers.show(f"{key}.q_value", "p")})
+                    "effect [CI]": (undefined(values.get("test_reason")) if values["effect_self"] is None
+                                    else "no effect" if values.get("no_effect")
+                                    else numbers.interval(f"{key}.effect_self", "e2")),
+                    "specificity": numbers.show(f"{key}.specificity", "f1"),
+                    "controls (min. rank p)": f"{values['n_controls']} ({format_number(values['rank_p_min'], 'p')})",
+                    "percentile": numbers.show(f"{key}.control_percentile", "f0"),
+                    "q": numbers.show(f"{key}.q_value", "p")})
     return pd.DataFrame(rows)
 
 
@@ -320,17 +360,20 @@ def staged_families(art: Artefacts) -> list[str]:
 
 
 def stage_step_rows(art: Artefacts) -> pd.DataFrame:
-    """One row per training step of every staged family: its mean ΔRFC and share of the total, with intervals."""
+    """One row per training step of every staged family: its mean ΔRFC, and its share of the total change of ΔRFC
+    and of Δ(H_self − H_neutral) (additive, so a planted split is exact in it), with intervals."""
     rows = []
     for f in staged_families(art):
         order, k = art.config.stages[f], f"stages.{f}"
         rows += [{"family": f, "step": f"{before} → {stage}",
                   "mean ΔRFC [CI]": art.numbers.interval(f"{k}.{stage}.mean_delta_rfc"),
-                  "share of the total [CI]": art.numbers.interval(f"{k}.{stage}.share_delta_rfc", "pct1")}
+                  "share of total ΔRFC [CI]": art.numbers.interval(f"{k}.{stage}.share_delta_rfc", "pct1"),
+                  "share of total Δ(H_self − H_neutral) [CI]": art.numbers.interval(f"{k}.{stage}.share_delta_diff",
+                                                                                  "pct1")}
                  for stage, before in zip(order[1:], order[:-1])]
     if not rows:
         return pd.DataFrame([{"family": "–", "step": "no family with more than two stages", "mean ΔRFC [CI]": "–",
-                              "share of the total [CI]": "–"}])
+                              "share of total ΔRFC [CI]": "–", "share of total Δ(H_self − H_neutral) [CI]": "–"}])
     return pd.DataFrame(rows)
 
 

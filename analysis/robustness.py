@@ -30,11 +30,16 @@ def prompt_layer_entropy(entropy: pd.DataFrame, column: str) -> pd.DataFrame:
     return (entropy.groupby(keys, observed=True)[column].mean().rename("entropy").reset_index())
 
 
+# Why a layer's length-controlled test is undefined (stored in `reason`; the report prints "undefined (<reason>)").
+NO_CHANGE_TO_MODEL = "instruct equals base on every prompt (0/0: nothing to estimate)"
+
+
 def _interaction(frame: pd.DataFrame) -> tuple[float, float, float]:
-    """Length-adjusted self x instruct interaction (estimate, standard error, p) for one layer."""
+    """Length-adjusted self x instruct interaction (estimate, standard error, p) for one layer; all NaN where
+    instruct equals base on every prompt (the interaction and its standard error would both be 0: 0/0)."""
     wide = frame.pivot_table(index="prompt_id", columns="variant", values="entropy")
     if np.allclose(wide["instruct"], wide["base"], rtol=0, atol=1e-12):
-        return 0.0, 0.0, 1.0  # instruct attends exactly as base: the model has nothing to estimate
+        return np.nan, np.nan, np.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = smf.mixedlm(FORMULA, frame, groups=frame["prompt_id"]).fit(reml=True)
@@ -54,14 +59,15 @@ def length_control(entropy: pd.DataFrame, column: str, deltas: pd.DataFrame, alp
         estimate, se, p = _interaction(frame)
         h_neutral = frame.loc[(frame["variant"] == "base") & (frame["category"] == NEUTRAL), "entropy"].mean()
         rows.append({"family": family, "layer": int(layer), "interaction": estimate, "interaction_se": se,
-                     "p_value": p, "adjusted_delta_rfc": -estimate / h_neutral if h_neutral > 0 else np.nan})
+                     "p_value": p, "adjusted_delta_rfc": -estimate / h_neutral if h_neutral > 0 else np.nan,
+                     "reason": NO_CHANGE_TO_MODEL if np.isnan(p) else None})
     out = pd.DataFrame(rows)
     out["q_value"] = np.nan
     for family, idx in out.groupby("family").groups.items():
         out.loc[idx, "q_value"] = fdr_bh(out.loc[idx, "p_value"].to_numpy())
     significant = out["q_value"] < alpha
     out["adjusted_class"] = np.where(significant & (out["interaction"] > 0), "compression",
-                                     np.where(significant & (out["interaction"] < 0), "preservation", "no_change"))
+                                     np.where(significant & (out["interaction"] < 0), "gain", "no_change"))
     out = out.merge(deltas[["family", "layer", "delta_rfc", "layer_class"]], on=["family", "layer"], how="left")
     out["disagrees"] = out["adjusted_class"] != out["layer_class"]
     return out
@@ -104,21 +110,22 @@ def split_half(entropy: pd.DataFrame, column: str, n_splits: int, seed: int) -> 
         r = r[np.isfinite(r)]
         mean_r = float(r.mean()) if r.size else np.nan
         rows.append({"family": family, "n_layers": b.shape[1], "n_splits": n_splits, "n_splits_defined": int(r.size),
+                     "reason": None if r.size else "every half-profile is constant (no ΔRFC to correlate)",
                      "split_half_r": mean_r, "split_half_r_sd": float(r.std(ddof=1)) if r.size > 1 else np.nan,
                      "spearman_brown": 2 * mean_r / (1 + mean_r) if mean_r > -1 else np.nan})
     return pd.DataFrame(rows)
 
 
 SUMMARY_COLUMNS = ["family", "definition", "format", "mean_delta_rfc", "mean_delta_rfc_lo", "mean_delta_rfc_hi",
-                   "share_compression", "share_preservation", "conclusion"]
+                   "share_compression", "share_gain", "conclusion"]
 
 
 def conclusion(lo: float | None, hi: float | None) -> str:
-    """The family-level reading of a mean ΔRFC interval: compression (all below 0), preservation (all
+    """The family-level reading of a mean ΔRFC interval: compression (all below 0), gain (all
     above 0) or no_change (the interval contains 0, or is undefined)."""
     if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
         return "no_change"
-    return "compression" if hi < 0 else "preservation" if lo > 0 else "no_change"
+    return "compression" if hi < 0 else "gain" if lo > 0 else "no_change"
 
 
 def family_summaries(result: dict, prompt_format: str) -> pd.DataFrame:
@@ -129,7 +136,7 @@ def family_summaries(result: dict, prompt_format: str) -> pd.DataFrame:
             rows.append({"family": family, "definition": definition, "format": prompt_format,
                          "mean_delta_rfc": m["mean_delta_rfc"], "mean_delta_rfc_lo": m["mean_delta_rfc_lo"],
                          "mean_delta_rfc_hi": m["mean_delta_rfc_hi"], "share_compression": m["share_compression"],
-                         "share_preservation": m["share_preservation"],
+                         "share_gain": m["share_gain"],
                          "conclusion": conclusion(m["mean_delta_rfc_lo"], m["mean_delta_rfc_hi"])})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 

@@ -32,7 +32,9 @@ SHARE_QUANTITIES = ("delta_rfc", "delta_diff")
 STAGE_SHARE_COLUMNS = (["definition", "family", "step", "from_stage", "to_stage", "n_steps"]
                        + [f"{k}{q}{s}" for q in SHARE_QUANTITIES for k in ("mean_", "share_", "total_mean_")
                           for s in ("", "_lo", "_hi")]
-                       + ["total_excludes_zero", "largest_step"])
+                       + [f"share_{q}_reason" for q in SHARE_QUANTITIES] + ["total_excludes_zero", "largest_step"])
+# Why a share has no value (the report prints "undefined (<reason>)").
+NO_TOTAL_CHANGE = "the total change is within the noise floor"
 STAGE_HEAD_COLUMNS = ["definition", "family", "step", "from_stage", "to_stage", "layer", "head", "delta_self",
                       "delta_neutral", "did", "did_log_ratio", "p_value", "q_value", "total_did", "share_did",
                       "candidate", "largest_step"]
@@ -66,11 +68,15 @@ def _pairs(order: tuple[str, ...]) -> list[tuple[str, int, str, str]]:
 
 
 def _shares(definition: str, family: str, order: tuple[str, ...], steps: dict[str, dict[str, np.ndarray]],
-            boot: dict[str, dict[str, np.ndarray]], confidence: float) -> pd.DataFrame:
-    """One row per consecutive step: its mean change over layers, the total's, and its share of the total.
+            boot: dict[str, dict[str, np.ndarray]], confidence: float, floors: dict[str, float]) -> pd.DataFrame:
+    """One row per consecutive step: its mean change over layers, the total's, and its share of the total, for
+    ΔRFC (a ratio whose denominator H_neutral can drift between steps) and for Δ(H_self - H_neutral) (additive:
+    the planted split of demo_stages is exact in it).
 
     Shares are ratios of means over layers, resample by resample (the steps of one resample add up to its
-    total exactly, so the shares of a resample sum to 1); undefined (NaN) where the total is exactly 0."""
+    total exactly, so the shares of a resample sum to 1). A total within the quantity's noise floor
+    (`stats.noise_floor`) leaves every share undefined (NaN, `share_<q>_reason`); a step whose own mean change is
+    within the floor has share exactly 0."""
     total = {q: sum(steps[s][q] for s in order[1:]) for q in SHARE_QUANTITIES}
     total_boot = {q: sum(boot[s][q] for s in order[1:]) for q in SHARE_QUANTITIES}
     rows = []
@@ -80,13 +86,15 @@ def _shares(definition: str, family: str, order: tuple[str, ...], steps: dict[st
         for q in SHARE_QUANTITIES:
             mean, mean_boot = steps[stage][q].mean(), boot[stage][q].mean(axis=1)
             tot, tot_boot = total[q].mean(), total_boot[q].mean(axis=1)
+            defined = abs(tot) > floors[q]
             with np.errstate(divide="ignore", invalid="ignore"):
-                share = mean / tot if tot != 0 else np.nan
+                share = (0.0 if abs(mean) <= floors[q] else mean / tot) if defined else np.nan
                 share_boot = np.where(tot_boot != 0, mean_boot / np.where(tot_boot != 0, tot_boot, 1.0), np.nan)
             row[f"mean_{q}"] = mean
             row[f"mean_{q}_lo"], row[f"mean_{q}_hi"] = percentile_ci(mean_boot, confidence)
             row[f"share_{q}"] = share
-            if np.isfinite(share_boot).all():
+            row[f"share_{q}_reason"] = None if defined else NO_TOTAL_CHANGE
+            if defined and np.isfinite(share_boot).all():
                 row[f"share_{q}_lo"], row[f"share_{q}_hi"] = percentile_ci(share_boot, confidence)
             else:
                 row[f"share_{q}_lo"] = row[f"share_{q}_hi"] = np.nan
@@ -179,21 +187,24 @@ def _family_contrasts(arrays: FamilyArrays, definition: str, order: tuple[str, .
             step_point[b] = {q: columns[q] for q in SHARE_QUANTITIES}
             step_boot[b] = {q: resampled[q] for q in SHARE_QUANTITIES}
     tables["stage_shares"].append(_shares(definition, arrays.family, order, step_point, step_boot,
-                                          settings.confidence))
+                                          settings.confidence, settings.noise_floor))
     return pd.concat(frames, ignore_index=True)
 
 
 def stage_metrics(shares: pd.DataFrame, stage_heads: pd.DataFrame) -> dict:
     """metrics.json `stages.<family>` of the headline rows: per step (keyed by the stage it ends at) its mean
-    ΔRFC and share of the total with intervals, the step with the largest change, and for each candidate
-    head the step where its did changes most."""
+    ΔRFC and Δ(H_self - H_neutral) and each one's share of its total with intervals (None with a `_reason` where
+    undefined), the step with the largest change, and for each candidate head the step where its did changes
+    most."""
     out: dict = {}
     for family, rows in shares.groupby("family", sort=False):
         entry = {}
         for row in rows.itertuples():
-            entry[row.to_stage] = {k: metric_value(getattr(row, k)) for k in
-                                   ("mean_delta_rfc", "mean_delta_rfc_lo", "mean_delta_rfc_hi", "share_delta_rfc",
-                                    "share_delta_rfc_lo", "share_delta_rfc_hi")}
+            entry[row.to_stage] = {f"{k}{q}{s}": metric_value(getattr(row, f"{k}{q}{s}")) for q in SHARE_QUANTITIES
+                                   for k in ("mean_", "share_") for s in ("", "_lo", "_hi")}
+            for q in SHARE_QUANTITIES:
+                reason = getattr(row, f"share_{q}_reason")
+                entry[row.to_stage][f"share_{q}_reason"] = reason if isinstance(reason, str) else None
         largest = rows[rows["largest_step"]]
         entry["largest_step"] = str(largest["to_stage"].iloc[0]) if len(largest) else None
         heads = stage_heads[(stage_heads["family"] == family) & stage_heads["candidate"] & stage_heads["largest_step"]]

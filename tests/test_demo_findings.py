@@ -25,16 +25,19 @@ SUITE = {c.name: c for c in REPO_CONFIG.suites["demo"]}
 
 
 def _kind(family: str) -> str:
-    """What the demo spec plants: compression (base focuses, instruct does not), preservation (both), null."""
+    """What the demo spec plants: compression (base focuses, instruct does not), gain (instruct focuses, base does
+    not), kept_focus (both focus: nothing changes), null (nothing planted)."""
     base, instruct = SUITE[f"{family}-base"].demo, SUITE[f"{family}-instruct"].demo
     if not base["planted"]:
         return "null"
-    return "compression" if base["self_focus"] and not instruct["self_focus"] else "preservation"
+    if base["self_focus"] and instruct["self_focus"]:
+        return "kept_focus"
+    return "compression" if base["self_focus"] else "gain"
 
 
 # The base-vs-instruct families; the staged demo family has its own known answers (tests/test_stages.py).
 FAMILIES = sorted(f for f, stages in config.family_stages(REPO_CONFIG.suites["demo"]).items() if len(stages) == 2)
-BY_KIND = {k: [f for f in FAMILIES if _kind(f) == k] for k in ("compression", "preservation", "null")}
+BY_KIND = {k: [f for f in FAMILIES if _kind(f) == k] for k in ("compression", "gain", "kept_focus", "null")}
 
 
 def _planted(family: str) -> list[tuple[int, int]]:
@@ -77,9 +80,28 @@ def headline(deltas):
 
 
 def test_the_demo_suite_has_every_kind_of_family():
-    """Two compression families, one preservation family and one null family among the base-vs-instruct
-    families (issue: planted effects); the staged family is tested in tests/test_stages.py."""
-    assert len(BY_KIND["compression"]) == 2 and len(BY_KIND["preservation"]) == 1 and len(BY_KIND["null"]) == 1
+    """Two compression families, one gain family, one family whose planted heads keep their focus and one null
+    family among the base-vs-instruct families; the staged family is tested in tests/test_stages.py."""
+    assert [len(BY_KIND[k]) for k in ("compression", "gain", "kept_focus", "null")] == [2, 1, 1, 1]
+
+
+@pytest.mark.parametrize("family", BY_KIND["gain"])
+def test_gain_is_significant_at_the_planted_layers_and_classed_gain(study, headline, family):
+    """Instruct gains a self-focus head: ΔRFC > 0 with its whole CI above 0 and q < alpha at the planted layer,
+    classed `gain`; no other layer is classed; the planted head ranks first with q < alpha and did < 0 (self
+    entropy falls); the family's mean ΔRFC interval reads `gain` under every definition and format."""
+    rows = headline[headline["family"] == family].set_index("layer")
+    planted_layers = {layer for layer, _ in _planted(family)}
+    for layer in planted_layers:
+        row = rows.loc[layer]
+        assert row["delta_rfc"] > 0 and row["delta_rfc_lo"] > 0 and row["q_value"] < ALPHA
+        assert row["layer_class"] == "gain"
+    assert (rows.drop(index=list(planted_layers))["layer_class"] != "gain").all()
+    heads = choice_rows(study["heads"], STATS.headline_definition, STATS.headline_format)
+    top = heads[heads["family"] == family].nsmallest(1, "rank")
+    assert set(zip(top["layer"], top["head"])) == set(_planted(family))
+    assert (top["q_value"] < ALPHA).all() and (top["did"] < 0).all()
+    assert study["metrics"]["families"][family]["share_gain"] > 0
 
 
 @pytest.mark.parametrize("family", BY_KIND["compression"])
@@ -103,13 +125,18 @@ def test_planted_heads_are_the_top_ranked(study, family):
     assert (top["q_value"] < ALPHA).all() and (top["did"] > 0).all()
 
 
-@pytest.mark.parametrize("family", BY_KIND["preservation"] + BY_KIND["null"])
+@pytest.mark.parametrize("family", BY_KIND["kept_focus"] + BY_KIND["null"])
 def test_no_layer_or_head_flagged_where_nothing_changed(study, headline, family):
-    """Preservation (focus in both variants) and null families: no layer and no head flagged."""
+    """Kept-focus (focus in both variants) and null families: no layer and no head flagged, and no correlation
+    with any other family (their ΔRFC profiles carry no signal)."""
     rows = headline[headline["family"] == family]
     assert (rows["layer_class"] == "no_change").all()
     heads = study["heads"]
     assert (heads.loc[heads["family"] == family, "q_value"] >= ALPHA).all()
+    for key, pair in study["metrics"]["pairs"].items():
+        if family in key.split("~"):
+            assert pair["pearson_r"] is None and pair["pearson_p_shift"] is None
+            assert pair["undefined_reason"].startswith("no signal"), (key, pair["undefined_reason"])
 
 
 @pytest.mark.parametrize("family", BY_KIND["compression"])

@@ -12,7 +12,11 @@ from analysis.attention_mass import pattern_masses
 from analysis.errors import UserError
 from analysis.extraction import EncodedPrompt, encode, encode_prompts
 from analysis.interventions import (
+    NO_EFFECT,
+    NO_LATER_LAYER,
+    TOO_FEW_CONTROLS,
     check_identical_ids,
+    control_test,
     kl_divergence,
     later_entropy,
     neutral_mean,
@@ -119,27 +123,57 @@ def _heads(n_layers=3, n_heads=6):
                          "rank": rng.permutation(layer.size) + 1})
 
 
-def test_controls_same_layer_seeded_and_never_candidates():
+def test_controls_from_the_candidates_own_layer_seeded_and_never_candidates():
     heads = _heads()
-    sel = select_controls(heads, top_k=3, per_candidate=3, seed=7, family="f")
+    sel = select_controls(heads, top_k=3, max_controls=2, seed=7, family="f")
     cands = sel[sel["role"] == "candidate"]
-    assert len(cands) == 3 and (sel["role"] == "control").sum() == 9
+    assert len(cands) == 3
     cand_set = set(zip(cands["layer"], cands["head"]))
     for c in cands.itertuples():
         mine = sel[(sel["role"] == "control") & (sel["candidate"] == c.candidate)]
-        assert len(mine) == 3 and (mine["layer"] == c.layer).all()
+        others = [(l, h) for l, h in zip(heads["layer"], heads["head"]) if l == c.layer and (l, h) not in cand_set]
+        assert len(mine) == min(2, len(others)) and (mine["layer"] == c.layer).all()
         assert not set(zip(mine["layer"], mine["head"])) & cand_set
-    assert sel.equals(select_controls(heads, top_k=3, per_candidate=3, seed=7, family="f"))
+    assert sel.equals(select_controls(heads, top_k=3, max_controls=2, seed=7, family="f"))
+    draws = {tuple(select_controls(heads, top_k=3, max_controls=2, seed=s, family="f")["head"]) for s in range(10)}
+    assert len(draws) > 1  # the seed chooses which heads, where the layer has more than max_controls
 
 
-def test_controls_widen_to_neighbouring_layers():
+def test_controls_are_every_other_head_of_the_layer_up_to_the_maximum():
     heads = _heads(n_layers=3, n_heads=2)
-    heads["rank"] = [1, 2, 3, 4, 5, 6]  # layer 0 is all candidates
-    sel = select_controls(heads, top_k=2, per_candidate=3, seed=7, family="f")
-    mine = sel[(sel["role"] == "control") & (sel["candidate"] == "L0H0")]
-    assert len(mine) == 3 and set(mine["layer"]) <= {1, 2}
-    with pytest.raises(UserError, match="controls_per_candidate"):
-        select_controls(heads, top_k=5, per_candidate=3, seed=7, family="f")
+    heads["rank"] = [1, 2, 3, 4, 5, 6]  # layer 0 is all candidates: no controls (never another layer's heads)
+    sel = select_controls(heads, top_k=3, max_controls=19, seed=7, family="f")
+    assert sel[(sel["role"] == "control") & (sel["candidate"] == "L0H0")].empty
+    mine = sel[(sel["role"] == "control") & (sel["candidate"] == "L1H0")]
+    assert list(zip(mine["layer"], mine["head"])) == [(1, 1)]
+
+
+def test_control_test_by_hand_and_against_scipy():
+    # controls 0 and 2: mean 1, sd sqrt(2); effect 4: t = 3 / (sqrt(2) sqrt(1 + 1/2)) = sqrt(3); with 1 degree of
+    # freedom P(T > sqrt(3)) = 1/2 - arctan(sqrt(3)) / pi = 1/6
+    out = control_test(4.0, np.array([0.0, 2.0]), floor=1e-6)
+    assert out["t_stat"] == pytest.approx(np.sqrt(3)) and out["p_value"] == pytest.approx(1 / 6)
+    assert out["rank_p"] == pytest.approx(1 / 3) and out["rank_p_min"] == pytest.approx(1 / 3)
+    assert out["control_percentile"] == 100 and out["minus_controls"] == pytest.approx(3.0)
+    rng = np.random.default_rng(3)
+    controls, effect = rng.normal(size=7), 1.3
+    ref = stats.ttest_ind([effect], controls, alternative="greater")  # one value against n: the same t
+    out = control_test(effect, controls, floor=1e-6)
+    assert out["t_stat"] == pytest.approx(ref.statistic) and out["p_value"] == pytest.approx(ref.pvalue)
+    assert out["rank_p"] == pytest.approx((1 + np.sum(controls >= effect)) / 8)
+
+
+def test_control_test_leaves_undefined_undefined():
+    assert control_test(5e-7, np.array([0.0, 1.0, 2.0]), floor=1e-6)["test_reason"] == NO_EFFECT
+    assert control_test(np.nan, np.array([0.0, 1.0]), floor=1e-6)["test_reason"] == NO_LATER_LAYER
+    assert control_test(1.0, np.array([0.0]), floor=1e-6)["test_reason"] == TOO_FEW_CONTROLS
+    undefined = control_test(1.0, np.array([0.0]), floor=1e-6)
+    assert np.isnan(undefined["p_value"]) and np.isnan(undefined["control_percentile"])
+    # controls that all have exactly no effect: their spread is the floor, so a clear effect is significant ...
+    clear = control_test(1e-3, np.zeros(3), floor=1e-6)
+    assert clear["test_reason"] is None and clear["p_value"] < 1e-6 and clear["rank_p"] == pytest.approx(0.25)
+    # ... and a candidate below its controls is not (one-sided)
+    assert control_test(0.5, np.array([1.0, 2.0, 3.0]), floor=1e-6)["p_value"] > 0.5
 
 
 def test_patching_refuses_different_token_ids():

@@ -114,7 +114,7 @@ def test_every_stated_number_equals_its_artefact_at_its_precision(built):
     keys = {key for src, key, _, _ in parser.found if src == "data/stats/metrics.json"}
     for family in metrics["families"]:
         for field in ("mean_delta_rfc", "mean_delta_rfc_lo", "mean_delta_rfc_hi", "share_compression",
-                      "share_preservation", "share_no_change"):
+                      "share_gain", "share_no_change"):
             assert f"families.{family}.{field}" in keys
     for pair, values in metrics["pairs"].items():
         if values["pearson_r"] is not None:

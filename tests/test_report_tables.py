@@ -35,8 +35,8 @@ def test_candidate_heads_are_the_top_k_of_flagged_families_in_rank_order():
 
 def test_length_disagreements_and_correlation_pairs():
     length = pd.DataFrame({"family": ["a", "a", "b"], "layer": [1, 0, 0], "delta_rfc": [-0.1, 0.0, 0.2],
-                           "layer_class": ["compression", "no_change", "preservation"],
-                           "adjusted_delta_rfc": [0.0, 0.0, 0.2], "adjusted_class": ["no_change", "no_change", "preservation"],
+                           "layer_class": ["compression", "no_change", "gain"],
+                           "adjusted_delta_rfc": [0.0, 0.0, 0.2], "adjusted_class": ["no_change", "no_change", "gain"],
                            "disagrees": [True, False, False], "q_value": [0.5, 0.9, 0.01]})
     out = report_tables.length_disagreements(length)
     assert out[["family", "layer"]].values.tolist() == [["a", 1]] and "q_value" not in out

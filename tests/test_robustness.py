@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import statsmodels.formula.api as smf
 
-from analysis.robustness import FORMULA, INTERACTION, length_control, prompt_layer_entropy, split_half
+from analysis.robustness import FORMULA, INTERACTION, NO_CHANGE_TO_MODEL, length_control, prompt_layer_entropy, split_half
 
 N_PROMPTS, N_LAYERS, N_HEADS = 40, 5, 3
 
@@ -70,11 +70,14 @@ def test_an_effect_that_is_only_length_is_flagged():
     assert out["disagrees"].all()
 
 
-def test_identical_variants_give_zero_with_p_one():
+def test_identical_variants_are_undefined_with_a_reason():
+    """Instruct equal to base: interaction and standard error would both be 0, so nothing is estimated (null, with
+    the reason), never p = 1; the layer counts as no change."""
     table = synthetic_table(4)
     table.loc[table["variant"] == "instruct", "entropy"] = table.loc[table["variant"] == "base", "entropy"].to_numpy()
     out = length_control(table, "entropy", _deltas(table, ["no_change"] * N_LAYERS), alpha=0.05)
-    assert (out["interaction"] == 0).all() and (out["p_value"] == 1).all()
+    assert out[["interaction", "interaction_se", "p_value", "q_value"]].isna().all().all()
+    assert (out["reason"] == NO_CHANGE_TO_MODEL).all() and (out["adjusted_class"] == "no_change").all()
 
 
 def test_split_half_high_for_a_planted_profile_and_near_zero_for_noise():
@@ -107,14 +110,14 @@ def test_conclusions_and_differences_from_the_headline():
     from analysis.reporting import robustness_rows
     from analysis.robustness import conclusion, metrics_entries, robustness_table
 
-    assert conclusion(-0.3, -0.1) == "compression" and conclusion(0.1, 0.2) == "preservation"
+    assert conclusion(-0.3, -0.1) == "compression" and conclusion(0.1, 0.2) == "gain"
     assert conclusion(-0.1, 0.1) == "no_change" and conclusion(None, 0.2) == "no_change"
     rows = []
     for definition, fmt, lo, hi in [("raw", "raw", -0.3, -0.1), ("no_bos", "raw", -0.2, 0.05),
                                     ("raw", "chat", -0.25, -0.05)]:
         rows.append({"family": "f", "definition": definition, "format": fmt, "mean_delta_rfc": (lo + hi) / 2,
                      "mean_delta_rfc_lo": lo, "mean_delta_rfc_hi": hi, "share_compression": 0.5,
-                     "share_preservation": 0.0, "conclusion": conclusion(lo, hi)})
+                     "share_gain": 0.0, "conclusion": conclusion(lo, hi)})
     table = robustness_table(pd.DataFrame(rows), "raw", "raw")
     marked = table.set_index(["definition", "format"])["differs"]
     assert marked.to_dict() == {("no_bos", "raw"): True, ("raw", "chat"): False, ("raw", "raw"): False}

@@ -194,6 +194,10 @@ def test_steps_without_a_planted_change_show_none(staged_study):
     assert (changed["layer_class"] == "compression").all()
     shares = staged_study["stage_shares"].query("format == 'raw'").set_index("to_stage")
     assert shares.at["instruct", "share_delta_rfc_lo"] == shares.at["instruct", "share_delta_rfc_hi"] == 0
+    # a step that changed nothing has share exactly 0 (never -0.0) of either quantity
+    for q in ("delta_rfc", "delta_diff"):
+        share = shares.at["instruct", f"share_{q}"]
+        assert share == 0 and not np.signbit(share) and shares.at["instruct", f"share_{q}_reason"] is None
 
 
 def test_each_planted_head_changes_most_at_its_planted_step(staged_study):

@@ -21,7 +21,8 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from analysis.config import StatsSettings
-from analysis.correlation import comparison_grid, compare_profiles, interpolation_matrix
+from analysis.correlation import (CONSTANT, INTERPOLATED, NO_SIGNAL, comparison_grid, compare_profiles,
+                                  interpolation_matrix)
 from analysis.errors import UserError
 from analysis.heads import EPS, head_scores, zscore
 from analysis.layer_statistics import _change, build_statistics, family_arrays, head_t_interval
@@ -411,9 +412,26 @@ def test_compare_profiles_matches_scipy_pearson_and_spearman():
     assert row["grid"] == "relative_depth" and row["n_points"] == 10
     assert row["depth_lo"] == pytest.approx(1 / 16) and row["depth_hi"] == pytest.approx(15 / 16)
     assert row["pearson_r"] == pytest.approx(stats.pearsonr(x, y).statistic)
-    assert row["pearson_p"] == pytest.approx(stats.pearsonr(x, y).pvalue)
     assert row["spearman_r"] == pytest.approx(stats.spearmanr(x, y).statistic)
-    assert row["spearman_p"] == pytest.approx(stats.spearmanr(x, y).pvalue)
+    # no parametric p on interpolated points: the circular-shift p is the p, and the real layers are shown
+    assert math.isnan(row["pearson_p"]) and math.isnan(row["spearman_p"])
+    assert row["parametric_p_reason"] == INTERPOLATED and row["undefined_reason"] is None
+    assert row["pearson_p_shift"] == pytest.approx(circular_shift_pvalue(x, y)[1])
+    assert (row["n_layers_a"], row["n_layers_b"]) == (12, 8)
+
+
+def test_compare_profiles_undefined_without_signal():
+    """A profile whose largest |ΔRFC| is within the noise floor has no shape to correlate: every statistic is
+    NaN and the reason names the family; so is a constant profile; a profile above the floor is correlated."""
+    rng = np.random.default_rng(11)
+    a, tiny = rng.normal(size=6), rng.normal(size=6) * 1e-7
+    row = compare_profiles(a, tiny, depth_grid=5, confidence=0.9, floor=1e-5, names=("x", "y"))
+    assert row["undefined_reason"] == NO_SIGNAL.format(family="y")
+    assert all(math.isnan(row[k]) for k in ("pearson_r", "pearson_p", "pearson_p_shift", "spearman_r"))
+    assert compare_profiles(a, np.full(6, 0.2), depth_grid=5, confidence=0.9, floor=1e-5,
+                            names=("x", "y"))["undefined_reason"] == CONSTANT.format(family="y")
+    fine = compare_profiles(a, tiny, depth_grid=5, confidence=0.9, floor=1e-8, names=("x", "y"))
+    assert fine["undefined_reason"] is None and np.isfinite(fine["pearson_r"])
 
 
 def test_compare_profiles_resampled_interval():
@@ -597,7 +615,7 @@ def test_metrics_are_json_ready_and_complete(planted):
     json.dumps(metrics, allow_nan=False)
     deep = metrics["families"]["deep"]
     for key in ("n_layers", "n_heads", "mean_delta_rfc", "mean_delta_rfc_lo", "mean_delta_rfc_hi",
-                "share_compression", "share_preservation", "share_no_change", "top_compression_layers"):
+                "share_compression", "share_gain", "share_no_change", "top_compression_layers"):
         assert key in deep and deep[key] is not None, key
     assert (deep["n_layers"], deep["n_heads"]) == (6, 4)
     assert deep["share_compression"] == pytest.approx(1 / 6, rel=1e-5)  # metrics keep 6 significant digits
@@ -607,8 +625,11 @@ def test_metrics_are_json_ready_and_complete(planted):
     raw = out["deltas"][(out["deltas"]["definition"] == "raw") & (out["deltas"]["family"] == "deep")]
     assert deep["mean_delta_rfc"] == pytest.approx(raw["delta_rfc"].mean(), rel=1e-5)
     pair = metrics["pairs"]["deep~shallow"]
-    for key in ("pearson_r", "pearson_p", "pearson_p_shift"):
+    for key in ("pearson_r", "pearson_p_shift"):
         assert isinstance(pair[key], float), key
+    # different depths: no parametric p, and the pair says why and how many real layers each profile has
+    assert pair["pearson_p"] is None and pair["parametric_p_reason"] == INTERPOLATED
+    assert (pair["n_layers_a"], pair["n_layers_b"]) == (6, 4)
     assert set(out["summaries"]) == set(ALL_DEFINITIONS)
 
 

@@ -229,7 +229,7 @@ def _patched(project_root) -> str:
 
     family, paths = "demo_llama", project_paths()
     params = yaml.safe_load(paths.params.read_text())
-    params["patch"].update({"top_k": 1, "controls_per_candidate": 3})  # the test tables have 3 x 2 heads
+    params["patch"].update({"top_k": 1, "max_controls": 3})  # the test tables have 3 x 2 heads
     paths.params.write_text(yaml.safe_dump(params, sort_keys=False))
     cfg = config.load(paths)
     selection = selection_for(cfg, family, read_parquet(paths.stats_table("heads"), HEADS_COLUMNS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pandas as pd
 import typer
 
@@ -20,8 +21,16 @@ from analysis.prompts import load_prompts
 from analysis.quantities import SOURCE_LANGUAGE, VARIANTS, choice_rows
 
 HEADS_COLUMNS = ("family", "definition", "format", "layer", "head", "base_entropy", "rank")
-SUMMARY_FIELDS = ("effect_self", "effect_self_lo", "effect_self_hi", "specificity", "control_percentile",
-                  "p_value", "q_value", "delta_rfc_later", "delta_rfc_later_lo", "delta_rfc_later_hi")
+SUMMARY_FIELDS = ("effect_self", "effect_self_lo", "effect_self_hi", "no_effect", "specificity", "n_controls",
+                  "control_percentile", "rank_p", "rank_p_min", "p_value", "q_value", "test_reason",
+                  "delta_rfc_later", "delta_rfc_later_lo", "delta_rfc_later_hi")
+
+
+def _field(value):
+    """A summary value for JSON: a reason stays text, a flag a bool, a number goes through metric_value."""
+    if isinstance(value, (str, bool, np.bool_)) or value is None:
+        return value if not isinstance(value, np.bool_) else bool(value)
+    return metric_value(value)
 
 
 def summary_json(family: str, table, selection, definition: str, prompt_format: str, alpha: float) -> dict:
@@ -36,8 +45,10 @@ def summary_json(family: str, table, selection, definition: str, prompt_format: 
         for metric in METRICS:
             rows = cands[(cands["intervention"] == iv.name) & (cands["metric"] == metric)]
             entry[metric] = {
+                "n_tested": int(rows["p_value"].notna().sum()),
+                "n_no_effect": int(rows["no_effect"].sum()),
                 "n_significant": int((rows["q_value"] < alpha).sum()),
-                "heads": {head_label(r.layer, r.head): {f: metric_value(getattr(r, f)) for f in SUMMARY_FIELDS}
+                "heads": {head_label(r.layer, r.head): {f: _field(getattr(r, f)) for f in SUMMARY_FIELDS}
                           for r in rows.itertuples()},
             }
         out["interventions"][iv.name] = entry
@@ -52,15 +63,14 @@ def selection_for(config: Config, family: str, heads: pd.DataFrame) -> pd.DataFr
     if heads.empty:
         raise UserError(f"{config.paths.relative(config.paths.stats_table('heads'))}: no heads of {family}; "
                         "run `selfref stats`")
-    return select_controls(heads, config.patch.top_k, config.patch.controls_per_candidate, stats.seed, family)
+    return select_controls(heads, config.patch.top_k, config.patch.max_controls, stats.seed, family)
 
 
 def summaries(config: Config, family: str, per_prompt: pd.DataFrame, selection: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     """The per-head table and the metrics summary from the per-prompt effects (what `selfref verify` recomputes)."""
     stats, settings = config.stats, config.patch
     table = summarise(per_prompt, selection, seed=stats.seed, n_resamples=settings.n_resamples,
-                      n_permutations=settings.n_permutations, confidence=stats.confidence,
-                      effect_floor=settings.effect_floor)
+                      confidence=stats.confidence, noise_floor=settings.noise_floor)
     table = table.assign(definition=stats.headline_definition, format=stats.headline_format)
     summary = summary_json(family, table, selection, stats.headline_definition, stats.headline_format, stats.alpha)
     return table, summary
