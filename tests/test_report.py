@@ -14,7 +14,7 @@ from pypdf import PdfReader
 
 from analysis import config, rendering
 from analysis.layout import project_paths
-from analysis.reporting import format_number, lookup, ranked_values
+from analysis.reporting import Numbers, format_number, lookup, ranked_values, undefined
 from analysis.stages import report as report_stage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -96,6 +96,22 @@ class NumberSpans(HTMLParser):
             self._open = None
 
 
+def test_undefined_prints_as_words_and_zero_has_no_sign():
+    """An undefined number is printed "undefined (reason)" (or "no effect" within the noise floor), never as 0, 1,
+    −0.0 or nan; a tiny negative value rounded to zero loses its sign."""
+    assert format_number(-1e-9, "pct1") == "0.0%" and format_number(-4e-5, "f4") == "0.0000"
+    assert format_number(-0.5, "f1") == "-0.5" and format_number(-2e-9, "e2") == "-2.00e-09"
+    assert format_number(None, "p") == "undefined"
+    num = Numbers({"pairs": {"a~b": {"pearson_r": None, "pearson_r_lo": None, "undefined_reason": "no signal in b"}},
+                   "stages": {"f": {"dpo": {"share_delta_rfc": None,
+                                            "share_delta_rfc_reason": "the total change is within the noise floor"}}},
+                   "heads": {"L2H0": {"q_value": None, "test_reason": "no effect (within the noise floor)"}}})
+    assert "[undefined (no signal in b)]" in str(num.show("pairs.a~b.pearson_r"))
+    assert str(num.interval("pairs.a~b.pearson_r")) == str(num.show("pairs.a~b.pearson_r"))
+    assert "[undefined (the total change is within the noise floor)]" in str(num.show("stages.f.dpo.share_delta_rfc"))
+    assert "[no effect]" in str(num.show("heads.L2H0.q_value"))
+
+
 def test_every_stated_number_equals_its_artefact_at_its_precision(built):
     """Each number in the text is a span naming its artefact and key; its text is that value as printed."""
     root, result = built
@@ -108,8 +124,10 @@ def test_every_stated_number_equals_its_artefact_at_its_precision(built):
     patching = {f"data/patching/{f}.json" for f in metrics["families"]}  # the patching table (tbl-patching)
     assert sources == {"data/stats/metrics.json", "data/original/reanalysis.json"} | patching, sources
     for src, key, style, text in parser.found:
-        value = lookup(json.loads((root / src).read_text()), key)
-        expected = ", ".join(map(str, ranked_values(value))) if style == "list" else format_number(value, style)
+        data = json.loads((root / src).read_text())
+        value = lookup(data, key)
+        expected = (", ".join(map(str, ranked_values(value))) if style == "list"
+                    else undefined(Numbers(data).reason(key)) if value is None else format_number(value, style))
         assert text == expected, f"{src}: {key}: page says {text}, the artefact gives {expected}"
     keys = {key for src, key, _, _ in parser.found if src == "data/stats/metrics.json"}
     for family in metrics["families"]:

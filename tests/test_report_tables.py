@@ -40,10 +40,12 @@ def test_length_disagreements_and_correlation_pairs():
                            "disagrees": [True, False, False], "q_value": [0.5, 0.9, 0.01]})
     out = report_tables.length_disagreements(length)
     assert out[["family", "layer"]].values.tolist() == [["a", 1]] and "q_value" not in out
-    cross = pd.DataFrame({"family_a": ["a", "a"], "family_b": ["b", "c"], "n_points": [6, 20],
-                          "grid": ["layer", "relative_depth"], "pearson_r": [0.5, np.nan]})
+    cross = pd.DataFrame({"family_a": ["a", "a"], "family_b": ["b", "c"], "n_layers_a": [6, 6], "n_layers_b": [6, 4],
+                          "n_points": [6, 20], "grid": ["layer", "relative_depth"], "pearson_r": [0.5, np.nan],
+                          "undefined_reason": [None, "no signal in c (largest |ΔRFC| within the noise floor)"]})
     pairs = report_tables.correlation_pairs(cross)
     assert pairs["defined"].tolist() == [True, False] and list(pairs.columns) == report_tables.PAIR_COLUMNS
+    assert pairs["undefined_reason"].tolist()[1].startswith("no signal in c") and pairs["n_layers_b"].tolist() == [6, 4]
 
 
 def test_language_contrast_peaks_take_the_largest_absolute_contrast_and_count_significant_layers():
