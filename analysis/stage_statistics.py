@@ -90,6 +90,7 @@ def _shares(definition: str, family: str, order: tuple[str, ...], steps: dict[st
             with np.errstate(divide="ignore", invalid="ignore"):
                 share = (0.0 if abs(mean) <= floors[q] else mean / tot) if defined else np.nan
                 share_boot = np.where(tot_boot != 0, mean_boot / np.where(tot_boot != 0, tot_boot, 1.0), np.nan)
+                share_boot = np.where(np.abs(mean_boot) <= floors[q], 0.0, share_boot)  # no change: share 0, not -0
             row[f"mean_{q}"] = mean
             row[f"mean_{q}_lo"], row[f"mean_{q}_hi"] = percentile_ci(mean_boot, confidence)
             row[f"share_{q}"] = share

@@ -101,8 +101,8 @@ def larger(config: config_mod.Config, quick: bool, log: Callable[[str], None]) -
 def paper_estimate(config: config_mod.Config) -> dict[str, Any]:
     """Prompt-forwards the paper suite's patch stages need, against its extract stages' (same device, same model
     size: the ratio is what patching adds to the extraction time measured or estimated for that suite)."""
-    top_k, per = config.patch.top_k, config.patch.controls_per_candidate
-    heads = top_k * (1 + per)  # at most: controls may coincide
+    top_k, per = config.patch.top_k, config.patch.max_controls
+    heads = top_k * (1 + per)  # at most: candidates of one layer share their controls
     prompts = len(PATCH_CATEGORIES) * PAPER["prompts_per_category"]
     patch_rows = PAPER["families"] * (2 * prompts + len(INTERVENTIONS) * heads * prompts)
     extract_rows = PAPER["checkpoints"] * PAPER["formats"] * 4 * PAPER["prompts_per_category"]
