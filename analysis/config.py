@@ -92,6 +92,7 @@ class StatsSettings:
     neutral_floor: float
     depth_grid: int
     top_k_heads: int
+    rank_decimals: int           # ranks and selections compare values rounded to this many decimals (analysis/ranking.py)
     split_half_splits: int
     definitions: tuple[str, ...]
     headline_definition: str
@@ -290,6 +291,7 @@ def _stats_settings(params: dict[str, Any]) -> StatsSettings:
         neutral_floor=_number(s["neutral_floor"], "stats.neutral_floor", 0.0, None),
         depth_grid=_integer(s["depth_grid"], "stats.depth_grid", 4),
         top_k_heads=_integer(s["top_k_heads"], "stats.top_k_heads", 1),
+        rank_decimals=_integer(s["rank_decimals"], "stats.rank_decimals", 1, 12),
         split_half_splits=_integer(s["split_half_splits"], "stats.split_half_splits", 10),
         definitions=tuple(definitions),
         headline_definition=headline,

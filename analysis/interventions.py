@@ -20,7 +20,8 @@ import torch
 
 from analysis.errors import UserError
 from analysis.extraction import EncodedPrompt, EntropyRunner
-from analysis.quantities import NEUTRAL, SELF, rfc
+from analysis.quantities import NEUTRAL, SELF, head_label, rfc
+from analysis.ranking import ordered
 from analysis.resampling import (
     bootstrap_group_means,
     fdr_bh,
@@ -59,10 +60,6 @@ PATCH_CATEGORIES = (SELF, NEUTRAL)
 METRICS = ("kl", "entropy_later")
 
 
-def head_label(layer: int, head: int) -> str:
-    return f"L{int(layer)}H{int(head)}"
-
-
 def check_identical_ids(base: list[EncodedPrompt], instruct: list[EncodedPrompt], prompt_ids: list[str],
                         family: str) -> None:
     """Patching is position by position: refuse unless base and instruct tokenise every prompt identically."""
@@ -74,17 +71,19 @@ def check_identical_ids(base: list[EncodedPrompt], instruct: list[EncodedPrompt]
                             "that share a tokenizer")
 
 
-def select_controls(heads: pd.DataFrame, top_k: int, per_candidate: int, seed: int, family: str) -> pd.DataFrame:
-    """Candidates (rank <= top_k) and, per candidate, `per_candidate` seeded random non-candidate heads of the
+def select_controls(heads: pd.DataFrame, top_k: int, per_candidate: int, seed: int, family: str,
+                    decimals: int) -> pd.DataFrame:
+    """Candidates (position <= top_k in the heads table) and, per candidate, `per_candidate` seeded random non-candidate heads of the
     same layer with similar base entropy: the closer half of the layer's heads by |Δ base entropy| (at least
-    `per_candidate`); a layer with too few heads is widened to its nearest layers.
+    `per_candidate`); a layer with too few heads is widened to its nearest layers. Entropy gaps are compared
+    at `decimals` precision, ties by (layer, head) (analysis/ranking.py), so float noise cannot change the pool.
 
     Returns rows (role, layer, head, candidate): role 'candidate' or 'control', candidate the label of
     the candidate a control stands beside (its own label for a candidate).
     """
-    table = heads.sort_values("rank")
-    cands = table[table["rank"] <= top_k]
-    others = table[table["rank"] > top_k]
+    table = heads.sort_values("position")
+    cands = table[table["position"] <= top_k]
+    others = table[table["position"] > top_k]
     if len(others) < per_candidate:
         raise UserError(f"{family}: {len(others)} non-candidate heads, fewer than patch.controls_per_candidate "
                         f"= {per_candidate}; lower patch.top_k or patch.controls_per_candidate")
@@ -98,7 +97,7 @@ def select_controls(heads: pd.DataFrame, top_k: int, per_candidate: int, seed: i
             if len(pool) >= per_candidate:
                 break
             pool = others[distance <= d]
-        pool = pool.assign(gap=(pool["base_entropy"] - c.base_entropy).abs()).sort_values(["gap", "layer", "head"])
+        pool = ordered(pool.assign(gap=(pool["base_entropy"] - c.base_entropy).abs()), "gap", decimals)
         near = pool.head(max(per_candidate, math.ceil(len(pool) / 2)))
         pick = rng_for(seed, "patch_controls", family, label).choice(len(near), size=per_candidate, replace=False)
         for r in near.iloc[np.sort(pick)].itertuples():

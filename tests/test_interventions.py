@@ -116,12 +116,12 @@ def _heads(n_layers=3, n_heads=6):
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     rng = np.random.default_rng(1)
     return pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), "base_entropy": rng.random(layer.size),
-                         "rank": rng.permutation(layer.size) + 1})
+                         "position": rng.permutation(layer.size) + 1})
 
 
 def test_controls_same_layer_seeded_and_never_candidates():
     heads = _heads()
-    sel = select_controls(heads, top_k=3, per_candidate=3, seed=7, family="f")
+    sel = select_controls(heads, top_k=3, per_candidate=3, seed=7, family="f", decimals=4)
     cands = sel[sel["role"] == "candidate"]
     assert len(cands) == 3 and (sel["role"] == "control").sum() == 9
     cand_set = set(zip(cands["layer"], cands["head"]))
@@ -129,17 +129,17 @@ def test_controls_same_layer_seeded_and_never_candidates():
         mine = sel[(sel["role"] == "control") & (sel["candidate"] == c.candidate)]
         assert len(mine) == 3 and (mine["layer"] == c.layer).all()
         assert not set(zip(mine["layer"], mine["head"])) & cand_set
-    assert sel.equals(select_controls(heads, top_k=3, per_candidate=3, seed=7, family="f"))
+    assert sel.equals(select_controls(heads, top_k=3, per_candidate=3, seed=7, family="f", decimals=4))
 
 
 def test_controls_widen_to_neighbouring_layers():
     heads = _heads(n_layers=3, n_heads=2)
-    heads["rank"] = [1, 2, 3, 4, 5, 6]  # layer 0 is all candidates
-    sel = select_controls(heads, top_k=2, per_candidate=3, seed=7, family="f")
+    heads["position"] = [1, 2, 3, 4, 5, 6]  # layer 0 is all candidates
+    sel = select_controls(heads, top_k=2, per_candidate=3, seed=7, family="f", decimals=4)
     mine = sel[(sel["role"] == "control") & (sel["candidate"] == "L0H0")]
     assert len(mine) == 3 and set(mine["layer"]) <= {1, 2}
     with pytest.raises(UserError, match="controls_per_candidate"):
-        select_controls(heads, top_k=5, per_candidate=3, seed=7, family="f")
+        select_controls(heads, top_k=5, per_candidate=3, seed=7, family="f", decimals=4)
 
 
 def test_patching_refuses_different_token_ids():
