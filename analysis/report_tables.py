@@ -15,7 +15,7 @@ from analysis.quantities import CATEGORIES
 from analysis.ranking import first_by
 
 HEAD_FAMILY_COLUMNS = ["family", "n_heads", "n_heads_significant", "min_q_value", "names_candidates"]
-CANDIDATE_COLUMNS = ["family", "rank", "layer", "head", "did", "did_log_ratio", "consistency", "base_entropy",
+CANDIDATE_COLUMNS = ["family", "rank", "tied", "layer", "head", "did", "did_log_ratio", "consistency", "base_entropy",
                      "score", "q_value"]
 DISAGREEMENT_COLUMNS = ["family", "layer", "delta_rfc", "layer_class", "adjusted_delta_rfc", "adjusted_class"]
 PAIR_COLUMNS = ["family_a", "family_b", "n_points", "grid", "defined"]

@@ -14,7 +14,7 @@ def heads_table() -> pd.DataFrame:
         "did": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "did_log_ratio": [0.1] * 6, "consistency": [0.5] * 6,
         "base_entropy": [1.0] * 6, "score": [3.0, 2.0, 1.0, 1.0, 3.0, 2.0],
         "q_value": [0.2, 0.5, 0.9, 0.04, 0.01, 0.3], "rank": [1, 2, 3, 3, 1, 2],
-        "position": [1, 2, 3, 3, 1, 2],
+        "position": [1, 2, 3, 3, 1, 2], "tied": [False] * 6,
     })
 
 
