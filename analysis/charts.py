@@ -14,7 +14,7 @@ import pandas as pd
 import vl_convert as vlc
 
 from analysis.artefacts import atomic_path
-from analysis.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows
+from analysis.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows, head_label
 
 CATEGORY_COLOURS = alt.Scale(domain=list(CATEGORIES), range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])
 CLASS_COLOURS = alt.Scale(domain=["compression", "gain", "no_change"], range=["#d62728", "#1f77b4", "#9e9e9e"])
@@ -167,8 +167,8 @@ def where_heads_look(mass: pd.DataFrame, candidates: pd.DataFrame, width: int, c
         for variant in ("base", "instruct"):
             first, marker = float(r[(variant, "first")]), float(r[(variant, "marker")])
             for part, value in zip(MASS_PARTS, (first, marker, max(0.0, 1.0 - first - marker))):
-                records.append({"family": family, "head": f"L{layer}H{head}", "variant": variant,
-                                "row": f"L{layer}H{head} {variant}", "part": part, "mass": value,
+                records.append({"family": family, "head": head_label(layer, head), "variant": variant,
+                                "row": f"{head_label(layer, head)} {variant}", "part": part, "mass": value,
                                 "order": MASS_PARTS.index(part)})
     data = pd.DataFrame(records, columns=["family", "head", "variant", "row", "part", "mass", "order"])
     bars = alt.Chart().mark_bar().encode(
@@ -189,7 +189,7 @@ def patch_effects(patching: pd.DataFrame, width: int, columns: int) -> alt.Chart
     A symmetric-log axis, so that exact zeros (heads whose output the intervention leaves unchanged) show."""
     fields = ["family", "intervention", "role", "layer", "head", "effect_self", "control_percentile", "q_value"]
     data = patching[patching["metric"] == "entropy_later"][fields].dropna(subset=["effect_self"])
-    data = data.assign(label=[f"L{l}H{h}" for l, h in zip(data["layer"], data["head"])])
+    data = data.assign(label=[head_label(l, h) for l, h in zip(data["layer"], data["head"])])
     order = list(dict.fromkeys(data["intervention"]))
     x = alt.X("effect_self:Q", title="|Δ mean entropy of later layers| (nats, symlog)",
               scale=alt.Scale(type="symlog", constant=1e-5))
@@ -257,6 +257,6 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
     mass = attention_mass[attention_mass["format"] == prompt_format]
     if "language" in mass:
         mass = mass[mass["language"] == SOURCE_LANGUAGE]
-    charts["where_heads_look"] = where_heads_look(mass, headline_heads[headline_heads["rank"] <= top_k], width, columns)
+    charts["where_heads_look"] = where_heads_look(mass, headline_heads[headline_heads["position"] <= top_k], width, columns)
     charts["patch_effects"] = patch_effects(patching, width, columns)
     return {name: save(chart, folder, name) for name, chart in charts.items()}

@@ -149,8 +149,24 @@ def original() -> None:
 
 @app.command()
 def verify(keep: Path = typer.Option(None, help="Keep the recomputed artefacts in this folder (default: a "
-                                                "temporary folder, removed afterwards).")) -> None:
-    """Recompute every number of data/stats and data/original from the tracked tables and compare at tolerance."""
+                                                "temporary folder, removed afterwards)."),
+           against: str = typer.Option(None, help="Instead: compare this workspace's artefacts with those committed "
+                                                  "at this git revision (e.g. HEAD after `dvc repro --force` on "
+                                                  "another machine): numbers at printed precision, conclusions exactly.")
+           ) -> None:
+    """Recompute every number of data/stats, data/patching and data/original from the tracked tables and compare at
+    tolerance; with --against, compare a rebuild with a revision's published artefacts (exit 1 when a conclusion
+    changes)."""
+    if against is not None:
+        from analysis.build_comparison import compare_with_revision
+
+        config = _config()
+        sha, comparison = compare_with_revision(config.paths, against, config.stats.rank_decimals, config.stats.alpha)
+        for line in comparison.lines(f"{against} ({sha[:12]})"):
+            typer.echo(line)
+        if not comparison.ok:
+            raise typer.Exit(1)
+        return
     from analysis.verification import verify_workspace
 
     report = verify_workspace(keep=keep)

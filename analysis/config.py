@@ -93,6 +93,7 @@ class StatsSettings:
     noise_floor: dict[str, float]  # per quantity (delta_rfc, delta_diff): float32 noise; within it a change is 0
     depth_grid: int
     top_k_heads: int
+    rank_decimals: int           # ranks and selections compare values rounded to this many decimals (analysis/ranking.py)
     split_half_splits: int
     definitions: tuple[str, ...]
     headline_definition: str
@@ -291,6 +292,7 @@ def _stats_settings(params: dict[str, Any]) -> StatsSettings:
         noise_floor=_floors(s["noise_floor"], "stats.noise_floor", STATS_FLOORS),
         depth_grid=_integer(s["depth_grid"], "stats.depth_grid", 4),
         top_k_heads=_integer(s["top_k_heads"], "stats.top_k_heads", 1),
+        rank_decimals=_integer(s["rank_decimals"], "stats.rank_decimals", 1, 12),
         split_half_splits=_integer(s["split_half_splits"], "stats.split_half_splits", 10),
         definitions=tuple(definitions),
         headline_definition=headline,

@@ -13,7 +13,6 @@ docs/method.md, "Interventions on heads", says why mean ablation, KL and same-la
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,7 @@ from scipy import stats
 
 from analysis.errors import UserError
 from analysis.extraction import EncodedPrompt, EntropyRunner
-from analysis.quantities import NEUTRAL, SELF, rfc
+from analysis.quantities import NEUTRAL, SELF, head_label, rfc
 from analysis.resampling import (
     bootstrap_group_means,
     fdr_bh,
@@ -60,10 +59,6 @@ PATCH_CATEGORIES = (SELF, NEUTRAL)
 METRICS = ("kl", "entropy_later")
 
 
-def head_label(layer: int, head: int) -> str:
-    return f"L{int(layer)}H{int(head)}"
-
-
 def check_identical_ids(base: list[EncodedPrompt], instruct: list[EncodedPrompt], prompt_ids: list[str],
                         family: str) -> None:
     """Patching is position by position: refuse unless base and instruct tokenise every prompt identically."""
@@ -76,16 +71,17 @@ def check_identical_ids(base: list[EncodedPrompt], instruct: list[EncodedPrompt]
 
 
 def select_controls(heads: pd.DataFrame, top_k: int, max_controls: int, seed: int, family: str) -> pd.DataFrame:
-    """Candidates (rank <= top_k) and, per candidate, the non-candidate heads of its own layer: all of them, or a
-    seeded draw of `max_controls` where the layer has more. A candidate whose layer has no other head has no
-    controls (its test is undefined, analysis.interventions.candidate_tests says why).
+    """Candidates (position <= top_k in the heads table, analysis/ranking.py) and, per candidate, the non-candidate
+    heads of its own layer in (layer, head) order: all of them, or a seeded draw of `max_controls` where the layer
+    has more (no score is compared, so float noise cannot change the choice). A candidate whose layer has fewer
+    than two other heads gets no test (`control_test` says why).
 
     Returns rows (role, layer, head, candidate): role 'candidate' or 'control', candidate the label of
     the candidate a control stands beside (its own label for a candidate).
     """
-    table = heads.sort_values(["rank", "layer", "head"])
-    cands = table[table["rank"] <= top_k]
-    others = table[table["rank"] > top_k]
+    table = heads.sort_values(["position", "layer", "head"])
+    cands = table[table["position"] <= top_k]
+    others = table[table["position"] > top_k]
     rows = []
     for c in cands.itertuples():
         label = head_label(c.layer, c.head)

@@ -24,8 +24,9 @@ from analysis.correlation import cross_family_table
 from analysis.errors import UserError
 from analysis.heads import head_scores
 from analysis.config import StatsSettings
+from analysis.ranking import ordered, rounded, tie_label
 from analysis.quantities import (CATEGORIES, DELTAS, RATIOS, ENTROPY_COLUMNS, NEUTRAL, SELF, VARIANTS, layer_ratios,
-                                 original_class, relative_depth, rfc)
+                                 head_label, original_class, relative_depth, rfc)
 from analysis.quantities import deltas as ratio_deltas
 from analysis.resampling import (bootstrap_group_means, fdr_bh, group_means, paired_permutation_test,
                                  percentile_ci, rng_for, sign_flips, stratified_bootstrap_indices)
@@ -283,13 +284,14 @@ def _mean_with_ci(values: np.ndarray, resampled: np.ndarray, confidence: float, 
     return {key: metric_value(values.mean()), f"{key}_lo": metric_value(lo), f"{key}_hi": metric_value(hi)}
 
 
-def top_compression_layers(layers: np.ndarray, delta_rfc: np.ndarray, n: int = N_TOP_LAYERS) -> dict[str, int]:
-    """Up to n layers with the most negative ΔRFC, keyed rank_1 … (a list would be skipped by `dvc metrics show`).
-    A layer whose ΔRFC is not negative is no compression layer; ties keep layer order."""
-    delta_rfc = np.asarray(delta_rfc, dtype=float)
-    negative = np.flatnonzero(delta_rfc < 0)
-    order = negative[np.argsort(delta_rfc[negative], kind="stable")]
-    return {f"rank_{i}": int(x) for i, x in enumerate(np.asarray(layers)[order[:n]], start=1)}
+def top_compression_layers(layers: np.ndarray, delta_rfc: np.ndarray, decimals: int,
+                           n: int = N_TOP_LAYERS) -> dict[str, int]:
+    """Up to n layers with the most negative ΔRFC at `decimals` precision, keyed rank_1 … (a list would be
+    skipped by `dvc metrics show`); layers tied at that precision in layer order (analysis/ranking.py). A layer
+    whose rounded ΔRFC is not negative is no compression layer."""
+    frame = pd.DataFrame({"layer": np.asarray(layers), "delta_rfc": rounded(delta_rfc, decimals)})
+    frame = ordered(frame[frame["delta_rfc"] < 0], "delta_rfc", decimals).head(n)
+    return {f"rank_{i}": int(x) for i, x in enumerate(frame["layer"], start=1)}
 
 
 def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndarray, boot_diff: np.ndarray,
@@ -308,11 +310,12 @@ def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndar
         out[f"share_{cls}"] = metric_value(np.mean(d["layer_class"] == cls))
     out["share_near_zero"] = metric_value(np.mean(d["near_zero"]))
     out["share_below_minus_near_zero"] = metric_value(np.mean(d["original_class"] == "compression"))
-    out["top_compression_layers"] = top_compression_layers(d["layer"].to_numpy(), delta_rfc)
+    out["top_compression_layers"] = top_compression_layers(d["layer"].to_numpy(), delta_rfc, settings.rank_decimals)
     out["n_low_neutral"] = int(d["low_neutral"].sum())
     out["n_heads_significant"] = int((heads["q_value"] < alpha).sum())
-    top = heads[heads["top_k"]].sort_values("rank")
-    out["top_heads"] = {f"rank_{int(r)}": f"L{int(l)}H{int(h)}" for r, l, h in zip(top["rank"], top["layer"], top["head"])}
+    top = heads[heads["top_k"]].sort_values("position")
+    out["top_heads"] = {f"rank_{int(p)}": tie_label(head_label(l, h), r, t)
+                        for p, l, h, r, t in zip(top["position"], top["layer"], top["head"], top["rank"], top["tied"])}
     return out
 
 
@@ -372,7 +375,8 @@ def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
             layers, deltas, boot_rfc, boot_diff = family_layer_statistics(
                 arrays, definition, indices[arrays.design], signs[arrays.design], settings)
             heads = head_scores(arrays.base[definition], arrays.instruct[definition], arrays.categories,
-                                signs[arrays.design], top_k=settings.top_k_heads)
+                                signs[arrays.design], top_k=settings.top_k_heads,
+                                decimals=settings.rank_decimals)
             heads.insert(0, "family", family)
             heads.insert(0, "definition", definition)
             tables["layers"].append(layers)

@@ -24,7 +24,7 @@ from analysis.config import Checkpoint, Config, StatsSettings
 from analysis.correlation import compare_profiles
 from analysis.errors import UserError
 from analysis.layer_statistics import metric_value, top_compression_layers
-from analysis.quantities import choice_rows, original_class
+from analysis.quantities import choice_rows, head_label, original_class
 from analysis.resampling import circular_shift_pvalue
 
 TABLE_COLUMNS = ("layer", "rfc_diff", "n_heads_base", "n_heads_instruct")
@@ -115,16 +115,16 @@ def load_profiles(folder: Path, spec: dict) -> dict[str, pd.DataFrame]:
     return out
 
 
-def profile_summary(layers: np.ndarray, delta_rfc: np.ndarray, near_zero: float) -> dict:
+def profile_summary(layers: np.ndarray, delta_rfc: np.ndarray, near_zero: float, decimals: int) -> dict:
     """Mean ΔRFC, the share of layers below −near_zero, within ±near_zero and above +near_zero (the
-    original's rule, quantities.original_class), and the top compression layers."""
+    original's rule, quantities.original_class), and the top compression layers (ranked at `decimals`)."""
     delta_rfc = np.asarray(delta_rfc, dtype=float)
     classes = original_class(delta_rfc, near_zero)
     return {"n_layers": int(delta_rfc.size), "mean_delta_rfc": float(delta_rfc.mean()),
             "share_below_minus_near_zero": float(np.mean(classes == "compression")),
             "share_near_zero": float(np.mean(classes == "near_zero")),
             "share_above_near_zero": float(np.mean(classes == "gain")),
-            "top_compression_layers": top_compression_layers(layers, delta_rfc)}
+            "top_compression_layers": top_compression_layers(layers, delta_rfc, decimals)}
 
 
 def band_statistics(delta_rfc: np.ndarray, band: tuple[int, int]) -> dict:
@@ -147,7 +147,7 @@ def band_statistics(delta_rfc: np.ndarray, band: tuple[int, int]) -> dict:
 
 
 def _heads_text(frame: pd.DataFrame, n: int) -> str:
-    return " ".join(f"L{int(l)}H{int(h)}" for l, h in zip(frame["layer"].iloc[:n], frame["head"].iloc[:n]))
+    return " ".join(head_label(l, h) for l, h in zip(frame["layer"].iloc[:n], frame["head"].iloc[:n]))
 
 
 @dataclass
@@ -193,7 +193,7 @@ def load_build(config: Config, *, read_stats: bool = True) -> Build:
                   prompt_format=config.stats.headline_format)
     if read_stats and any(matches.values()):
         build.deltas = read_parquet(paths.stats_table("deltas"), ("definition", "format", "family", "layer", "delta_rfc"))
-        build.heads = read_parquet(paths.stats_table("heads"), ("definition", "format", "family", "layer", "head", "rank"))
+        build.heads = read_parquet(paths.stats_table("heads"), ("definition", "format", "family", "layer", "head", "position"))
         build.metrics = read_json(paths.metrics)
     return build
 
@@ -234,7 +234,7 @@ def reanalyse(folder: Path, sums: Path, claims_path: Path, settings: StatsSettin
 
     families = {}
     for family, table in tables.items():
-        summary = profile_summary(table["layer"].to_numpy(), profiles[family], near_zero)
+        summary = profile_summary(table["layer"].to_numpy(), profiles[family], near_zero, settings.rank_decimals)
         summary["n_heads"] = int(table["n_heads_base"].max())
         families[family] = summary
     pairs = {}
@@ -312,7 +312,7 @@ def reanalyse(folder: Path, sums: Path, claims_path: Path, settings: StatsSettin
                 value = np.nan
             if matched:
                 h = choice_rows(build.heads, build.definition, build.prompt_format)
-                h = h[h["family"] == build.matches[subject]].sort_values("rank")
+                h = h[h["family"] == build.matches[subject]].sort_values("position")
                 row["build_text"] = _heads_text(h, len(wanted)) + " (this project's score, analysis.heads)"
         elif quantity == "prompts_per_category":
             table = candidates.get(subject)
@@ -329,7 +329,7 @@ def reanalyse(folder: Path, sums: Path, claims_path: Path, settings: StatsSettin
             value = summary[key]
             if matched:
                 mine = _build_profile(build, build.matches[subject])
-                row["build_value"] = profile_summary(np.arange(mine.size), mine, near_zero)[key]
+                row["build_value"] = profile_summary(np.arange(mine.size), mine, near_zero, settings.rank_decimals)[key]
         row["recomputed_value"] = value
         if rule == "number":
             row["recomputed_text"] = _fmt(value, decimals)

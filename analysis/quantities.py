@@ -76,6 +76,11 @@ def did(base_means: dict[str, np.ndarray], instruct_means: dict[str, np.ndarray]
     return (instruct_means[SELF] - base_means[SELF]) - (instruct_means[NEUTRAL] - base_means[NEUTRAL])
 
 
+def head_label(layer: int, head: int) -> str:
+    """A head's name in tables, metrics and the report: `L<layer>H<head>`, both 0-based."""
+    return f"L{int(layer)}H{int(head)}"
+
+
 def relative_depth(n_layers: int) -> np.ndarray:
     """(l + 0.5) / L for each layer l: where families of different depth are compared."""
     return (np.arange(n_layers) + 0.5) / n_layers

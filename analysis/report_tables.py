@@ -12,9 +12,10 @@ import pandas as pd
 
 from analysis.config import StatsSettings
 from analysis.quantities import CATEGORIES
+from analysis.ranking import first_by
 
 HEAD_FAMILY_COLUMNS = ["family", "n_heads", "n_heads_significant", "min_q_value", "names_candidates"]
-CANDIDATE_COLUMNS = ["family", "rank", "layer", "head", "did", "did_log_ratio", "consistency", "base_entropy",
+CANDIDATE_COLUMNS = ["family", "rank", "tied", "layer", "head", "did", "did_log_ratio", "consistency", "base_entropy",
                      "score", "q_value"]
 DISAGREEMENT_COLUMNS = ["family", "layer", "delta_rfc", "layer_class", "adjusted_delta_rfc", "adjusted_class"]
 PAIR_COLUMNS = ["family_a", "family_b", "n_layers_a", "n_layers_b", "n_points", "grid", "defined", "undefined_reason"]
@@ -42,8 +43,8 @@ def candidate_heads(heads: pd.DataFrame, alpha: float, top_k: int) -> pd.DataFra
     families = head_families(heads, alpha)
     named = families.loc[families["names_candidates"], "family"]
     order = {family: i for i, family in enumerate(named)}
-    top = heads[heads["family"].isin(order) & (heads["rank"] <= int(top_k))]
-    top = top.assign(_order=top["family"].map(order)).sort_values(["_order", "rank"])
+    top = heads[heads["family"].isin(order) & (heads["position"] <= int(top_k))]
+    top = top.assign(_order=top["family"].map(order)).sort_values(["_order", "position"])
     return top[CANDIDATE_COLUMNS].reset_index(drop=True)
 
 
@@ -63,14 +64,14 @@ def correlation_pairs(cross_family: pd.DataFrame) -> pd.DataFrame:
     return out[PAIR_COLUMNS].reset_index(drop=True)
 
 
-def language_contrast_peaks(contrasts: pd.DataFrame) -> pd.DataFrame:
+def language_contrast_peaks(contrasts: pd.DataFrame, decimals: int) -> pd.DataFrame:
     """Per family and translation language (one definition and format), the layer with the largest |ΔRFC_L −
-    ΔRFC_en| with its interval and q, and how many of the family's layers differ from English at q < alpha."""
+    ΔRFC_en| at `decimals` precision (the lower layer where tied) with its interval and q, and how many of the family's layers differ from English at q < alpha."""
     if not len(contrasts):
         return pd.DataFrame(columns=PEAK_COLUMNS)
     rows = []
     for _, part in contrasts.groupby(["family", "language"], sort=False):
-        peak = part.loc[part["contrast"].abs().idxmax()]
+        peak = first_by(part, "contrast", decimals, absolute=True)
         rows.append({**{c: peak[c] for c in PEAK_COLUMNS[:-2]}, "n_layers_significant": int(part["significant"].sum()),
                      "n_layers": int(len(part))})
     return pd.DataFrame(rows, columns=PEAK_COLUMNS).reset_index(drop=True)

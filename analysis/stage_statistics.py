@@ -19,7 +19,8 @@ from analysis.errors import UserError
 from analysis.heads import head_scores
 from analysis.layer_statistics import (FamilyArrays, contrast_statistics, family_arrays, metric_value,
                                        resampling_draws, stage_ratios)
-from analysis.quantities import DELTAS, relative_depth
+from analysis.quantities import DELTAS, head_label, relative_depth
+from analysis.ranking import rounded
 from analysis.resampling import percentile_ci
 
 # How two stages are compared: each stage against base, and each stage against the one before it.
@@ -110,14 +111,14 @@ def _shares(definition: str, family: str, order: tuple[str, ...], steps: dict[st
 
 
 def _step_heads(arrays: FamilyArrays, definition: str, order: tuple[str, ...], signs: np.ndarray,
-                candidates: pd.DataFrame, top_k: int) -> pd.DataFrame:
+                candidates: pd.DataFrame, top_k: int, decimals: int) -> pd.DataFrame:
     """Per consecutive step and head: the head's difference in differences with its permutation p and BH q
     across the family's heads; its share of the total (base -> instruct) did, which the steps add up to; the
     step where it changes most; `candidate` for the top-k heads of heads.parquet."""
     frames = []
     for i, stage in enumerate(order[1:], start=1):
         scores = head_scores(arrays.stages[order[i - 1]][definition], arrays.stages[stage][definition],
-                             arrays.categories, signs, top_k=top_k)
+                             arrays.categories, signs, top_k=top_k, decimals=decimals)
         scores.insert(0, "to_stage", stage)
         scores.insert(0, "from_stage", order[i - 1])
         scores.insert(0, "step", i)
@@ -132,7 +133,8 @@ def _step_heads(arrays: FamilyArrays, definition: str, order: tuple[str, ...], s
     top = candidates[candidates["top_k"]]
     keys = set(zip(top["layer"], top["head"]))
     table["candidate"] = [(l, h) in keys for l, h in zip(table["layer"], table["head"])]
-    size = table["did"].abs()
+    # the step with the largest |did| at rank precision, the earlier step where tied (analysis/ranking.py)
+    size = pd.Series(rounded(table["did"].abs(), decimals), index=table.index)
     biggest = size.groupby([table["layer"], table["head"]]).transform("max")
     first = table.assign(size=size).sort_values("step").groupby(["layer", "head"])["size"].idxmax()
     table["largest_step"] = table.index.isin(first) & (biggest > 0)
@@ -162,7 +164,7 @@ def stage_statistics(entropy: pd.DataFrame, stages: dict[str, tuple[str, ...]], 
                                                                 signs[arrays.design], settings, tables))
                 rows = heads[(heads["definition"] == definition) & (heads["family"] == family)]
                 tables["stage_heads"].append(_step_heads(arrays, definition, order, signs[arrays.design], rows,
-                                                         settings.top_k_heads))
+                                                         settings.top_k_heads, settings.rank_decimals))
     columns = {"stage_deltas": STAGE_DELTA_COLUMNS, "stage_shares": STAGE_SHARE_COLUMNS,
                "stage_heads": STAGE_HEAD_COLUMNS}
     return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=columns[k]) for k, v in tables.items()}
@@ -209,7 +211,7 @@ def stage_metrics(shares: pd.DataFrame, stage_heads: pd.DataFrame) -> dict:
         largest = rows[rows["largest_step"]]
         entry["largest_step"] = str(largest["to_stage"].iloc[0]) if len(largest) else None
         heads = stage_heads[(stage_heads["family"] == family) & stage_heads["candidate"] & stage_heads["largest_step"]]
-        entry["head_steps"] = {f"L{int(r.layer)}H{int(r.head)}": str(r.to_stage)
+        entry["head_steps"] = {head_label(r.layer, r.head): str(r.to_stage)
                                for r in heads.sort_values(["layer", "head"]).itertuples()}
         out[str(family)] = entry
     return out

@@ -75,7 +75,7 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     out["language_summary"] = language_statistics.language_summary(out["deltas"], out["language_contrasts"])
     headline = choice_rows(out["language_contrasts"], settings.headline_definition, settings.headline_format,
                            None) if len(out["language_contrasts"]) else out["language_contrasts"]
-    out["language_contrast_peaks"] = report_tables.language_contrast_peaks(headline)
+    out["language_contrast_peaks"] = report_tables.language_contrast_peaks(headline, settings.rank_decimals)
     lengths = out["token_lengths"]
     out["language_token_counts"] = report_tables.language_token_counts(
         lengths[lengths["format"] == settings.headline_format])

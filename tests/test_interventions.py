@@ -120,7 +120,7 @@ def _heads(n_layers=3, n_heads=6):
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     rng = np.random.default_rng(1)
     return pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), "base_entropy": rng.random(layer.size),
-                         "rank": rng.permutation(layer.size) + 1})
+                         "position": rng.permutation(layer.size) + 1})
 
 
 def test_controls_from_the_candidates_own_layer_seeded_and_never_candidates():
@@ -141,7 +141,7 @@ def test_controls_from_the_candidates_own_layer_seeded_and_never_candidates():
 
 def test_controls_are_every_other_head_of_the_layer_up_to_the_maximum():
     heads = _heads(n_layers=3, n_heads=2)
-    heads["rank"] = [1, 2, 3, 4, 5, 6]  # layer 0 is all candidates: no controls (never another layer's heads)
+    heads["position"] = [1, 2, 3, 4, 5, 6]  # layer 0 is all candidates: no controls (never another layer's heads)
     sel = select_controls(heads, top_k=3, max_controls=19, seed=7, family="f")
     assert sel[(sel["role"] == "control") & (sel["candidate"] == "L0H0")].empty
     mine = sel[(sel["role"] == "control") & (sel["candidate"] == "L1H0")]

@@ -168,7 +168,7 @@ def test_build_values_use_the_same_functions_on_the_build_profile():
         rows.append(pd.DataFrame({"definition": "raw", "format": "raw", "family": f"b_{family}",
                                   "layer": np.arange(d.size), "delta_rfc": d}))
         heads.append(pd.DataFrame({"definition": "raw", "format": "raw", "family": f"b_{family}",
-                                   "layer": [5, 16, 14], "head": [8, 23, 3], "rank": [1, 2, 3]}))
+                                   "layer": [5, 16, 14], "head": [8, 23, 3], "position": [1, 2, 3]}))
     metrics = {"families": {f"b_{f}": {"n_prompts": {"self_referent": 40, "neutral": 41}} for f in ("llama", "mistral", "qwen")}}
     build = Build({f: f"b_{f}" for f in ("llama", "mistral", "qwen")}, None, pd.concat(rows), pd.concat(heads), metrics)
     claims = reanalyse(ORIGINAL, ORIGINAL / "SHA256SUMS", ORIGINAL / "claims.yaml", SETTINGS, build)["claims"]

@@ -14,6 +14,7 @@ def heads_table() -> pd.DataFrame:
         "did": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], "did_log_ratio": [0.1] * 6, "consistency": [0.5] * 6,
         "base_entropy": [1.0] * 6, "score": [3.0, 2.0, 1.0, 1.0, 3.0, 2.0],
         "q_value": [0.2, 0.5, 0.9, 0.04, 0.01, 0.3], "rank": [1, 2, 3, 3, 1, 2],
+        "position": [1, 2, 3, 3, 1, 2], "tied": [False] * 6,
     })
 
 
@@ -55,12 +56,12 @@ def test_language_contrast_peaks_take_the_largest_absolute_contrast_and_count_si
         "contrast": [0.1, -0.3, 0.0, 0.0, 0.0, 0.05], "contrast_lo": [0.05, -0.5, -0.1, -0.1, -0.1, -0.02],
         "contrast_hi": [0.2, -0.1, 0.1, 0.1, 0.1, 0.1], "q_value": [0.01, 0.02, 0.9, 1.0, 1.0, 0.4],
         "significant": [True, True, False, False, False, False]})
-    out = report_tables.language_contrast_peaks(contrasts)
+    out = report_tables.language_contrast_peaks(contrasts, 4)
     assert list(out.columns) == report_tables.PEAK_COLUMNS
     assert out[["family", "language", "layer", "n_layers_significant", "n_layers"]].values.tolist() == [
         ["a", "zh", 1, 2, 3], ["a", "es", 2, 0, 3]]
     assert out.loc[0, "contrast_lo"] == -0.5 and out.loc[1, "q_value"] == 0.4
-    assert report_tables.language_contrast_peaks(contrasts.iloc[:0]).empty
+    assert report_tables.language_contrast_peaks(contrasts.iloc[:0], 4).empty
 
 
 def test_language_token_counts_are_one_row_per_tokenizer_and_language_in_category_order():

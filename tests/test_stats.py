@@ -41,7 +41,7 @@ def settings(**overrides) -> StatsSettings:
     """Small, fast stats settings (the fields of params.yaml `stats`)."""
     out = {"seed": 7, "n_resamples": 200, "n_permutations": 200, "confidence": 0.95, "alpha": 0.05,
            "near_zero": 0.01, "neutral_floor": 0.05, "noise_floor": {"delta_rfc": 1e-5, "delta_diff": 1e-5},
-           "depth_grid": 8, "top_k_heads": 3, "split_half_splits": 50,
+           "depth_grid": 8, "top_k_heads": 3, "rank_decimals": 4, "split_half_splits": 50,
            "definitions": ("raw",), "headline_definition": "raw", "headline_format": "raw"}
     out.update(overrides)
     out["definitions"] = tuple(out["definitions"])
@@ -192,7 +192,7 @@ def test_head_scores_by_hand():
     """
     base, instruct, categories = head_hand_case()
     signs = sign_flips(len(categories), 20, rng_for(0, "t"))
-    t = head_scores(base, instruct, categories, signs, top_k=1)
+    t = head_scores(base, instruct, categories, signs, top_k=1, decimals=4)
     np.testing.assert_allclose(t["did"], [1.0, 0.25])
     np.testing.assert_allclose(t["delta_self"], [1.5, 0.25])
     np.testing.assert_allclose(t["delta_neutral"], [0.5, 0.0])
@@ -205,7 +205,7 @@ def test_head_scores_by_hand():
     np.testing.assert_allclose(t["score"], [3.0, -3.0])
     assert list(t["rank"]) == [1, 2] and list(t["top_k"]) == [True, False]
     # Swapping base and instruct negates DiD; consistency counts moves in DiD's direction, so it is unchanged.
-    swapped = head_scores(instruct, base, categories, signs, top_k=1)
+    swapped = head_scores(instruct, base, categories, signs, top_k=1, decimals=4)
     np.testing.assert_allclose(swapped["did"], [-1.0, -0.25])
     np.testing.assert_allclose(swapped["consistency"], [1.0, 0.5])
 
@@ -369,7 +369,7 @@ def test_head_did_pvalue_matches_scipy_exact_permutation_test():
     instruct = base + rng.normal(0.0, 0.1, size=(8, 1, 3))
     instruct[:4, 0, 1] += 0.3
     is_self = categories == "self_referent"
-    table = head_scores(base, instruct, categories, all_sign_vectors(8), top_k=1)
+    table = head_scores(base, instruct, categories, all_sign_vectors(8), top_k=1, decimals=4)
 
     def did(x, y, axis=-1):
         d = np.moveaxis(y, axis, -1) - np.moveaxis(x, axis, -1)

@@ -201,7 +201,8 @@ def test_data_readme_documents_every_registry_function_and_key():
                                                        "analysis.correlation:compare_profiles", "stats.depth_grid=20"]),
     ("robustness.demo_null.split_half_r", ["split_half.parquet: split_half_r", "analysis.robustness:split_half",
                                            "stats.split_half_splits=10"]),
-    ("families.demo_qwen.top_heads.rank_1", ["heads.parquet: rank", "stats.top_k_heads=10"]),
+    ("families.demo_qwen.top_heads.rank_1", ["heads.parquet: position, rank, tied", "stats.top_k_heads=10",
+                                            "stats.rank_decimals=4"]),
     ("languages.zh.families.demo_mistral.mean_delta_rfc", ["deltas.parquet: delta_rfc (mean over layers) where "
                                                            "language == zh", "in language zh", "stats.n_resamples=100"]),
     ("language_contrasts.demo_mistral.es.n_layers_significant", ["language_contrasts.parquet: significant",

@@ -14,13 +14,13 @@ from analysis.artefacts import read_parquet, write_json, write_parquet
 from analysis.config import Config
 from analysis.errors import UserError
 from analysis.extraction import encode_prompts, open_checkpoint
-from analysis.interventions import (INTERVENTIONS, METRICS, PATCH_CATEGORIES, check_identical_ids, head_label,
+from analysis.interventions import (INTERVENTIONS, METRICS, PATCH_CATEGORIES, check_identical_ids,
                                     run_interventions, select_controls, summarise)
 from analysis.layer_statistics import metric_value
 from analysis.prompts import load_prompts
-from analysis.quantities import SOURCE_LANGUAGE, VARIANTS, choice_rows
+from analysis.quantities import SOURCE_LANGUAGE, VARIANTS, choice_rows, head_label
 
-HEADS_COLUMNS = ("family", "definition", "format", "layer", "head", "base_entropy", "rank")
+HEADS_COLUMNS = ("family", "definition", "format", "layer", "head", "base_entropy", "position")
 SUMMARY_FIELDS = ("effect_self", "effect_self_lo", "effect_self_hi", "no_effect", "specificity", "n_controls",
                   "control_percentile", "rank_p", "rank_p_min", "p_value", "q_value", "test_reason",
                   "delta_rfc_later", "delta_rfc_later_lo", "delta_rfc_later_hi")
