@@ -12,14 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.quantities import NEUTRAL, SELF, did as entropy_did
+from analysis.quantities import NEUTRAL, NO_CHANGE, SELF, did as entropy_did
 from analysis.ranking import positions_and_ranks
 from analysis.resampling import fdr_bh, paired_permutation_test
 
 EPS = 1e-6  # nats added to every mean entropy inside the log-ratio, so a head with zero entropy stays finite
 COLUMNS = ["layer", "head", "base_self", "base_neutral", "instruct_self", "instruct_neutral", "delta_self",
            "delta_neutral", "did", "did_log_ratio", "consistency", "base_entropy", "score", "p_value", "q_value",
-           "rank", "position", "tied", "top_k"]
+           "p_reason", "rank", "position", "tied", "top_k"]
 
 
 def zscore(x: np.ndarray) -> np.ndarray:
@@ -30,7 +30,7 @@ def zscore(x: np.ndarray) -> np.ndarray:
 
 
 def head_scores(base: np.ndarray, instruct: np.ndarray, categories: np.ndarray, signs: np.ndarray, *,
-                top_k: int, decimals: int, chunk_size: int = 1000) -> pd.DataFrame:
+                top_k: int, decimals: int, floor: float = 0.0, chunk_size: int = 1000) -> pd.DataFrame:
     """Head table of one family and one entropy definition.
 
     base, instruct: [n_prompts, n_layers, n_heads] entropies, rows the same prompts in the same order;
@@ -42,7 +42,8 @@ def head_scores(base: np.ndarray, instruct: np.ndarray, categories: np.ndarray, 
     consistency = share of self_referent prompts whose own change minus delta_neutral has the sign of did
     (0 when did is exactly 0); base_entropy = mean over all base prompts; score = z(|did_log_ratio|) +
     z(consistency) + z(-base_entropy), z over the family's heads; p_value = paired permutation test of
-    did = 0 (per-prompt base/instruct swaps); q_value = BH over all heads; the score rounded to `decimals`
+    did = 0 (per-prompt base/instruct swaps), null where |did| <= `floor` (no change: p_reason says so);
+    q_value = BH over the heads with a p; the score rounded to `decimals`
     orders the heads (analysis/ranking.py): rank = competition rank (heads tied at that precision share it),
     position = 1..n (ties in layer-head order), tied; top_k = position <= top_k.
     """
@@ -65,6 +66,8 @@ def head_scores(base: np.ndarray, instruct: np.ndarray, categories: np.ndarray, 
     flat = (n_layers * n_heads,)
     _, p = paired_permutation_test(base[rows].reshape((-1,) + flat), instruct[rows].reshape((-1,) + flat),
                                    categories[rows], entropy_did, np.asarray(signs)[:, rows], chunk_size=chunk_size)
+    still = (np.abs(did) <= floor).ravel()  # a change within the noise floor is no change: no p, no q
+    p = np.where(still, np.nan, p)
     layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
     table = pd.DataFrame({
         "layer": layer.ravel(), "head": head.ravel(),
@@ -73,7 +76,7 @@ def head_scores(base: np.ndarray, instruct: np.ndarray, categories: np.ndarray, 
         "delta_self": delta_self.ravel(), "delta_neutral": delta_neutral.ravel(),
         "did": did.ravel(), "did_log_ratio": log_ratio.ravel(), "consistency": consistency.ravel(),
         "base_entropy": base_entropy.ravel(), "score": score.ravel(),
-        "p_value": p, "q_value": fdr_bh(p),
+        "p_value": p, "q_value": fdr_bh(p), "p_reason": np.where(still, NO_CHANGE, None),
     })
     position, rank, tied = positions_and_ranks(table, "score", decimals)
     table["rank"], table["position"], table["tied"] = rank, position, tied

@@ -25,8 +25,8 @@ from analysis.errors import UserError
 from analysis.heads import head_scores
 from analysis.config import StatsSettings
 from analysis.ranking import ordered, rounded, tie_label
-from analysis.quantities import (CATEGORIES, DELTAS, RATIOS, ENTROPY_COLUMNS, NEUTRAL, SELF, VARIANTS, layer_ratios,
-                                 head_label, original_class, relative_depth, rfc)
+from analysis.quantities import (CATEGORIES, DELTAS, RATIOS, ENTROPY_COLUMNS, NEUTRAL, NO_CHANGE, SELF, VARIANTS,
+                                 layer_ratios, head_label, original_class, relative_depth, rfc)
 from analysis.quantities import deltas as ratio_deltas
 from analysis.resampling import (bootstrap_group_means, fdr_bh, group_means, paired_permutation_test,
                                  percentile_ci, rng_for, sign_flips, stratified_bootstrap_indices)
@@ -42,7 +42,7 @@ LAYER_COLUMNS = (["definition", "family", "variant", "layer", "n_layers", "depth
 DELTA_COLUMNS = ["definition", "family", "layer", "n_layers", "depth",
                  "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "delta_rsi", "delta_rsi_lo", "delta_rsi_hi",
                  "delta_diff", "delta_diff_lo", "delta_diff_hi", "rfc_base", "rfc_instruct",
-                 "h_neutral_base", "h_neutral_instruct", "p_value", "q_value", "layer_class",
+                 "h_neutral_base", "h_neutral_instruct", "p_value", "q_value", "p_reason", "layer_class",
                  "p_value_diff", "q_value_diff", "near_zero", "original_class",
                  "head_mean_delta_rfc", "head_t_lo", "head_t_hi", "low_neutral"]
 
@@ -205,11 +205,15 @@ def contrast_statistics(before: tuple[np.ndarray, dict, dict], after: tuple[np.n
         resampled[name] = boot_b[metric] - boot_a[metric]
         columns[f"{name}_lo"], columns[f"{name}_hi"] = percentile_ci(resampled[name], settings.confidence)
     _, p = paired_permutation_test(prompt_a, prompt_b, categories, _change, signs)
-    columns["p_value"], columns["q_value"] = p[0], fdr_bh(p[0])
+    # a change within the noise floor is no change: no p and no q (docs/method.md, "Noise floor")
+    still = {name: np.abs(columns[name]) <= settings.noise_floor[name] for name in ("delta_rfc", "delta_diff")}
+    p_rfc, p_diff = np.where(still["delta_rfc"], np.nan, p[0]), np.where(still["delta_diff"], np.nan, p[1])
+    columns["p_value"], columns["q_value"] = p_rfc, fdr_bh(p_rfc)
+    columns["p_reason"] = np.where(still["delta_rfc"], NO_CHANGE, None)
     flagged = columns["q_value"] < settings.alpha
     columns["layer_class"] = np.where(flagged & (columns["delta_rfc"] < 0), "compression",
                                       np.where(flagged & (columns["delta_rfc"] > 0), "gain", "no_change"))
-    columns["p_value_diff"], columns["q_value_diff"] = p[1], fdr_bh(p[1])
+    columns["p_value_diff"], columns["q_value_diff"] = p_diff, fdr_bh(p_diff)
     return columns, resampled
 
 
@@ -376,7 +380,7 @@ def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
                 arrays, definition, indices[arrays.design], signs[arrays.design], settings)
             heads = head_scores(arrays.base[definition], arrays.instruct[definition], arrays.categories,
                                 signs[arrays.design], top_k=settings.top_k_heads,
-                                decimals=settings.rank_decimals)
+                                decimals=settings.rank_decimals, floor=settings.noise_floor["delta_diff"])
             heads.insert(0, "family", family)
             heads.insert(0, "definition", definition)
             tables["layers"].append(layers)

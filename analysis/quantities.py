@@ -94,3 +94,8 @@ def choice_rows(frame, definition: str, prompt_format: str, language: str | None
     if "language" in frame.columns and language is not None:
         keep &= frame["language"] == language
     return frame[keep]
+
+
+# Why a test of a change has no p: the change is within the noise floor (params `stats.noise_floor`,
+# docs/method.md "Noise floor"); stored in the `p_reason` columns, printed "undefined (<reason>)".
+NO_CHANGE = "no change (within the noise floor)"

@@ -28,7 +28,7 @@ CONTRASTS = ("vs_base", "step")
 TOKEN_COLUMNS = ("n_tokens", "input_ids_sha1")
 STAGE_DELTA_COLUMNS = (["definition", "family", "contrast", "step", "from_stage", "to_stage", "layer", "n_layers",
                         "depth"] + [f"{d}{s}" for d in DELTAS for s in ("", "_lo", "_hi")]
-                       + ["rfc_from", "rfc_to", "p_value", "q_value", "layer_class", "p_value_diff", "q_value_diff"])
+                       + ["rfc_from", "rfc_to", "p_value", "q_value", "p_reason", "layer_class", "p_value_diff", "q_value_diff"])
 SHARE_QUANTITIES = ("delta_rfc", "delta_diff")
 STAGE_SHARE_COLUMNS = (["definition", "family", "step", "from_stage", "to_stage", "n_steps"]
                        + [f"{k}{q}{s}" for q in SHARE_QUANTITIES for k in ("mean_", "share_", "total_mean_")
@@ -37,7 +37,7 @@ STAGE_SHARE_COLUMNS = (["definition", "family", "step", "from_stage", "to_stage"
 # Why a share has no value (the report prints "undefined (<reason>)").
 NO_TOTAL_CHANGE = "the total change is within the noise floor"
 STAGE_HEAD_COLUMNS = ["definition", "family", "step", "from_stage", "to_stage", "layer", "head", "delta_self",
-                      "delta_neutral", "did", "did_log_ratio", "p_value", "q_value", "total_did", "share_did",
+                      "delta_neutral", "did", "did_log_ratio", "p_value", "q_value", "p_reason", "total_did", "share_did",
                       "candidate", "largest_step"]
 
 
@@ -111,14 +111,14 @@ def _shares(definition: str, family: str, order: tuple[str, ...], steps: dict[st
 
 
 def _step_heads(arrays: FamilyArrays, definition: str, order: tuple[str, ...], signs: np.ndarray,
-                candidates: pd.DataFrame, top_k: int, decimals: int) -> pd.DataFrame:
+                candidates: pd.DataFrame, top_k: int, decimals: int, floor: float) -> pd.DataFrame:
     """Per consecutive step and head: the head's difference in differences with its permutation p and BH q
     across the family's heads; its share of the total (base -> instruct) did, which the steps add up to; the
     step where it changes most; `candidate` for the top-k heads of heads.parquet."""
     frames = []
     for i, stage in enumerate(order[1:], start=1):
         scores = head_scores(arrays.stages[order[i - 1]][definition], arrays.stages[stage][definition],
-                             arrays.categories, signs, top_k=top_k, decimals=decimals)
+                             arrays.categories, signs, top_k=top_k, decimals=decimals, floor=floor)
         scores.insert(0, "to_stage", stage)
         scores.insert(0, "from_stage", order[i - 1])
         scores.insert(0, "step", i)
@@ -164,7 +164,8 @@ def stage_statistics(entropy: pd.DataFrame, stages: dict[str, tuple[str, ...]], 
                                                                 signs[arrays.design], settings, tables))
                 rows = heads[(heads["definition"] == definition) & (heads["family"] == family)]
                 tables["stage_heads"].append(_step_heads(arrays, definition, order, signs[arrays.design], rows,
-                                                         settings.top_k_heads, settings.rank_decimals))
+                                                         settings.top_k_heads, settings.rank_decimals,
+                                                         settings.noise_floor["delta_diff"]))
     columns = {"stage_deltas": STAGE_DELTA_COLUMNS, "stage_shares": STAGE_SHARE_COLUMNS,
                "stage_heads": STAGE_HEAD_COLUMNS}
     return {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=columns[k]) for k, v in tables.items()}

@@ -15,6 +15,7 @@ from analysis import config, synthetic
 from analysis.errors import UserError
 from analysis.extraction import extract_checkpoint
 from analysis.layout import project_paths
+from analysis.quantities import NO_CHANGE
 from analysis.stage_statistics import check_tokenisation, stage_statistics
 from analysis.study import build_study
 from conftest import REPO, REPO_CONFIG
@@ -186,7 +187,8 @@ def test_steps_without_a_planted_change_show_none(staged_study):
     steps = sd[sd["contrast"] == "step"]
     planted_layers = {l for l, _ in REPO_CONFIG.checkpoint(f"{STAGED}-base").demo["planted"]}
     last = steps[steps["to_stage"] == "instruct"]
-    assert (last["delta_rfc"] == 0).all() and (last["p_value"] == 1).all()
+    assert (last["delta_rfc"] == 0).all() and last["p_value"].isna().all()  # no change: no p, with the reason
+    assert (last["p_reason"] == NO_CHANGE).all()
     assert (last["layer_class"] == "no_change").all()
     quiet = steps[~steps["layer"].isin(planted_layers)]
     assert (quiet["delta_rfc"] == 0).all() and (quiet["layer_class"] == "no_change").all()

@@ -54,5 +54,5 @@ def run(config: Config) -> dict:
     for family, values in study["metrics"]["families"].items():
         typer.echo(f"{family}: mean ΔRFC {values['mean_delta_rfc']:+.4f} "
                    f"[{values['mean_delta_rfc_lo']:+.4f}, {values['mean_delta_rfc_hi']:+.4f}], "
-                   f"compression in {values['share_compression']:.0%} of layers")
+                   f"compression in {values['share_compression']:.0%}, gain in {values['share_gain']:.0%} of layers")
     return study
