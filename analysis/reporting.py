@@ -88,10 +88,12 @@ class Numbers:
 
     def reason(self, key: str) -> str | None:
         """Why the value at `key` is undefined: its `<key>_reason` sibling, else the entry's `test_reason` or
-        `undefined_reason` (patching tests, correlations), else None."""
+        `undefined_reason` (patching tests, correlations) or, for a parametric p, `parametric_p_reason`, else None."""
         parent, _, leaf = key.rpartition(".")
         entry = self.value(parent) if parent else self.metrics
-        for name in (f"{leaf}_reason", "test_reason", "undefined_reason"):
+        names = (f"{leaf}_reason", "test_reason", "undefined_reason") + (("parametric_p_reason",)
+                                                                          if leaf.endswith("_p") else ())
+        for name in names:
             if isinstance(entry, dict) and entry.get(name):
                 return str(entry[name])
         if leaf.endswith(("_lo", "_hi")):

@@ -110,6 +110,9 @@ def test_undefined_prints_as_words_and_zero_has_no_sign():
     assert str(num.interval("pairs.a~b.pearson_r")) == str(num.show("pairs.a~b.pearson_r"))
     assert "[undefined (the total change is within the noise floor)]" in str(num.show("stages.f.dpo.share_delta_rfc"))
     assert "[no effect]" in str(num.show("heads.L2H0.q_value"))
+    deep = Numbers({"pairs": {"a~b": {"pearson_p": None, "undefined_reason": None,
+                                      "parametric_p_reason": "interpolated points are not independent"}}})
+    assert "[undefined (interpolated points are not independent)]" in str(deep.show("pairs.a~b.pearson_p"))
 
 
 def test_every_stated_number_equals_its_artefact_at_its_precision(built):
