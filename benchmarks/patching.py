@@ -92,8 +92,8 @@ def larger(config: config_mod.Config, quick: bool, log: Callable[[str], None]) -
         rng = np.random.default_rng(0)
         layer, head = np.meshgrid(np.arange(spec["layers"]), np.arange(spec["heads"]), indexing="ij")
         heads = pd.DataFrame({"layer": layer.ravel(), "head": head.ravel(), "base_entropy": rng.random(layer.size),
-                              "rank": rng.permutation(layer.size) + 1})
-        selection = select_controls(heads, 4, 3, 0, "bench")
+                              "position": rng.permutation(layer.size) + 1})
+        selection = select_controls(heads, 4, 3, 0, "bench", decimals=config.stats.rank_decimals)
         log(f"patching a synthetic {spec['layers']}-layer d_model {spec['hidden']} pair")
         return {"checkpoint": spec, **_timed_family(config, "bench", loaded, prompts, selection)}
 

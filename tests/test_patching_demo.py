@@ -48,7 +48,7 @@ def _patching(demo_dir, prompts, family):
     arrays = {v: f["entropy"].to_numpy().reshape(-1, n_layers, n_heads) for v, f in frames.items()}
     heads = head_scores(arrays["base"], arrays["instruct"], prompts["category"].to_numpy(),
                         sign_flips(len(prompts), 200, rng_for(1, "test")), top_k=PATCH.top_k, decimals=4)
-    selection = select_controls(heads, PATCH.top_k, PATCH.controls_per_candidate, 7, family)
+    selection = select_controls(heads, PATCH.top_k, PATCH.controls_per_candidate, 7, family, decimals=4)
     subset = prompts[prompts["category"].isin(PATCH_CATEGORIES)].reset_index(drop=True)
     loaded = {v: open_checkpoint(dirs[v], checkpoint=f"{family}-{v}", settings=EXTRACT) for v in dirs}
     encoded = {v: encode_prompts(loaded[v].tokenizer, subset, "raw", EXTRACT) for v in dirs}
