@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.artefacts import read_json
+from analysis.config import StatsSettings
 from analysis.errors import UserError
 from analysis.layout import ProjectPaths
 
@@ -50,6 +51,7 @@ class Comparison:
 
     decimals: int
     alpha: float
+    n_permutations: int
     n_numbers: int = 0
     n_conclusions: int = 0
     beyond_tolerance: list[tuple[str, object, object, float]] = field(default_factory=list)
@@ -66,25 +68,32 @@ class Comparison:
         """One unit of the printed precision (stats.rank_decimals decimals), or 1e-4 of the value if larger."""
         return max(10.0 ** -self.decimals, RELATIVE * max(abs(a), abs(b)))
 
-    def agree(self, a, b) -> bool:
-        """Both undefined, or both numbers within `tolerance`."""
+    def p_tolerance(self, a: float, b: float) -> float:
+        """A Monte Carlo p or q value is known to its standard error sqrt(p(1 - p) / n_permutations): null draws
+        that tie with the observed statistic fall on either side of it when the entropies move in the last bits."""
+        p = max(min(max(a, b), 1.0), 0.0)
+        return max(self.tolerance(a, b), math.sqrt(p * (1.0 - p) / self.n_permutations))
+
+    def agree(self, a, b, p_value: bool = False) -> bool:
+        """Both undefined, or both numbers within `tolerance` (`p_tolerance` for a p or q value)."""
         if a is None or b is None:
             return a is None and b is None
         a, b = float(a), float(b)
         if math.isinf(a) or math.isinf(b):
             return a == b
-        return abs(a - b) <= self.tolerance(a, b)
+        return abs(a - b) <= (self.p_tolerance(a, b) if p_value else self.tolerance(a, b))
 
     def sign(self, value: float) -> int:
         """The side of zero at printed precision: a value that prints as 0 has none."""
         return int(np.sign(round(float(value), self.decimals)))
 
-    def number(self, where: str, a, b) -> None:
+    def number(self, where: str, a, b, p_value: bool = False) -> None:
         self.n_numbers += 1
         if (a is None) != (b is None):
             self.conclusion(where, "defined", a is not None, b is not None)
-        elif not self.agree(a, b):
-            self.beyond_tolerance.append((where, a, b, self.tolerance(float(a), float(b))))
+        elif not self.agree(a, b, p_value):
+            tol = (self.p_tolerance if p_value else self.tolerance)(float(a), float(b))
+            self.beyond_tolerance.append((where, a, b, tol))
 
     def conclusion(self, where: str, kind: str, a, b, *, within_noise: bool = False) -> None:
         """One conclusion; a difference that rests on numbers within tolerance is borderline, not changed."""
@@ -94,7 +103,8 @@ class Comparison:
 
     def lines(self, label: str) -> list[str]:
         out = [f"against {label}: {self.n_numbers - len(self.beyond_tolerance)} of {self.n_numbers} numbers agree at "
-               f"the printed precision ({self.decimals} decimals, or 1e-4 relative); "
+               f"the printed precision ({self.decimals} decimals, or 1e-4 relative; p and q values to their Monte "
+               f"Carlo standard error); "
                f"{self.n_conclusions - len(self.changed)} of {self.n_conclusions} conclusions unchanged "
                f"(signs, significance at alpha = {self.alpha}, classes, ranks, candidate sets)"
                + (f"; {len(self.borderline)} borderline" if self.borderline else "")]
@@ -134,11 +144,12 @@ def _leaf(c: Comparison, where: str, name: str, a, b, siblings: dict[str, tuple]
     elif isinstance(a, int) and isinstance(b, int):
         c.conclusion(where, "count", a, b)
     else:
-        c.number(where, a, b)
+        p_value = bool(P_NAMES.search(name))
+        c.number(where, a, b, p_value)
         if a is None or b is None:
             return
-        noise = c.agree(a, b)
-        if P_NAMES.search(name):
+        noise = c.agree(a, b, p_value)
+        if p_value:
             c.conclusion(where, f"significance (< {c.alpha})", a < c.alpha, b < c.alpha, within_noise=noise)
         elif name.endswith(("_lo", "_hi")) and name[:-3] in siblings:
             if name.endswith("_lo"):
@@ -219,10 +230,11 @@ def _read(path: Path):
     return pd.read_csv(path)
 
 
-def compare_folders(published_root: Path, rebuilt_root: Path, decimals: int, alpha: float,
+def compare_folders(published_root: Path, rebuilt_root: Path, settings: StatsSettings,
                     files: list[str] | None = None) -> Comparison:
-    """Every published artefact under `published_root` against the file at the same place under `rebuilt_root`."""
-    c = Comparison(decimals=decimals, alpha=alpha)
+    """Every published artefact under `published_root` against the file at the same place under `rebuilt_root`,
+    at the stats settings' printed precision (`rank_decimals`), `alpha` and `n_permutations`."""
+    c = Comparison(decimals=settings.rank_decimals, alpha=settings.alpha, n_permutations=settings.n_permutations)
     if files is None:
         files = sorted(str(p.relative_to(published_root)) for p in published_root.rglob("*")
                        if p.is_file() and is_published(str(p.relative_to(published_root))))
@@ -264,8 +276,8 @@ def published_at(paths: ProjectPaths, revision: str, into: Path) -> tuple[str, l
     return sha, names
 
 
-def compare_with_revision(paths: ProjectPaths, revision: str, decimals: int, alpha: float) -> tuple[str, Comparison]:
+def compare_with_revision(paths: ProjectPaths, revision: str, settings: StatsSettings) -> tuple[str, Comparison]:
     """This workspace's artefacts against those committed at `revision` (read with git, written nowhere here)."""
     with tempfile.TemporaryDirectory(prefix="selfref-against-") as tmp:
         sha, names = published_at(paths, revision, Path(tmp))
-        return sha, compare_folders(Path(tmp), paths.root, decimals, alpha, names)
+        return sha, compare_folders(Path(tmp), paths.root, settings, names)

@@ -161,7 +161,7 @@ def verify(keep: Path = typer.Option(None, help="Keep the recomputed artefacts i
         from analysis.build_comparison import compare_with_revision
 
         config = _config()
-        sha, comparison = compare_with_revision(config.paths, against, config.stats.rank_decimals, config.stats.alpha)
+        sha, comparison = compare_with_revision(config.paths, against, config.stats)
         for line in comparison.lines(f"{against} ({sha[:12]})"):
             typer.echo(line)
         if not comparison.ok:

@@ -17,6 +17,9 @@ from analysis.layer_statistics import top_compression_layers
 from analysis.layout import project_paths
 from analysis.ranking import first_by, ordered, positions_and_ranks, rounded, tie_label
 from analysis.resampling import rng_for, sign_flips
+from test_stats import settings
+
+SETTINGS = settings(rank_decimals=4, alpha=0.05, n_permutations=10_000)
 
 
 def test_rounding_decides_ties_and_the_key_breaks_them():
@@ -99,7 +102,7 @@ def _build(root, delta_rfc, q, rank, top_heads, lo):
 def test_a_rebuild_within_noise_changes_nothing(tmp_path):
     _build(tmp_path / "pub", [-0.0200001, 0.0], [0.01, 0.5], [1, 2], {"rank_1": "L0H0"}, [-0.03, -0.01])
     _build(tmp_path / "new", [-0.0199999, 1e-9], [0.0100001, 0.5], [1, 2], {"rank_1": "L0H0"}, [-0.03, -0.01])
-    c = compare_folders(tmp_path / "pub", tmp_path / "new", decimals=4, alpha=0.05)
+    c = compare_folders(tmp_path / "pub", tmp_path / "new", SETTINGS)
     assert c.ok and not c.beyond_tolerance and not c.borderline and not c.changed, c.lines("pub")
     assert c.n_numbers == 9 and c.n_conclusions > 8
 
@@ -107,7 +110,7 @@ def test_a_rebuild_within_noise_changes_nothing(tmp_path):
 def test_changed_conclusions_are_named(tmp_path):
     _build(tmp_path / "pub", [-0.02, 0.0], [0.01, 0.5], [1, 2], {"rank_1": "L0H0"}, [-0.03, -0.01])
     _build(tmp_path / "new", [-0.02, 0.0], [0.06, 0.5], [2, 1], {"rank_1": "L1H0"}, [0.001, -0.01])
-    c = compare_folders(tmp_path / "pub", tmp_path / "new", decimals=4, alpha=0.05)
+    c = compare_folders(tmp_path / "pub", tmp_path / "new", SETTINGS)
     kinds = {(where.split(": ", 1)[0], kind) for where, kind, _, _ in c.changed}
     assert ("data/stats/deltas.parquet[family=a, layer=0].q_value", "significance (< 0.05)") in \
            {(w, k) for w, k, _, _ in c.changed}
@@ -120,7 +123,7 @@ def test_changed_conclusions_are_named(tmp_path):
 def test_a_threshold_crossed_within_tolerance_is_borderline(tmp_path):
     _build(tmp_path / "pub", [-0.02, 0.00006], [0.04999, 0.5], [1, 2], {"rank_1": "L0H0"}, [-0.03, -0.01])
     _build(tmp_path / "new", [-0.02, 0.00004], [0.05001, 0.5], [1, 2], {"rank_1": "L0H0"}, [-0.03, -0.01])
-    c = compare_folders(tmp_path / "pub", tmp_path / "new", decimals=4, alpha=0.05)
+    c = compare_folders(tmp_path / "pub", tmp_path / "new", SETTINGS)
     assert c.ok and not c.changed
     assert {k for _, k, _, _ in c.borderline} == {"significance (< 0.05)", "sign"}
 
@@ -138,7 +141,7 @@ def test_against_a_revision_reads_it_with_git(tmp_path):
     for cmd in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
         subprocess.run(["git", *cmd], cwd=root, check=True)
     _build(root, [-0.02, 0.0], [0.01, 0.5], [2, 1], {"rank_1": "L0H0"}, [-0.03, -0.01])
-    sha, c = compare_with_revision(project_paths(root), "HEAD", 4, 0.05)
+    sha, c = compare_with_revision(project_paths(root), "HEAD", SETTINGS)
     assert len(sha) == 40 and {k for _, k, _, _ in c.changed} == {"rank"}
     with pytest.raises(UserError, match="--against nope: not a commit"):
-        compare_with_revision(project_paths(root), "nope", 4, 0.05)
+        compare_with_revision(project_paths(root), "nope", SETTINGS)

@@ -77,8 +77,7 @@ def test_float_noise_changes_no_rank_class_candidate_or_decision(demo_entropy, t
                           ("rebuilt", {f: perturbed(t, seed=i + 1) for i, (f, t) in enumerate(tables.items())})):
         study = build_study(entropy, cfg.stats, cfg.stages)
         write_study(study, paths, tmp_path / name / "data" / "stats")
-    comparison = compare_folders(tmp_path / "published", tmp_path / "rebuilt", cfg.stats.rank_decimals,
-                                 cfg.stats.alpha)
+    comparison = compare_folders(tmp_path / "published", tmp_path / "rebuilt", cfg.stats)
     report = "\n".join(comparison.lines("the unperturbed build")[:60])
     assert comparison.n_conclusions > 10_000 and comparison.n_numbers > 50_000, report
     assert comparison.changed == [], report
