@@ -62,6 +62,7 @@ def length_control(entropy: pd.DataFrame, column: str, deltas: pd.DataFrame, alp
                      "p_value": p, "adjusted_delta_rfc": -estimate / h_neutral if h_neutral > 0 else np.nan,
                      "reason": NO_CHANGE_TO_MODEL if np.isnan(p) else None})
     out = pd.DataFrame(rows)
+    out["reason"] = pd.Series([row["reason"] for row in rows], dtype=object)  # text or None, for any family set
     out["q_value"] = np.nan
     for family, idx in out.groupby("family").groups.items():
         out.loc[idx, "q_value"] = fdr_bh(out.loc[idx, "p_value"].to_numpy())
@@ -113,7 +114,9 @@ def split_half(entropy: pd.DataFrame, column: str, n_splits: int, seed: int) -> 
                      "reason": None if r.size else "every half-profile is constant (no ΔRFC to correlate)",
                      "split_half_r": mean_r, "split_half_r_sd": float(r.std(ddof=1)) if r.size > 1 else np.nan,
                      "spearman_brown": 2 * mean_r / (1 + mean_r) if mean_r > -1 else np.nan})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    out["reason"] = pd.Series([row["reason"] for row in rows], dtype=object)  # text or None, for any family set
+    return out
 
 
 SUMMARY_COLUMNS = ["family", "definition", "format", "mean_delta_rfc", "mean_delta_rfc_lo", "mean_delta_rfc_hi",
