@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis import config
-from analysis.errors import UserError
-from analysis.layout import project_paths
+from analysis.core import config
+from analysis.core.errors import UserError
+from analysis.core.layout import project_paths
 from conftest import REPO
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -1,0 +1,24 @@
+"""Stage `pull@<checkpoint>`: download (hub), generate (demo) or pin (local) a checkpoint and write its manifest."""
+
+from __future__ import annotations
+
+import typer
+
+from analysis.models import checkpoints
+from analysis.core.config import Config
+from analysis.core.prompts import load_prompts
+
+
+def run(config: Config, name: str, update: bool) -> dict:
+    """Pull checkpoint `name` of the active suite; returns its manifest."""
+    ckpt = config.checkpoint(name)
+    if ckpt.source == "demo":
+        texts = list(load_prompts(config.paths.prompts, config.prompts.min_per_category)["text"])
+        manifest = checkpoints.pull_demo(ckpt, texts, config.paths)
+    elif ckpt.source == "local":
+        manifest = checkpoints.pull_local(ckpt, config.paths)
+    else:
+        manifest = checkpoints.pull_hub(ckpt, config.paths, update=update)
+    typer.echo(f"{name}: {manifest['architecture']} {manifest['n_layers']} layers x {manifest['n_heads']} heads "
+               f"({manifest['n_kv_heads']} kv), {manifest['n_params']:,} parameters, revision {manifest['revision']}")
+    return manifest
