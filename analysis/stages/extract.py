@@ -8,6 +8,7 @@ import typer
 from analysis import checkpoints
 from analysis.artefacts import write_parquet
 from analysis.config import Config
+from analysis.errors import UserError
 from analysis.extraction import extract_checkpoint
 from analysis.prompts import load_prompts, token_lengths
 
@@ -23,6 +24,9 @@ def run(config: Config, name: str, prompt_format: str) -> None:
     local = checkpoints.local_dir(manifest, ckpt.demo, texts, paths)
     chat_dir = None
     if prompt_format == "chat":
+        if f"{ckpt.family}-instruct" not in {c.name for c in config.checkpoints}:
+            raise UserError(f"{name}: --format chat wraps prompts in the family's instruct chat template, and family "
+                            f"{ckpt.family} has no instruct checkpoint; extract this checkpoint with --format raw")
         sibling = config.checkpoint(f"{ckpt.family}-instruct")
         chat_dir = checkpoints.local_dir(checkpoints.read_manifest(paths, sibling.name), sibling.demo, texts, paths)
     frame = extract_checkpoint(local, prompts, checkpoint=name, family=ckpt.family, variant=ckpt.variant,

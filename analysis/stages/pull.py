@@ -1,10 +1,11 @@
-"""Stage `pull@<checkpoint>`: download (hub), generate (demo) or pin (local) a checkpoint and write its manifest."""
+"""Stage `pull@<checkpoint>`: download (hub), generate (demo), pin (local) or fetch and dequantise (gguf) a
+checkpoint and write its manifest."""
 
 from __future__ import annotations
 
 import typer
 
-from analysis import checkpoints
+from analysis import checkpoints, gguf_checkpoints
 from analysis.config import Config
 from analysis.prompts import load_prompts
 
@@ -17,6 +18,8 @@ def run(config: Config, name: str, update: bool) -> dict:
         manifest = checkpoints.pull_demo(ckpt, texts, config.paths)
     elif ckpt.source == "local":
         manifest = checkpoints.pull_local(ckpt, config.paths)
+    elif ckpt.source == "gguf":
+        manifest = gguf_checkpoints.pull_gguf(ckpt, config.paths)
     else:
         manifest = checkpoints.pull_hub(ckpt, config.paths, update=update)
     typer.echo(f"{name}: {manifest['architecture']} {manifest['n_layers']} layers x {manifest['n_heads']} heads "
