@@ -389,7 +389,7 @@ def _checkpoint(suite: str, family: str, variant: str, spec: Any) -> Checkpoint:
         return Checkpoint(family, variant, demo=dict(spec["demo"]))
     if "repo" not in spec:
         raise UserError(f"{where}: needs `repo: <owner>/<name>` (hub), `demo: {{...}}` (synthetic), "
-                        "`local: <dir>` (a Hugging Face folder on disk) or `gguf: {{file: ...}}` (a GGUF file)")
+                        "`local: <dir>` (a Hugging Face folder on disk) or `gguf: {file: ...}` (a GGUF file)")
     repo = str(spec["repo"])
     if not REPO_ID.fullmatch(repo):
         raise UserError(f"{where}.repo: {repo!r} is not a Hugging Face repository id; write it as <owner>/<name>, "
