@@ -118,7 +118,8 @@ def fetch_wheel(package: str, version: str, downloads: Path, where: str) -> Path
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(Path(tmp).glob(pattern))
         if done.returncode != 0 or not wheels:
-            lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip() and "WARNING" not in ln]
+            output = (done.stderr + "\n" + done.stdout).splitlines()
+            lines = [ln for ln in output if ln.startswith("ERROR")] or [ln for ln in output if ln.strip()]
             raise UserError(f"{where}: cannot download {package}=={version} with pip ({lines[-1].strip() if lines else 'no wheel'}); "
                             "check the package name and version in params.yaml and that the package index is "
                             "reachable")
