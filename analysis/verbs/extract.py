@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import typer
 
-from analysis.models import checkpoints
 from analysis.core.artefacts import write_parquet
 from analysis.core.config import Config
-from analysis.extraction.runner import extract_checkpoint
+from analysis.core.errors import UserError
 from analysis.core.prompts import load_prompts, token_lengths
+from analysis.extraction.runner import extract_checkpoint
+from analysis.models import checkpoints
 
 
 def run(config: Config, name: str, prompt_format: str) -> None:
     """Run every prompt through checkpoint `name` and write its entropy table."""
     paths = config.paths
     ckpt = config.checkpoint(name)
+    if prompt_format == "chat" and f"{ckpt.family}-instruct" not in {c.name for c in config.checkpoints}:
+        raise UserError(f"{name}: --format chat wraps prompts in the family's instruct chat template, and family "
+                        f"{ckpt.family} has no instruct checkpoint; extract this checkpoint with --format raw")
     every = load_prompts(paths.prompts, config.prompts.min_per_category)
     texts = list(every["text"])  # a demo tokenizer is trained on every language's prompts, as `pull` did
     prompts = every[every["language"].isin(config.prompts.languages)].reset_index(drop=True)

@@ -1,12 +1,13 @@
-"""Stage `pull@<checkpoint>`: download (hub), generate (demo) or pin (local) a checkpoint and write its manifest."""
+"""Stage `pull@<checkpoint>`: download (hub), generate (demo), pin (local) or fetch and dequantise (gguf) a
+checkpoint and write its manifest."""
 
 from __future__ import annotations
 
 import typer
 
-from analysis.models import checkpoints
 from analysis.core.config import Config
 from analysis.core.prompts import load_prompts
+from analysis.models import checkpoints, gguf
 
 
 def run(config: Config, name: str, update: bool) -> dict:
@@ -17,6 +18,8 @@ def run(config: Config, name: str, update: bool) -> dict:
         manifest = checkpoints.pull_demo(ckpt, texts, config.paths)
     elif ckpt.source == "local":
         manifest = checkpoints.pull_local(ckpt, config.paths)
+    elif ckpt.source == "gguf":
+        manifest = gguf.pull_gguf(ckpt, config.paths)
     else:
         manifest = checkpoints.pull_hub(ckpt, config.paths, update=update)
     typer.echo(f"{name}: {manifest['architecture']} {manifest['n_layers']} layers x {manifest['n_heads']} heads "
