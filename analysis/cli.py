@@ -169,10 +169,10 @@ def verify(keep: Path = typer.Option(None, help="Keep the recomputed artefacts i
         return
     from analysis.audit.verification import verify_workspace
 
-    report = verify_workspace(keep=keep)
-    for line in report.lines():
+    verification = verify_workspace(keep=keep)
+    for line in verification.lines():
         typer.echo(line)
-    if not report.ok:
+    if not verification.ok:
         raise typer.Exit(1)
 
 

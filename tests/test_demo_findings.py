@@ -19,6 +19,8 @@ from analysis.core.quantities import PROMPT_FORMATS, choice_rows
 from analysis.statistics.study import build_study
 from conftest import REPO_CONFIG
 
+pytestmark = pytest.mark.slow  # extracts every demo family (make test-fast leaves it out)
+
 STATS = dataclasses.replace(REPO_CONFIG.stats, n_resamples=1000, n_permutations=1000, split_half_splits=200)
 EXTRACT = dataclasses.replace(REPO_CONFIG.extract, device="cpu")
 ALPHA = STATS.alpha

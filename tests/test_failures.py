@@ -19,6 +19,8 @@ from analysis.core.errors import UserError
 from analysis.core.layout import STATS_TABLES
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # runs dvc and the renderers in subprocesses (make test-fast leaves it out)
+
 BIN = Path(sys.executable).parent
 DVC = shutil.which("dvc", path=str(BIN))
 

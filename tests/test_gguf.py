@@ -32,6 +32,8 @@ from conftest import CHAT_TEMPLATES, REPO, REPO_CONFIG
 from gguf_writing import gguf_name, rope_interleave, write_llama_gguf
 from reference_entropy import eager_entropies
 
+pytestmark = pytest.mark.slow  # downloads and dequantises real GGUF weights (make test-fast leaves it out)
+
 REAL = "smollm2_135m_q4-instruct"
 DOWNLOADS = REPO / "tests" / "fixtures" / "_cache" / "gguf-downloads"
 SETTINGS = REPO_CONFIG.extract

@@ -25,6 +25,8 @@ from analysis.interventions.patching import (PATCH_CATEGORIES, check_identical_i
 from analysis.statistics.resampling import rng_for, sign_flips
 from conftest import REPO_CONFIG
 
+pytestmark = pytest.mark.slow  # extracts and patches every demo family (make test-fast leaves it out)
+
 EXTRACT = dataclasses.replace(REPO_CONFIG.extract, device="cpu")
 PATCH = REPO_CONFIG.patch
 ALPHA = REPO_CONFIG.stats.alpha

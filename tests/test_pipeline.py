@@ -15,6 +15,8 @@ from analysis.core import config
 from analysis.extraction.runner import EntropyRunner
 from analysis.core.prompts import load_prompts
 
+pytestmark = pytest.mark.slow  # extracts demo checkpoints and runs dvc repro in a clone (make test-fast leaves it out)
+
 REPO = Path(__file__).resolve().parent.parent
 
 

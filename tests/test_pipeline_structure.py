@@ -78,6 +78,7 @@ def test_verbs_that_are_no_stage_re_run_no_stage():
     assert WIRING == {"analysis", "analysis.cli", "analysis.verbs"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DVC is None or shutil.which("git") is None, reason="needs dvc and git")
 def test_dvc_status_reports_a_stage_changed_when_a_module_it_runs_changes(tmp_path):
     clone = tmp_path / "clone"

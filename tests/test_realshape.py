@@ -22,6 +22,8 @@ from analysis.core.layout import project_paths
 from analysis.extraction.runner import encode, load_bridge
 from reference_entropy import eager_entropies
 
+pytestmark = pytest.mark.slow  # builds real-shaped checkpoints with real tokenizers (make test-fast leaves it out)
+
 # What the real checkpoints put first in a raw prompt (None: no BOS, the prompt's own first token).
 FIRST_RAW = {"llama31_8b": "<|begin_of_text|>", "llama32_1b": "<|begin_of_text|>", "mistral_7b": "<s>",
              "qwen25_7b": None, "qwen25_05b": None, "smollm2_135m": None}

@@ -68,7 +68,7 @@ def _is_number(value) -> bool:
 
 
 @dataclass
-class Report:
+class Verification:
     """What was compared: counts of numbers, the mismatches as (key, stored, recomputed)."""
 
     n_numbers: int = 0
@@ -102,27 +102,27 @@ class Report:
         return out
 
 
-def compare_json(report: Report, where: str, stored, recomputed) -> None:
+def compare_json(result: Verification, where: str, stored, recomputed) -> None:
     """Every leaf of two JSON documents, keyed `<file>: a.b.c`; keys present on one side only are mismatches."""
     def walk(key: str, s, r):
         if isinstance(s, dict) or isinstance(r, dict):
             if not (isinstance(s, dict) and isinstance(r, dict)):
-                report.mismatches.append((f"{where}: {key}", s, r))
+                result.mismatches.append((f"{where}: {key}", s, r))
                 return
             for k in sorted(set(s) | set(r)):
                 child = f"{key}.{k}" if key else str(k)
                 if k not in s or k not in r:
-                    report.mismatches.append((f"{where}: {child}", s.get(k, "<absent>"), r.get(k, "<absent>")))
+                    result.mismatches.append((f"{where}: {child}", s.get(k, "<absent>"), r.get(k, "<absent>")))
                 else:
                     walk(child, s[k], r[k])
         elif isinstance(s, list) or isinstance(r, list):
             if not (isinstance(s, list) and isinstance(r, list)) or len(s) != len(r):
-                report.mismatches.append((f"{where}: {key}", s, r))
+                result.mismatches.append((f"{where}: {key}", s, r))
                 return
             for i, (a, b) in enumerate(zip(s, r)):
                 walk(f"{key}[{i}]", a, b)
         else:
-            report.compare(f"{where}: {key}", s, r)
+            result.compare(f"{where}: {key}", s, r)
 
     walk("", stored, recomputed)
 
@@ -139,10 +139,10 @@ def _cell(value):
     return value if not hasattr(value, "item") else value.item()
 
 
-def compare_tables(report: Report, where: str, stored: pd.DataFrame, recomputed: pd.DataFrame) -> None:
+def compare_tables(result: Verification, where: str, stored: pd.DataFrame, recomputed: pd.DataFrame) -> None:
     """Cell by cell, rows in written order; a cell is keyed `<file>[id columns].<column>`."""
     if list(stored.columns) != list(recomputed.columns) or len(stored) != len(recomputed):
-        report.mismatches.append((f"{where}: shape", f"{len(stored)} rows x {list(stored.columns)}",
+        result.mismatches.append((f"{where}: shape", f"{len(stored)} rows x {list(stored.columns)}",
                                   f"{len(recomputed)} rows x {list(recomputed.columns)}"))
         return
     # a number is never an id (language_contrasts' `contrast` is a value, the stage tables' a label)
@@ -157,29 +157,29 @@ def compare_tables(report: Report, where: str, stored: pd.DataFrame, recomputed:
                 s = None
             if isinstance(r, float) and math.isnan(r):
                 r = None
-            report.compare(f"{where}[{label}].{column}", s, r)
+            result.compare(f"{where}[{label}].{column}", s, r)
 
 
-def _compare_files(report: Report, where: str, stored: Path, copy: Path) -> None:
+def _compare_files(result: Verification, where: str, stored: Path, copy: Path) -> None:
     if not stored.exists():
-        report.mismatches.append((where, "<missing: run `dvc repro`>", "recomputed"))
+        result.mismatches.append((where, "<missing: run `dvc repro`>", "recomputed"))
         return
     if stored.suffix == ".json":
-        compare_json(report, where, read_json(stored), read_json(copy))
+        compare_json(result, where, read_json(stored), read_json(copy))
     elif stored.suffix == ".parquet":
-        compare_tables(report, where, pd.read_parquet(stored), pd.read_parquet(copy))
+        compare_tables(result, where, pd.read_parquet(stored), pd.read_parquet(copy))
     elif stored.suffix == ".csv":
-        compare_tables(report, where, pd.read_csv(stored), pd.read_csv(copy))
+        compare_tables(result, where, pd.read_csv(stored), pd.read_csv(copy))
 
 
-def _compare_tree(report: Report, paths: ProjectPaths, copy: ProjectPaths) -> None:
+def _compare_tree(result: Verification, paths: ProjectPaths, copy: ProjectPaths) -> None:
     """Every file written under the copy's root against the workspace file at the same relative path."""
     for written in sorted(p for p in copy.root.rglob("*") if p.is_file()):
         relative = written.relative_to(copy.root)
-        _compare_files(report, str(relative), paths.root / relative, written)
+        _compare_files(result, str(relative), paths.root / relative, written)
 
 
-def _recompute_patching(report: Report, config: config_mod.Config, heads: pd.DataFrame, copy: ProjectPaths) -> None:
+def _recompute_patching(result: Verification, config: config_mod.Config, heads: pd.DataFrame, copy: ProjectPaths) -> None:
     """Each family's patching table and summary from its stored per-prompt effects (the forward passes that
     made those need the models, like the entropy tables) and the recomputed heads table."""
     from analysis.verbs.patch import selection_for, summaries
@@ -187,7 +187,7 @@ def _recompute_patching(report: Report, config: config_mod.Config, heads: pd.Dat
     paths = config.paths
     for family in config.families:
         if not paths.patch_prompts(family).exists():
-            report.notes.append(f"{paths.relative(paths.patch_prompts(family))}: absent, not checked "
+            result.notes.append(f"{paths.relative(paths.patch_prompts(family))}: absent, not checked "
                                 f"(run `selfref patch {family}`)")
             continue
         per_prompt = pd.read_parquet(paths.patch_prompts(family))
@@ -196,7 +196,7 @@ def _recompute_patching(report: Report, config: config_mod.Config, heads: pd.Dat
         write_json(summary, copy.patch_summary(family))
 
 
-def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None) -> Report:
+def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None) -> Verification:
     """Recompute the stats and original stages' artefacts into a temporary folder (or `keep`) and compare
     them with the workspace's. Reads params.yaml, data/entropy/**, data/original/*; writes nothing else."""
     from analysis.statistics.original_study import load_build, reanalyse
@@ -205,7 +205,7 @@ def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None
 
     paths = paths or project_paths()
     config = config_mod.load(paths)
-    report = Report()
+    result = Verification()
     tmp = Path(tempfile.mkdtemp(prefix="selfref-verify-")) if keep is None else Path(keep)
     if keep is not None and tmp.resolve().is_relative_to(paths.data.resolve()):
         raise UserError(f"--keep {keep}: choose a folder outside data/, verify never writes into the workspace")
@@ -221,12 +221,12 @@ def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None
             result = reanalyse(paths.original, paths.original_sums, paths.original_claims, config.stats, build)
             write_reanalysis(result, copy)
         else:
-            report.notes.append(f"{paths.relative(paths.reanalysis)}: absent, not checked (run `selfref original`)")
-        _recompute_patching(report, config, study["heads"], copy)
-        _compare_tree(report, paths, copy)
+            result.notes.append(f"{paths.relative(paths.reanalysis)}: absent, not checked (run `selfref original`)")
+        _recompute_patching(result, config, study["heads"], copy)
+        _compare_tree(result, paths, copy)
         if keep is not None:
-            report.notes.append(f"recomputed artefacts kept in {tmp}")
+            result.notes.append(f"recomputed artefacts kept in {tmp}")
     finally:
         if keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
-    return report
+    return result

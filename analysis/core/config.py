@@ -142,7 +142,7 @@ class Config:
     @property
     def families(self) -> list[str]:
         """Family names of the active suite, in params order."""
-        return list(dict.fromkeys(c.family for c in self.checkpoints))
+        return family_names(self.checkpoints)
 
     @property
     def stages(self) -> dict[str, tuple[str, ...]]:
@@ -456,7 +456,7 @@ def checkpoint_entries(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -
 # --- reading ---------------------------------------------------------------------------------------
 
 def family_names(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> list[str]:
-    """The `families:` list of params.yaml (one patch@<family> stage each): the suite's families in order."""
+    """The suite's families in params order: the `families:` list of params.yaml (one patch@<family> stage each)."""
     return list(dict.fromkeys(c.family for c in checkpoints))
 
 

@@ -8,7 +8,9 @@ queries cannot, and would only dilute it). A prompt without a marker (neutral) g
 
 from __future__ import annotations
 
-MASSES = ("first", "marker")
+from analysis.core.quantities import MASS_COLUMNS
+
+MASSES = tuple(MASS_COLUMNS)  # the masses computed, in the order of the table's mass columns
 
 
 def pattern_masses(pattern: "torch.Tensor", query_mask: "torch.Tensor", marker_keys: "torch.Tensor") -> dict:
