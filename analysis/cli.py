@@ -13,8 +13,8 @@ from pathlib import Path
 
 import typer
 
-from analysis import config as config_mod
-from analysis.errors import UserError
+from analysis.core import config as config_mod
+from analysis.core.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 suite_app = typer.Typer(no_args_is_help=True, help="Choose the model suite.")
@@ -26,7 +26,7 @@ log = logging.getLogger("selfref")
 
 def _config() -> config_mod.Config:
     """params.yaml, validated once, after removing what killed runs left in the scratch folder."""
-    from analysis.artefacts import clean_scratch
+    from analysis.core.artefacts import clean_scratch
 
     for entry in clean_scratch():
         log.info("removed %s, left by an interrupted run", entry)
@@ -58,7 +58,7 @@ def suite_show() -> None:
 @suite_app.command("check")
 def suite_check(name: str) -> None:
     """Preflight of suite NAME: reachability, gating, download vs disk, weights vs memory, time estimate."""
-    from analysis import preflight
+    from analysis.models import preflight
 
     findings = preflight.check(_config(), name)
     colours = {"ok": "green", "fail": "red", "unknown": "yellow"}
@@ -75,7 +75,7 @@ def prompts_check(
     tokenizers: bool = typer.Option(True, help="Also report token counts for every tokenizer already on disk."),
 ) -> None:
     """Validate data/prompts.csv; write data/prompts/summary.json only if it passes."""
-    from analysis.stages import prompts_check as stage
+    from analysis.verbs import prompts_check as stage
 
     stage.run(_config(), tokenizers)
 
@@ -86,7 +86,7 @@ def pull(
     update: bool = typer.Option(False, help="Re-resolve the revision instead of re-using the pinned SHA."),
 ) -> None:
     """Download (hub), generate (demo) or pin (local) a checkpoint and write data/models/<checkpoint>.json."""
-    from analysis.stages import pull as stage
+    from analysis.verbs import pull as stage
 
     stage.run(_config(), checkpoint, update)
 
@@ -98,8 +98,8 @@ def extract(
                                       "instruct chat template, entropy over the user's text only"),
 ) -> None:
     """Attention entropy of every head for every prompt: data/entropy/<format>/<checkpoint>.parquet."""
-    from analysis.quantities import PROMPT_FORMATS
-    from analysis.stages import extract as stage
+    from analysis.core.quantities import PROMPT_FORMATS
+    from analysis.verbs import extract as stage
 
     if prompt_format not in PROMPT_FORMATS:
         raise UserError(f"--format {prompt_format!r}: use one of {', '.join(PROMPT_FORMATS)}")
@@ -109,7 +109,7 @@ def extract(
 @app.command()
 def stats() -> None:
     """Layer, cross-family, head and robustness statistics for every entropy definition and prompt format."""
-    from analysis.stages import stats as stage
+    from analysis.verbs import stats as stage
 
     stage.run(_config())
 
@@ -117,7 +117,7 @@ def stats() -> None:
 @app.command()
 def patch(family: str = typer.Argument(..., help="a family of the active suite")) -> None:
     """Ablate and patch the family's top candidate heads and random controls: data/patching/<family>.*"""
-    from analysis.stages import patch as stage
+    from analysis.verbs import patch as stage
 
     stage.run(_config(), family)
 
@@ -125,7 +125,7 @@ def patch(family: str = typer.Argument(..., help="a family of the active suite")
 @app.command()
 def figures() -> None:
     """Charts of the report from data/stats: report/figures/<name>.vl.json, .svg, .png."""
-    from analysis.stages import figures as stage
+    from analysis.verbs import figures as stage
 
     stage.run(_config())
 
@@ -133,7 +133,7 @@ def figures() -> None:
 @app.command()
 def report(renderer: str = typer.Option("auto", help="auto (quarto if installed), quarto, or fallback")) -> None:
     """Render report/index.qmd to report/_output/index.html and index.pdf."""
-    from analysis.stages import report as stage
+    from analysis.verbs import report as stage
 
     stage.run(_config(), renderer)
 
@@ -142,7 +142,7 @@ def report(renderer: str = typer.Option("auto", help="auto (quarto if installed)
 def original() -> None:
     """Re-analyse the original study from its published tables: data/original/reanalysis.json and
     data/original/reanalysis_claims.parquet (checksums of its files checked first)."""
-    from analysis.stages import original as stage
+    from analysis.verbs import original as stage
 
     stage.run(_config())
 
@@ -158,7 +158,7 @@ def verify(keep: Path = typer.Option(None, help="Keep the recomputed artefacts i
     tolerance; with --against, compare a rebuild with a revision's published artefacts (exit 1 when a conclusion
     changes)."""
     if against is not None:
-        from analysis.build_comparison import compare_with_revision
+        from analysis.audit.build_comparison import compare_with_revision
 
         config = _config()
         sha, comparison = compare_with_revision(config.paths, against, config.stats)
@@ -167,12 +167,12 @@ def verify(keep: Path = typer.Option(None, help="Keep the recomputed artefacts i
         if not comparison.ok:
             raise typer.Exit(1)
         return
-    from analysis.verification import verify_workspace
+    from analysis.audit.verification import verify_workspace
 
-    report = verify_workspace(keep=keep)
-    for line in report.lines():
+    verification = verify_workspace(keep=keep)
+    for line in verification.lines():
         typer.echo(line)
-    if not report.ok:
+    if not verification.ok:
         raise typer.Exit(1)
 
 
@@ -180,7 +180,7 @@ def verify(keep: Path = typer.Option(None, help="Keep the recomputed artefacts i
 def noise_floor() -> None:
     """Measure float32 noise: each checkpoint's English prompts run alone and in padded batches; prints the largest
     difference of every tested quantity (what params.yaml's noise floors were set from; no stage runs it)."""
-    from analysis.noise_floor import QUANTITIES, measure
+    from analysis.audit.noise_floor import QUANTITIES, measure
 
     results = measure(_config())
     typer.echo("checkpoint\t" + "\t".join(QUANTITIES))
@@ -194,7 +194,7 @@ def explain(key: str = typer.Argument(..., help="a key of data/stats/metrics.jso
                                                 "families.demo_llama.mean_delta_rfc, or original.<key of "
                                                 "data/original/reanalysis.json>")) -> None:
     """Where a number comes from: value, artefact and column, the function, its params and input hashes."""
-    from analysis.provenance import explain as explain_key
+    from analysis.audit.provenance import explain as explain_key
 
     for line in explain_key(key):
         typer.echo(line)

@@ -1,6 +1,6 @@
 """Extraction benchmark: the project's extraction (A) against a bare forward pass (B) and the naive approach (C).
 
-A is `analysis.extraction`: `extract_checkpoint` end to end, and its `EntropyRunner` on a loaded bridge.
+A is `analysis.extraction.runner`: `extract_checkpoint` end to end, and its `EntropyRunner` on a loaded bridge.
 B runs the same batches through the same bridge with no hooks. C runs one prompt at a time with
 `run_with_cache` of every attention pattern, saves the arrays and computes entropies afterwards in numpy.
 `python benchmarks/extraction.py --memory A|B|C --checkpoint DIR` prints one method's peak memory (run in a
@@ -31,10 +31,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from analysis import config as config_mod  # noqa: E402
+from analysis.core import config as config_mod  # noqa: E402
 from analysis import synthetic  # noqa: E402
-from analysis.artefacts import write_parquet  # noqa: E402
-from analysis.extraction import (  # noqa: E402
+from analysis.core.artefacts import write_parquet  # noqa: E402
+from analysis.extraction.runner import (  # noqa: E402
     EncodedPrompt,
     EntropyRunner,
     encode,
@@ -46,8 +46,8 @@ from analysis.extraction import (  # noqa: E402
     pad_batch,
     pad_id,
 )
-from analysis.prompts import load_prompts  # noqa: E402
-from analysis.quantities import DEFINITIONS  # noqa: E402
+from analysis.core.prompts import load_prompts  # noqa: E402
+from analysis.core.quantities import DEFINITIONS  # noqa: E402
 
 # Large enough that a CPU spends its time in the model rather than in Python.
 CPU_SPEC = {"architecture": "llama", "layers": 8, "hidden": 512, "heads": 8, "kv_heads": 8, "seed": 7}

@@ -1,4 +1,4 @@
-"""How long the patching stage's computation takes: `analysis.interventions.run_interventions` and the summaries.
+"""How long the patching stage's computation takes: `analysis.interventions.patching.run_interventions` and the summaries.
 
 Demo: every family of the demo suite, on its own checkpoints (models/demo, as `selfref patch` loads them), with
 the candidates and controls the stage selects from data/stats/heads.parquet and params.yaml's `patch` settings.
@@ -23,14 +23,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from analysis import checkpoints, synthetic  # noqa: E402
-from analysis import config as config_mod  # noqa: E402
-from analysis.artefacts import read_parquet  # noqa: E402
-from analysis.extraction import encode_prompts, open_checkpoint  # noqa: E402
-from analysis.interventions import INTERVENTIONS, PATCH_CATEGORIES, run_interventions, select_controls  # noqa: E402
-from analysis.prompts import load_prompts  # noqa: E402
-from analysis.quantities import SOURCE_LANGUAGE, VARIANTS  # noqa: E402
-from analysis.stages.patch import HEADS_COLUMNS, selection_for, summaries  # noqa: E402
+from analysis.models import checkpoints
+from analysis import synthetic  # noqa: E402
+from analysis.core import config as config_mod  # noqa: E402
+from analysis.core.artefacts import read_parquet  # noqa: E402
+from analysis.extraction.runner import encode_prompts, open_checkpoint  # noqa: E402
+from analysis.interventions.patching import INTERVENTIONS, PATCH_CATEGORIES, run_interventions, select_controls  # noqa: E402
+from analysis.core.prompts import load_prompts  # noqa: E402
+from analysis.core.quantities import SOURCE_LANGUAGE, VARIANTS  # noqa: E402
+from analysis.verbs.patch import HEADS_COLUMNS, selection_for, summaries  # noqa: E402
 
 # The paper suite: 3 families, 160 English prompts (40 per category), the stage's default selection.
 PAPER = {"families": 3, "prompts_per_category": 40, "checkpoints": 6, "formats": 2}

@@ -26,7 +26,7 @@ sys.path[:0] = [str(HERE), str(REPO)]
 
 import report  # noqa: E402
 
-from analysis.artefacts import atomic_path  # noqa: E402
+from analysis.core.artefacts import atomic_path  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -1,8 +1,8 @@
-"""How long the stats stage's computation, `analysis.study.build_study`, takes on synthetic entropy tables.
+"""How long the stats stage's computation, `analysis.statistics.study.build_study`, takes on synthetic entropy tables.
 
 Shapes: the paper suite's (3 families x 32 layers x 32 heads x 160 prompts, 40 per category) and the demo
 suite's (its families' layers and heads from params.yaml, every prompt of data/prompts.csv). The tables are
-built by `analysis.extraction.entropy_frame` from real prompts, in both prompt formats, with positive
+built by `analysis.extraction.runner.entropy_frame` from real prompts, in both prompt formats, with positive
 entropies: head levels, a few sink-like heads, a prompt effect per layer that grows with token count, and a
 planted self-referent change in some instruct layers. `build_study` runs with params.yaml's `stats` settings.
 """
@@ -21,11 +21,11 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from analysis import config as config_mod  # noqa: E402
-from analysis.extraction import EncodedPrompt, entropy_frame  # noqa: E402
-from analysis.prompts import load_prompts  # noqa: E402
-from analysis.quantities import PROMPT_FORMATS, SELF, VARIANTS  # noqa: E402
-from analysis.study import build_study  # noqa: E402
+from analysis.core import config as config_mod  # noqa: E402
+from analysis.extraction.runner import EncodedPrompt, entropy_frame  # noqa: E402
+from analysis.core.prompts import load_prompts  # noqa: E402
+from analysis.core.quantities import PROMPT_FORMATS, SELF, VARIANTS  # noqa: E402
+from analysis.statistics.study import build_study  # noqa: E402
 
 PAPER = {"families": {"llama31_8b": (32, 32), "mistral_7b": (32, 32), "qwen25_7b": (32, 32)}, "per_category": 40}
 QUICK_SETTINGS = {"n_resamples": 200, "n_permutations": 200, "split_half_splits": 20}

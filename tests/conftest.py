@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import config, synthetic
-from analysis.layout import project_paths
-from analysis.prompts import load_prompts
+from analysis.core import config
+from analysis.models import synthetic
+from analysis.core.layout import project_paths
+from analysis.core.prompts import load_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 REPO_CONFIG = config.load(project_paths(REPO))

@@ -1,5 +1,5 @@
 """An independent computation of attention entropies for the tests: transformers' eager attention, one
-prompt at a time, entropies in float64 Python loops (no code shared with analysis/entropy.py)."""
+prompt at a time, entropies in float64 Python loops (no code shared with analysis/extraction/runner/entropy.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The analysis modules each `selfref` verb runs: a static import closure (every `import analysis...`,
-also inside functions), starting from the CLI and the verb's stage module."""
+"""The analysis modules each `selfref` verb runs: a static import closure (every `import analysis...`, also inside
+functions) from the verb's module in analysis/verbs, and the package folders dvc.yaml lists for it."""
 
 from __future__ import annotations
 
@@ -42,20 +42,6 @@ def _is_verb(node: ast.stmt) -> bool:
         for d in node.decorator_list)
 
 
-def cli_modules(stage_module: str) -> set[str]:
-    """analysis.* modules cli.py imports for one stage's verb: at module level, in its helpers, and in
-    the verb that runs analysis.stages.<stage_module>; the bodies of the other verbs (stages or not,
-    e.g. verify, explain) are left out, as the verb never runs them."""
-    tree = ast.parse((PACKAGE / "cli.py").read_text(encoding="utf-8"))
-    found = set()
-    for node in tree.body:
-        imports = _imports(node)
-        if _is_verb(node) and f"analysis.stages.{stage_module}" not in imports:
-            continue
-        found |= imports
-    return found
-
-
 def closure(start: str, skip_prefix: str | None = None, imports: set[str] | None = None) -> set[str]:
     """Every analysis module `start` runs, itself included; `skip_prefix` modules are not followed;
     `imports`, if given, replaces what `start` itself imports."""
@@ -81,19 +67,34 @@ def document_modules(qmd: Path) -> set[str]:
     return found
 
 
-def stage_files(stage_module: str) -> list[str]:
-    """Repository-relative files a verb runs: the CLI (without the other verbs' bodies) and the stage's closure;
-    for the report, also the modules the document imports."""
-    names = (closure("analysis.cli", skip_prefix="analysis.stages", imports=cli_modules(stage_module))
-             | closure(f"analysis.stages.{stage_module}"))
-    if stage_module == "report":
+def stage_modules(verb: str) -> set[str]:
+    """analysis.* modules one verb's stage runs: the closure of analysis.verbs.<verb>, and for the report also
+    of the modules the document imports."""
+    names = closure(f"analysis.verbs.{verb}")
+    if verb == "report":
         for name in document_modules(REPO / "report" / "index.qmd"):
             names |= closure(name)
-    names.add("analysis.stages")
-    names.add("analysis")
-    return sorted(str(module_file(n).relative_to(REPO)) for n in names)
+    return names
+
+
+# The CLI only parses arguments and calls the verb module, and the launcher only finds the environment: neither is
+# a dependency of any stage, so editing them re-runs nothing (README, "The pipeline").
+WIRING = {"analysis", "analysis.cli", "analysis.verbs"}
+
+
+def stage_dependencies(verb: str) -> list[str]:
+    """What dvc.yaml lists for a verb's stage: the folder of every library package its modules belong to, and
+    the verb's own module (the other verbs are no dependency)."""
+    deps = set()
+    for name in stage_modules(verb) - WIRING:
+        parts = name.split(".")
+        if parts[1] == "verbs":
+            deps.add(str(module_file(name).relative_to(REPO)))
+        else:
+            deps.add(f"analysis/{parts[1]}")
+    return sorted(deps)
 
 
 if __name__ == "__main__":
-    for stage in ("prompts_check", "pull", "extract", "stats", "original", "figures", "report"):
-        print(stage, stage_files(stage))
+    for verb in ("prompts_check", "pull", "extract", "stats", "patch", "original", "figures", "report"):
+        print(verb, stage_dependencies(verb))

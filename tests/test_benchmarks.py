@@ -14,6 +14,8 @@ sys.path.insert(0, str(BENCH))
 
 import report  # noqa: E402
 
+pytestmark = pytest.mark.slow  # runs the benchmarks' pipeline parts (make test-fast leaves it out)
+
 GOALS = yaml.safe_load((BENCH / "goals.yaml").read_text(encoding="utf-8"))
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from analysis.errors import UserError
-from analysis.extraction import encode
-from analysis.realshape import FAMILIES
+from analysis.core.errors import UserError
+from analysis.extraction.runner import encode
+from realshape import FAMILIES
 
 from conftest import CHAT_TEMPLATES
 

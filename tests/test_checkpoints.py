@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis import checkpoints, config
-from analysis.layout import project_paths
-from analysis.errors import UserError
+from analysis.models import checkpoints
+from analysis.core import config
+from analysis.core.layout import project_paths
+from analysis.core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SHA_1 = "1" * 40

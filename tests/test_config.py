@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from analysis import config
-from analysis.errors import UserError
-from analysis.layout import project_paths
+from analysis.core import config
+from analysis.core.errors import UserError
+from analysis.core.layout import project_paths
 from conftest import REPO
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -172,10 +172,10 @@ def test_a_local_source_is_validated_and_resolved_from_the_root(tmp_path):
     with pytest.raises(UserError, match=r"suites.mine.families.x.base.local: '' is not a folder; write the path"):
         config.parse(bad, paths, check_active=False)
     both = _with_suite({"base": {"local": "models/x", "repo": "o/x"}, "instruct": {"local": "models/x-instruct"}})
-    with pytest.raises(UserError, match=r"x.base: give one of repo, demo, local, not repo and local"):
+    with pytest.raises(UserError, match=r"x.base: give one of repo, demo, local, gguf, not repo and local"):
         config.parse(both, paths, check_active=False)
     neither = _with_suite({"base": {"revision": "main"}, "instruct": {"local": "models/x-instruct"}})
-    with pytest.raises(UserError, match=r"needs `repo: <owner>/<name>` \(hub\), .* or `local: <dir>`"):
+    with pytest.raises(UserError, match=r"needs `repo: <owner>/<name>` \(hub\), .*`local: <dir>`.* or `gguf: \{file: \.\.\.\}`"):
         config.parse(neither, paths, check_active=False)
     good = _with_suite({"base": {"local": "models/x"}, "instruct": {"local": str(tmp_path / "abs")}})
     base, instruct = config.parse(good, paths, check_active=False).suites["mine"]

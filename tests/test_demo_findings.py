@@ -11,12 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import config, synthetic
-from analysis.extraction import extract_checkpoint
-from analysis.layer_statistics import build_statistics
-from analysis.quantities import PROMPT_FORMATS, choice_rows
-from analysis.study import build_study
+from analysis.core import config
+from analysis.models import synthetic
+from analysis.extraction.runner import extract_checkpoint
+from analysis.statistics.layers import build_statistics
+from analysis.core.quantities import PROMPT_FORMATS, choice_rows
+from analysis.statistics.study import build_study
 from conftest import REPO_CONFIG
+
+pytestmark = pytest.mark.slow  # extracts every demo family (make test-fast leaves it out)
 
 STATS = dataclasses.replace(REPO_CONFIG.stats, n_resamples=1000, n_permutations=1000, split_half_splits=200)
 EXTRACT = dataclasses.replace(REPO_CONFIG.extract, device="cpu")

@@ -2,7 +2,7 @@
 
 import torch
 
-from analysis.extraction import pick_device, pick_dtype
+from analysis.extraction.runner import pick_device, pick_dtype
 
 
 def _machine(monkeypatch, cuda: bool, mps: bool):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.entropy import pattern_entropies
+from analysis.extraction.entropy import pattern_entropies
 
 
 def _causal_uniform(n: int) -> torch.Tensor:

@@ -13,11 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis import config
-from analysis.artefacts import read_parquet
-from analysis.errors import UserError
-from analysis.layout import STATS_TABLES
+from analysis.core import config
+from analysis.core.artefacts import read_parquet
+from analysis.core.errors import UserError
+from analysis.core.layout import STATS_TABLES
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # runs dvc and the renderers in subprocesses (make test-fast leaves it out)
 
 BIN = Path(sys.executable).parent
 DVC = shutil.which("dvc", path=str(BIN))
@@ -109,7 +111,7 @@ def _tracked_study() -> dict:
 def test_a_stats_run_killed_between_two_writes_leaves_the_old_set(stats_project, monkeypatch):
     """A fault injected after the third table is written: every file of data/stats is the old one; the
     same run without the fault replaces every file; no temporary file is left in data/."""
-    from analysis.stages import stats as stage
+    from analysis.verbs import stats as stage
 
     cfg = config.load()
     before = _digests(stats_project / "data" / "stats")
@@ -137,8 +139,8 @@ def test_a_stats_run_killed_between_two_writes_leaves_the_old_set(stats_project,
 
 def test_a_report_killed_between_html_and_pdf_keeps_both_old_files(project, monkeypatch):
     """The HTML and PDF of report/_output always come from the same build."""
-    from analysis.rendering import RenderResult
-    from analysis.stages import report as stage
+    from analysis.report.rendering import RenderResult
+    from analysis.verbs import report as stage
 
     out = project / "report" / "_output"
     out.mkdir(parents=True)
@@ -162,7 +164,7 @@ def test_a_report_killed_between_html_and_pdf_keeps_both_old_files(project, monk
 
 
 def test_what_a_killed_run_left_in_scratch_is_removed_next_time(project):
-    from analysis.artefacts import clean_scratch
+    from analysis.core.artefacts import clean_scratch
 
     scratch = project / ".selfref-tmp"
     scratch.mkdir()
@@ -192,7 +194,7 @@ def test_a_truncated_or_incomplete_table_is_named_with_the_fix(tmp_path):
 
 def test_a_read_only_output_folder_is_one_line(project, tmp_path):
     """Writing into a folder that cannot be written names the file and the fix, and changes nothing."""
-    from analysis.artefacts import write_json
+    from analysis.core.artefacts import write_json
 
     if os.geteuid() == 0:
         # root ignores permission bits; a path under a regular file cannot be created by anyone

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from analysis.errors import UserError
+from analysis.core.errors import UserError
 from reference_entropy import eager_entropies
-from analysis.config import ExtractSettings
-from analysis.extraction import encode, extract_checkpoint, length_sorted_batches
+from analysis.core.config import ExtractSettings
+from analysis.extraction.runner import encode, extract_checkpoint, length_sorted_batches
 
 SETTINGS = ExtractSettings(batch_size=7, device="cpu", dtype="auto", trust_remote_code=False, device_map=None,
                            chat_system="default", chat_date=None)
@@ -113,7 +113,7 @@ HOST_OOM = RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAll
 def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, monkeypatch, caplog, failure):
     """A batch whose allocation fails (Python, torch's CPU allocator, a device) is halved and retried with
     a log line; results are unchanged."""
-    from analysis.extraction import EntropyRunner
+    from analysis.extraction.runner import EntropyRunner
 
     folder = demo_dir("demo_llama", "base")
     kwargs = dict(checkpoint="demo_llama-base", family="demo_llama", variant="base",
@@ -127,7 +127,7 @@ def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, mo
         return original(self, prompts, *args, **kwargs)
 
     monkeypatch.setattr(EntropyRunner, "_forward", small_memory)
-    with caplog.at_level("WARNING", logger="analysis.extraction"):
+    with caplog.at_level("WARNING", logger="analysis.extraction.runner"):
         got = extract_checkpoint(folder, prompt_subset, **kwargs)
     pd.testing.assert_frame_equal(got, expected, check_exact=False, atol=1e-6, rtol=0)
     assert "out of memory on a batch of 8 prompts; retrying as 4 + 4" in caplog.text
@@ -135,7 +135,7 @@ def test_out_of_memory_batches_are_split_and_retried(demo_dir, prompt_subset, mo
 
 def test_out_of_memory_on_one_prompt_is_a_clear_error(demo_dir, prompt_subset, monkeypatch):
     """When even one prompt does not fit, the error says what to change instead of crashing."""
-    from analysis.extraction import EntropyRunner
+    from analysis.extraction.runner import EntropyRunner
 
     monkeypatch.setattr(EntropyRunner, "_forward",
                         lambda self, prompts, *args, **kwargs: (_ for _ in ()).throw(MemoryError()))
@@ -145,7 +145,7 @@ def test_out_of_memory_on_one_prompt_is_a_clear_error(demo_dir, prompt_subset, m
 
 
 def test_other_runtime_errors_are_not_taken_for_out_of_memory(demo_dir, prompt_subset, monkeypatch):
-    from analysis.extraction import EntropyRunner
+    from analysis.extraction.runner import EntropyRunner
 
     monkeypatch.setattr(EntropyRunner, "_forward",
                         lambda self, prompts, *args, **kwargs: (_ for _ in ()).throw(RuntimeError("shape mismatch")))

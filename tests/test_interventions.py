@@ -8,10 +8,10 @@ import torch
 from scipy import stats
 from transformers import AutoTokenizer
 
-from analysis.attention_mass import pattern_masses
-from analysis.errors import UserError
-from analysis.extraction import EncodedPrompt, encode, encode_prompts
-from analysis.interventions import (
+from analysis.extraction.attention_mass import pattern_masses
+from analysis.core.errors import UserError
+from analysis.extraction.runner import EncodedPrompt, encode, encode_prompts
+from analysis.interventions.patching import (
     NO_EFFECT,
     NO_LATER_LAYER,
     TOO_FEW_CONTROLS,
@@ -22,7 +22,7 @@ from analysis.interventions import (
     neutral_mean,
     select_controls,
 )
-from analysis.prompts import load_prompts, marker_spans
+from analysis.core.prompts import load_prompts, marker_spans
 
 
 def test_masses_by_hand():
@@ -76,7 +76,7 @@ def test_marker_tokens_found_through_offsets(demo_dir, prompts):
 
 
 def test_extraction_masses_nan_for_neutral_only(demo_dir, prompt_subset):
-    from analysis.extraction import extract_checkpoint
+    from analysis.extraction.runner import extract_checkpoint
     from conftest import REPO_CONFIG
 
     frame = extract_checkpoint(demo_dir("demo_llama", "base"), prompt_subset, checkpoint="demo_llama-base",
@@ -184,7 +184,7 @@ def test_patching_refuses_different_token_ids():
 
 
 def test_mass_changes_by_hand():
-    from analysis.mass_statistics import mass_changes
+    from analysis.statistics.mass_summary import mass_changes
 
     rows = []
     for variant, shift in (("base", 0.0), ("instruct", 0.1)):

@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import config, synthetic
-from analysis.errors import UserError
-from analysis.extraction import extract_checkpoint
-from analysis.language_statistics import language_change, language_contrasts
-from analysis.prompts import load_prompts
-from analysis.quantities import CATEGORIES, LANGUAGES, NEUTRAL, SELF, choice_rows, rfc
+from analysis.core import config
+from analysis.models import synthetic
+from analysis.core.errors import UserError
+from analysis.extraction.runner import extract_checkpoint
+from analysis.statistics.languages import language_change, language_contrasts
+from analysis.core.prompts import load_prompts
+from analysis.core.quantities import CATEGORIES, LANGUAGES, NEUTRAL, SELF, choice_rows, rfc
 from conftest import REPO_CONFIG, write_prompts_csv
 
 REPO = Path(__file__).resolve().parent.parent

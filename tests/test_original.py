@@ -14,10 +14,11 @@ import pytest
 import yaml
 from scipy import stats
 
-from analysis import cli, config
-from analysis.errors import UserError
-from analysis.layout import project_paths
-from analysis.original_study import Build, band_statistics, check_files, load_claims, match_build, reanalyse
+from analysis import cli
+from analysis.core import config
+from analysis.core.errors import UserError
+from analysis.core.layout import project_paths
+from analysis.statistics.original_study import Build, band_statistics, check_files, load_claims, match_build, reanalyse
 
 REPO = Path(__file__).resolve().parent.parent
 ORIGINAL = REPO / "data" / "original"

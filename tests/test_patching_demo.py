@@ -1,6 +1,6 @@
 """Known answers of the patching stage on the demo suite, recomputed here from freshly built checkpoints.
 
-What holds by construction of the demo (analysis/synthetic.py, docs/method.md "Interventions on heads"):
+What holds by construction of the demo (analysis/models/synthetic.py, docs/method.md "Interventions on heads"):
 base and instruct of a compression family share every weight except the query row of the planted heads, so
 - an intervention on a head's output (hook_z) changes nothing at or before its layer (its own pattern included);
 - below the first planted layer, and at it for every head but the planted one, the two variants compute the
@@ -24,12 +24,14 @@ import dataclasses
 import numpy as np
 import pytest
 
-from analysis.extraction import encode_prompts, extract_checkpoint, open_checkpoint
-from analysis.heads import head_scores
-from analysis.interventions import (NO_EFFECT, PATCH_CATEGORIES, check_identical_ids, intervened_runs, run_interventions,
+from analysis.extraction.runner import encode_prompts, extract_checkpoint, open_checkpoint
+from analysis.statistics.heads import head_scores
+from analysis.interventions.patching import (NO_EFFECT, PATCH_CATEGORIES, check_identical_ids, intervened_runs, run_interventions,
                                     select_controls, summarise)
-from analysis.resampling import rng_for, sign_flips
+from analysis.statistics.resampling import rng_for, sign_flips
 from conftest import REPO_CONFIG
+
+pytestmark = pytest.mark.slow  # extracts and patches every demo family (make test-fast leaves it out)
 
 EXTRACT = dataclasses.replace(REPO_CONFIG.extract, device="cpu")
 PATCH = REPO_CONFIG.patch

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from analysis import checkpoints, cli, config
-from analysis.extraction import EntropyRunner
-from analysis.prompts import load_prompts
+from analysis.models import checkpoints
+from analysis import cli
+from analysis.core import config
+from analysis.extraction.runner import EntropyRunner
+from analysis.core.prompts import load_prompts
+
+pytestmark = pytest.mark.slow  # extracts demo checkpoints and runs dvc repro in a clone (make test-fast leaves it out)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -96,7 +100,7 @@ def test_dvc_repro_from_a_clean_clone_rebuilds_every_artefact(tmp_path):
 
 def test_stats_without_entropy_tables_names_the_missing_file_and_writes_nothing(project):
     """The stats verb refuses to run on missing inputs and says which stage makes them."""
-    from analysis.errors import UserError
+    from analysis.core.errors import UserError
 
     with pytest.raises(UserError, match=r"data/entropy/raw/demo_\w+-base.parquet: missing; run `selfref extract"):
         cli.stats()

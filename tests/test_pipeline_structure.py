@@ -1,5 +1,5 @@
-"""dvc.yaml runs exactly what the code says: every stage depends on every module its verb runs, so a code
-change re-runs the stages it affects and no others."""
+"""dvc.yaml runs exactly what the code says: every stage depends on the package folders its verb runs and on its
+verb module, so a code change re-runs the stages it affects and no others; the CLI wiring re-runs none."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stage_modules import REPO, stage_files
+from stage_modules import REPO, WIRING, stage_dependencies, stage_modules
 
 STAGE_MODULES = {"prompts": "prompts_check", "pull": "pull", "extract": "extract", "extract_chat": "extract",
                  "stats": "stats", "original": "original", "figures": "figures", "report": "report",
@@ -32,29 +32,53 @@ def test_every_stage_calls_its_verb_through_the_launcher():
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
-def test_stage_deps_list_exactly_the_modules_its_verb_runs(stage):
+def test_stage_deps_list_exactly_the_package_folders_its_verb_runs(stage):
     body = _stages()[stage]
     body = body.get("do", body)
-    listed = {d for d in body["deps"] if d.startswith("analysis/")}
-    expected = set(stage_files(STAGE_MODULES[stage])) | {"analysis/selfref.sh"}
-    assert sorted(expected - listed) == [], f"{stage}: modules it runs but does not depend on"
-    assert sorted(listed - expected) == [], f"{stage}: modules it depends on but does not run"
+    listed = {d for d in body["deps"] if d.startswith("analysis")}
+    expected = set(stage_dependencies(STAGE_MODULES[stage]))
+    assert sorted(expected - listed) == [], f"{stage}: packages it runs but does not depend on"
+    assert sorted(listed - expected) == [], f"{stage}: packages it depends on but does not run"
+    assert all(Path(REPO / d).is_dir() or d.startswith("analysis/verbs/") for d in listed), listed
+
+
+def test_the_library_is_organised_in_packages_and_the_verbs_stay_thin():
+    """Sub-packages by pipeline part; only the CLI and the package init sit at the top; no module but the CLI
+    imports a verb module (verbs import only the library, never another verb)."""
+    top = {p.name for p in (REPO / "analysis").iterdir() if p.suffix == ".py"}
+    assert top == {"__init__.py", "cli.py"}, top
+    packages = {p.name for p in (REPO / "analysis").iterdir() if (p / "__init__.py").exists()}
+    assert packages == {"core", "models", "extraction", "statistics", "interventions", "report", "audit", "verbs"}
+    for path in (REPO / "analysis").rglob("*.py"):
+        name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        if name == "analysis.cli":  # the wiring: each verb of the CLI calls its module
+            continue
+        imported = {m for m in stage_modules_of(path) if m.startswith("analysis.verbs.")}
+        assert not imported, f"{name} imports verb module(s) {sorted(imported)}"
+
+
+def stage_modules_of(path: Path) -> set[str]:
+    from stage_modules import imported_modules
+
+    return imported_modules(path)
 
 
 def test_every_stage_module_is_a_stage():
-    modules = {p.stem for p in (REPO / "analysis" / "stages").glob("*.py") if p.stem != "__init__"}
+    modules = {p.stem for p in (REPO / "analysis" / "verbs").glob("*.py") if p.stem != "__init__"}
     assert modules == set(STAGE_MODULES.values())
 
 
 def test_verbs_that_are_no_stage_re_run_no_stage():
-    """verify, explain and noise-floor live in library modules the CLI imports inside their verbs: no stage depends
-    on them."""
+    """verify, explain and noise-floor live in analysis/audit, which the CLI imports inside their verbs: no stage
+    depends on it, nor on the CLI wiring."""
     for stage_module in set(STAGE_MODULES.values()):
-        files = stage_files(stage_module)
-        assert not {"analysis/verification.py", "analysis/provenance.py", "analysis/noise_floor.py"} & set(files), \
-            stage_module
+        deps = stage_dependencies(stage_module)
+        assert "analysis/audit" not in deps and "analysis/cli.py" not in deps, stage_module
+        assert not any(m.startswith("analysis.audit") for m in stage_modules(stage_module)), stage_module
+    assert WIRING == {"analysis", "analysis.cli", "analysis.verbs"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(DVC is None or shutil.which("git") is None, reason="needs dvc and git")
 def test_dvc_status_reports_a_stage_changed_when_a_module_it_runs_changes(tmp_path):
     clone = tmp_path / "clone"
@@ -73,13 +97,20 @@ def test_dvc_status_reports_a_stage_changed_when_a_module_it_runs_changes(tmp_pa
         return out
 
     before = changed_deps()
-    assert "analysis/heads.py" not in before.get("stats", set())
-    with open(clone / "analysis" / "heads.py", "a", encoding="utf-8") as fh:
+    heads = clone / "analysis" / "statistics" / "heads.py"
+    assert "analysis/statistics" not in before.get("stats", set())
+    with open(heads, "a", encoding="utf-8") as fh:
         fh.write("\n# an edit\n")
     after = changed_deps()
-    assert "analysis/heads.py" in after["stats"]
-    users = {name for name, stage in _stages().items()
-             if "analysis/heads.py" in stage.get("do", stage)["deps"]}
+    assert "analysis/statistics" in after["stats"]
+    users = {name for name, stage in _stages().items() if "analysis/statistics" in stage.get("do", stage)["deps"]}
     # a foreach stage (patch@<family>) counts under its name in dvc.yaml
-    assert {s.split("@")[0] for s, deps in after.items() if "analysis/heads.py" in deps} == users
+    assert {s.split("@")[0] for s, deps in after.items() if "analysis/statistics" in deps} == users
     assert "stats" in users and "figures" not in users and not any(u.startswith("extract") for u in users)
+    subprocess.run(["git", "checkout", "--", "analysis"], cwd=clone, check=True)
+    # the CLI, the launcher and Python's caches re-run nothing
+    with open(clone / "analysis" / "cli.py", "a", encoding="utf-8") as fh:
+        fh.write("\n# an edit\n")
+    (clone / "analysis" / "statistics" / "__pycache__").mkdir(exist_ok=True)
+    (clone / "analysis" / "statistics" / "__pycache__" / "heads.cpython-311.pyc").write_bytes(b"cache")
+    assert changed_deps() == before

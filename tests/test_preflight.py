@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 import torch
 from typer.testing import CliRunner
 
-from analysis import preflight
-from analysis.config import read_yaml
+from analysis.models import preflight
+from analysis.core.config import read_yaml
 from analysis.cli import app
 
 GIB = 2**30

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analysis.errors import UserError
-from analysis.prompts import CATEGORIES, load_prompts, token_lengths
+from analysis.core.errors import UserError
+from analysis.core.prompts import CATEGORIES, load_prompts, token_lengths
 from conftest import write_prompts_csv
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,5 +1,5 @@
-"""Ranks that float noise cannot flip (analysis/ranking.py) and the comparison of a rebuild with published
-artefacts (analysis/build_comparison.py), on hand-made cases."""
+"""Ranks that float noise cannot flip (analysis/core/ranking.py) and the comparison of a rebuild with published
+artefacts (analysis/audit/build_comparison.py), on hand-made cases."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.build_comparison import compare_folders, compare_with_revision, is_published
-from analysis.errors import UserError
-from analysis.heads import head_scores
-from analysis.layer_statistics import top_compression_layers
-from analysis.layout import project_paths
-from analysis.ranking import first_by, ordered, positions_and_ranks, rounded, tie_label
-from analysis.resampling import rng_for, sign_flips
+from analysis.audit.build_comparison import compare_folders, compare_with_revision, is_published
+from analysis.core.errors import UserError
+from analysis.statistics.heads import head_scores
+from analysis.statistics.layers import top_compression_layers
+from analysis.core.layout import project_paths
+from analysis.core.ranking import first_by, ordered, positions_and_ranks, rounded, tie_label
+from analysis.statistics.resampling import rng_for, sign_flips
 from test_stats import settings
 
 SETTINGS = settings(rank_decimals=4, alpha=0.05, n_permutations=10_000)

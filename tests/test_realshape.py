@@ -13,13 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from analysis import config, realshape
+from analysis.core import config
+from analysis import realshape
 from analysis.cli import app
-from analysis.checkpoints import local_dir
-from analysis.errors import UserError
-from analysis.layout import project_paths
-from analysis.extraction import encode, load_bridge
+from analysis.models.checkpoints import local_dir
+from analysis.core.errors import UserError
+from analysis.core.layout import project_paths
+from analysis.extraction.runner import encode, load_bridge
 from reference_entropy import eager_entropies
+
+pytestmark = pytest.mark.slow  # builds real-shaped checkpoints with real tokenizers (make test-fast leaves it out)
 
 # What the real checkpoints put first in a raw prompt (None: no BOS, the prompt's own first token).
 FIRST_RAW = {"llama31_8b": "<|begin_of_text|>", "llama32_1b": "<|begin_of_text|>", "mistral_7b": "<s>",
@@ -124,7 +127,7 @@ def test_a_sliding_window_shorter_than_the_prompt_matches_eager(realshape_dir, r
     tok = AutoTokenizer.from_pretrained(local)
     encoded = [encode(tok, t, "raw") for t in prompts["text"].head(4)]
     assert all(len(e.input_ids) > 4 for e in encoded)
-    from analysis.extraction import EntropyRunner, pad_id
+    from analysis.extraction.runner import EntropyRunner, pad_id
 
     bridge = load_bridge(local, "cpu", torch.float32)
     got = EntropyRunner(bridge, 2, spec["heads"], pad_id(tok), "cpu").run(encoded, 4)

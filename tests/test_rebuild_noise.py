@@ -5,7 +5,7 @@ flipped demo_stages' tied planted heads between machines. Here every entropy and
 suite is multiplied by (1 + eps * u), u uniform in [-1, 1], seeded per (family, format, prompt, layer, head) and
 the same for every stage of a family (one CPU computes both, so what is exactly equal there stays equal), and the
 statistics are rebuilt: every rank, class, candidate set and significance decision must stand
-(analysis/build_comparison.py), and every number must agree at the printed precision.
+(analysis/audit/build_comparison.py), and every number must agree at the printed precision.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import cli, config
-from analysis.build_comparison import compare_folders
-from analysis.layout import project_paths
-from analysis.quantities import ENTROPY_COLUMNS, MASS_COLUMNS, PROMPT_FORMATS
-from analysis.stages.stats import entropy_tables, write_study
-from analysis.study import build_study
+from analysis import cli
+from analysis.core import config
+from analysis.audit.build_comparison import compare_folders
+from analysis.core.layout import project_paths
+from analysis.core.quantities import ENTROPY_COLUMNS, MASS_COLUMNS, PROMPT_FORMATS
+from analysis.verbs.stats import entropy_tables, write_study
+from analysis.statistics.study import build_study
 
 REPO = Path(__file__).resolve().parent.parent
 EPS = 4 * float(np.finfo(np.float32).eps)  # about 5e-7: a few float32 units, more than two CPUs differ by

@@ -11,8 +11,8 @@ import pytest
 import vl_convert as vlc
 from pypdf import PdfReader
 
-from analysis import rendering
-from analysis.errors import UserError
+from analysis.report import rendering
+from analysis.core.errors import UserError
 
 DOCUMENT = '''---
 title: "Renderer check"
@@ -25,7 +25,7 @@ toc: true
 #| include: false
 import sys
 from pathlib import Path
-from analysis.rendering import Markdown, chart_markdown, vega_bundle_markdown
+from analysis.report.rendering import Markdown, chart_markdown, vega_bundle_markdown
 hidden_value = 6 * 7
 ```
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader
 
-from analysis import config, rendering
-from analysis.layout import project_paths
-from analysis.reporting import Numbers, format_number, lookup, ranked_values, undefined
-from analysis.stages import report as report_stage
+from analysis.core import config
+from analysis.report import rendering
+from analysis.core.layout import project_paths
+from analysis.report.document import Numbers, format_number, lookup, ranked_values, undefined
+from analysis.verbs import report as report_stage
 
 REPO = Path(__file__).resolve().parent.parent
 INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json", "data/original",

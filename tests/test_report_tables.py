@@ -1,9 +1,9 @@
-"""The report's selections (analysis.report_tables) on small hand-made tables with known answers."""
+"""The report's selections (analysis.statistics.selections) on small hand-made tables with known answers."""
 
 import numpy as np
 import pandas as pd
 
-from analysis import report_tables
+from analysis.statistics import selections as report_tables
 
 
 def heads_table() -> pd.DataFrame:
@@ -73,7 +73,7 @@ def test_language_token_counts_are_one_row_per_tokenizer_and_language_in_categor
 
 
 def test_language_length_text_names_the_tokenizers_by_direction():
-    from analysis.reporting import language_length_text
+    from analysis.report.document import language_length_text
     counts = pd.DataFrame({"family": ["a", "a", "a", "b", "b", "b"], "language": ["en", "zh", "es"] * 2,
                            "self_referent": [8.0, 6.0, 11.0, 8.0, 9.0, 11.0], "neutral": [8.0, 6.0, 11.0, 8.0, 9.0, 11.0]})
     assert language_length_text(counts) == (
@@ -85,7 +85,7 @@ def test_language_length_text_names_the_tokenizers_by_direction():
 def test_markdown_table_sizes_columns_by_their_longest_word():
     """A column's share of the width is its longest unbreakable word plus the cell padding: a phrase may
     wrap, a number may not, so the numbers of a wide table never overprint their neighbours."""
-    from analysis.reporting import TABLE_CELL_PADDING, markdown_table
+    from analysis.report.document import TABLE_CELL_PADDING, markdown_table
     frame = pd.DataFrame({"family": ["demo_llama"], "contrast [CI]": ["-0.0424 [-0.0492, -0.0356]"]})
     rule = str(markdown_table(frame)).splitlines()[1]
     assert rule == "|" + "-" * (10 + TABLE_CELL_PADDING) + "|" + "-" * (len("[-0.0492,") + TABLE_CELL_PADDING) + "|"

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import statsmodels.formula.api as smf
 
-from analysis.robustness import FORMULA, INTERACTION, NO_CHANGE_TO_MODEL, length_control, prompt_layer_entropy, split_half
+from analysis.statistics.robustness import FORMULA, INTERACTION, NO_CHANGE_TO_MODEL, length_control, prompt_layer_entropy, split_half
 
 N_PROMPTS, N_LAYERS, N_HEADS = 40, 5, 3
 
@@ -107,8 +107,8 @@ def test_split_half_is_deterministic_given_the_seed():
 def test_conclusions_and_differences_from_the_headline():
     """A conclusion follows the sign of the whole interval; rows whose conclusion is not the headline's
     are marked, and the report's cells carry a dagger exactly there."""
-    from analysis.reporting import robustness_rows
-    from analysis.robustness import conclusion, metrics_entries, robustness_table
+    from analysis.report.document import robustness_rows
+    from analysis.statistics.robustness import conclusion, metrics_entries, robustness_table
 
     assert conclusion(-0.3, -0.1) == "compression" and conclusion(0.1, 0.2) == "gain"
     assert conclusion(-0.1, 0.1) == "no_change" and conclusion(None, 0.2) == "no_change"

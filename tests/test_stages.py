@@ -11,13 +11,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from analysis import config, synthetic
-from analysis.errors import UserError
-from analysis.extraction import extract_checkpoint
-from analysis.layout import project_paths
-from analysis.quantities import NO_CHANGE
-from analysis.stage_statistics import check_tokenisation, stage_statistics
-from analysis.study import build_study
+from analysis.core import config
+from analysis.models import synthetic
+from analysis.core.errors import UserError
+from analysis.extraction.runner import extract_checkpoint
+from analysis.core.layout import project_paths
+from analysis.core.quantities import NO_CHANGE
+from analysis.statistics.training_stages import check_tokenisation, stage_statistics
+from analysis.statistics.study import build_study
 from conftest import REPO, REPO_CONFIG
 
 STATS = dataclasses.replace(REPO_CONFIG.stats, n_resamples=400, n_permutations=400, split_half_splits=50,

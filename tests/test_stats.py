@@ -1,4 +1,4 @@
-"""Statistics of the study (analysis.resampling, correlation, heads, metrics) on cases with known answers.
+"""Statistics of the study (analysis.statistics.resampling, correlation, heads, metrics) on cases with known answers.
 
 Three kinds of evidence:
 - hand-computed small cases (numbers small enough to check on paper, written out in the test);
@@ -20,14 +20,14 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from analysis.config import StatsSettings
-from analysis.correlation import (CONSTANT, INTERPOLATED, NO_SIGNAL, comparison_grid, compare_profiles,
+from analysis.core.config import StatsSettings
+from analysis.statistics.correlation import (CONSTANT, INTERPOLATED, NO_SIGNAL, comparison_grid, compare_profiles,
                                   interpolation_matrix)
-from analysis.errors import UserError
-from analysis.heads import EPS, head_scores, zscore
-from analysis.layer_statistics import _change, build_statistics, family_arrays, head_t_interval
-from analysis.quantities import CATEGORIES, layer_ratios, relative_depth
-from analysis.resampling import (bootstrap_group_means, circular_shift_pvalue, fdr_bh, group_means, index_counts,
+from analysis.core.errors import UserError
+from analysis.statistics.heads import EPS, head_scores, zscore
+from analysis.statistics.layers import _change, build_statistics, family_arrays, head_t_interval
+from analysis.core.quantities import CATEGORIES, layer_ratios, relative_depth
+from analysis.statistics.resampling import (bootstrap_group_means, circular_shift_pvalue, fdr_bh, group_means, index_counts,
                                  paired_permutation_test, percentile_ci, permutation_pvalue, permuted_group_means,
                                  rng_for, rowwise_pearson, sign_flips, stratified_bootstrap_indices)
 

@@ -16,12 +16,13 @@ from typer.testing import CliRunner
 import importlib
 import re
 
-from analysis import cli, config
-from analysis.errors import UserError
-from analysis.layout import project_paths
-from analysis.provenance import REGISTRY, all_keys, explain, lookup
-from analysis.quantities import CATEGORIES as CATS, LANGUAGES
-from analysis.verification import numbers_agree, tolerance, verify_workspace
+from analysis import cli
+from analysis.core import config
+from analysis.core.errors import UserError
+from analysis.core.layout import project_paths
+from analysis.audit.provenance import REGISTRY, all_keys, explain, lookup
+from analysis.core.quantities import CATEGORIES as CATS, LANGUAGES
+from analysis.audit.verification import numbers_agree, tolerance, verify_workspace
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"n_resamples": 100, "n_permutations": 100, "split_half_splits": 10}
@@ -195,11 +196,11 @@ def test_data_readme_documents_every_registry_function_and_key():
 
 @pytest.mark.parametrize("key, expect", [
     ("families.demo_llama.mean_delta_rfc", ["data/stats/metrics.json", "deltas.parquet: delta_rfc",
-                                            "analysis.layer_statistics:family_metrics", "stats.n_resamples=100",
+                                            "analysis.statistics.layers:family_metrics", "stats.n_resamples=100",
                                             "dep data/entropy/raw"]),
     ("pairs.demo_llama~demo_mistral.pearson_p_shift", ["cross_family.parquet: pearson_p_shift",
-                                                       "analysis.correlation:compare_profiles", "stats.depth_grid=20"]),
-    ("robustness.demo_null.split_half_r", ["split_half.parquet: split_half_r", "analysis.robustness:split_half",
+                                                       "analysis.statistics.correlation:compare_profiles", "stats.depth_grid=20"]),
+    ("robustness.demo_null.split_half_r", ["split_half.parquet: split_half_r", "analysis.statistics.robustness:split_half",
                                            "stats.split_half_splits=10"]),
     ("families.demo_qwen.top_heads.rank_1", ["heads.parquet: position, rank, tied", "stats.top_k_heads=10",
                                             "stats.rank_decimals=4"]),
@@ -209,7 +210,7 @@ def test_data_readme_documents_every_registry_function_and_key():
                                                                  "language_summary.parquet", "ΔRFC_es differs from ΔRFC_en",
                                                                  "stats.n_permutations=100"]),
     ("original.claims.mean_delta_rfc:qwen.recomputed", ["= 0.142385", "data/original/reanalysis.json",
-                                                         "analysis.original_study:reanalyse"]),
+                                                         "analysis.statistics.original_study:reanalyse"]),
     ("original.source.sha256.figures/llama/comparison/detailed_comparison.csv", ["a08f67be9598"]),
 ])
 def test_explain(built, key, expect):
@@ -224,9 +225,9 @@ def test_explain(built, key, expect):
 def _patched(project_root) -> str:
     """A per-prompt patching table for demo_llama (what `selfref patch` would measure; synthetic effects), and
     the table and summary the stage writes from it. Returns the family."""
-    from analysis.artefacts import read_parquet
-    from analysis.interventions import INTERVENTIONS, PATCH_CATEGORIES
-    from analysis.stages.patch import HEADS_COLUMNS, selection_for, summaries
+    from analysis.core.artefacts import read_parquet
+    from analysis.interventions.patching import INTERVENTIONS, PATCH_CATEGORIES
+    from analysis.verbs.patch import HEADS_COLUMNS, selection_for, summaries
 
     family, paths = "demo_llama", project_paths()
     params = yaml.safe_load(paths.params.read_text())
@@ -265,7 +266,7 @@ def test_patching_summary_is_recomputed_and_every_key_explained(built):
     head = next(iter(entry))
     lines = explain(f"patching.{family}.interventions.patch_base_into_instruct.entropy_later.heads.{head}.effect_self")
     assert f"data/patching/{family}.json" in lines[1] and "selfref patch demo_llama" in lines[1]
-    assert "analysis.interventions:summarise" in "\n".join(lines)
+    assert "analysis.interventions.patching:summarise" in "\n".join(lines)
     entry[head]["effect_self"] *= 1.01
     paths.patch_summary(family).write_text(json.dumps(summary))
     mismatches = [k for k, _, _ in verify_workspace().mismatches]

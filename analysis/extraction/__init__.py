@@ -1,0 +1,1 @@
+"""Forward passes: attention entropy and attention mass of every head for every prompt."""

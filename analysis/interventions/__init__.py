@@ -1,0 +1,1 @@
+"""Ablation and activation patching of candidate heads against control heads."""

@@ -1,0 +1,413 @@
+"""What the report needs from tracked artefacts: numbers with their source, tables, and provenance.
+
+Every number the report states goes through `Numbers.show`, which prints it as a span carrying the
+metrics.json key it came from (`data-key`), so a reader (and a test) can trace it to the artefact.
+These helpers format; what to show is selected by the stats stage (analysis.statistics.selections).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from analysis.core import config as config_mod
+from analysis.core.artefacts import file_sha256
+from analysis.core.config import Config, StatsSettings
+from analysis.core.layout import ProjectPaths, project_paths
+from analysis.core.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows
+from analysis.report.rendering import Markdown, chart_markdown
+
+PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
+            "statsmodels", "pandas", "pyarrow", "altair", "vl-convert-python", "dvc")
+
+
+def lookup(metrics: dict[str, Any], key: str) -> Any:
+    """metrics["a"]["b"]... for key "a.b..."; family and pair names never contain dots."""
+    value: Any = metrics
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+# How an undefined number (None in metrics, with the reason stored beside it) is printed: never 0, 1, −0.0 or nan.
+NO_EFFECT_REASON = "no effect (within the noise floor)"  # analysis.interventions.NO_EFFECT
+
+
+def undefined(reason: str | None) -> str:
+    """An undefined value as words: "no effect" for an effect within the noise floor, else "undefined (reason)"."""
+    if reason == NO_EFFECT_REASON:
+        return "no effect"
+    return f"undefined ({reason})" if reason else "undefined"
+
+
+def _unsigned_zero(text: str) -> str:
+    """'-0.00' (a tiny negative rounded to zero) printed without its sign."""
+    return text[1:] if text.startswith("-") and not any(c in "123456789" for c in text.split("e")[0]) else text
+
+
+def format_number(value: Any, style: str) -> str:
+    """`f4`: 4 decimals; `e2`: scientific with 2 decimals; `pct1`: a share as a percentage with 1 decimal;
+    `p`: a p-value; `int`. None (undefined) prints as "undefined"; a value that rounds to zero has no sign."""
+    if value is None:
+        return undefined(None)
+    return _unsigned_zero(_format(value, style))
+
+
+def _format(value: Any, style: str) -> str:
+    if style.startswith("e"):
+        return f"{float(value):.{int(style[1:])}e}"
+    if style == "int":
+        return f"{int(value)}"
+    if style.startswith("pct"):
+        return f"{100 * float(value):.{int(style[3:])}f}%"
+    if style == "p":
+        v = float(value)
+        return f"{v:.2g}" if v < 0.001 else f"{v:.3f}"
+    if style.startswith("f"):
+        return f"{float(value):.{int(style[1:])}f}"
+    raise ValueError(f"unknown number style {style!r}")
+
+
+@dataclass
+class Numbers:
+    """The headline metrics (metrics.json) with a way to print each number beside its source key."""
+
+    metrics: dict[str, Any]
+    source: str = "data/stats/metrics.json"
+
+    def value(self, key: str) -> Any:
+        return lookup(self.metrics, key)
+
+    def reason(self, key: str) -> str | None:
+        """Why the value at `key` is undefined: its `<key>_reason` sibling, else the entry's `test_reason` or
+        `undefined_reason` (patching tests, correlations) or, for a parametric p, `parametric_p_reason`, else None."""
+        parent, _, leaf = key.rpartition(".")
+        entry = self.value(parent) if parent else self.metrics
+        names = (f"{leaf}_reason", "test_reason", "undefined_reason") + (("parametric_p_reason",)
+                                                                          if leaf.endswith("_p") else ())
+        for name in names:
+            if isinstance(entry, dict) and entry.get(name):
+                return str(entry[name])
+        if leaf.endswith(("_lo", "_hi")):
+            return self.reason(key[:-3])
+        return None
+
+    def show(self, key: str, style: str = "f4") -> Markdown:
+        """The number as markdown: a span with its key, for inline `{python}` expressions and tables; an
+        undefined number prints as "undefined (reason)" (or "no effect")."""
+        value = self.value(key)
+        text = undefined(self.reason(key)) if value is None else format_number(value, style)
+        return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" artefact="{self.source}" '
+                        f'title="{self.source}: {key}"}}')
+
+    def interval(self, key: str, style: str = "f4") -> Markdown:
+        """`value [lo, hi]` for a key with `_lo`/`_hi` siblings; the value alone (in words) when undefined."""
+        if self.value(key) is None:
+            return self.show(key, style)
+        return Markdown(f"{self.show(key, style)} [{self.show(key + '_lo', style)}, "
+                        f"{self.show(key + '_hi', style)}]")
+
+
+@dataclass
+class Artefacts:
+    """Everything the report's text and tables read, loaded once (the charts are built by `selfref figures`)."""
+
+    numbers: Numbers
+    config: Config
+    params: dict[str, Any]
+    robustness: pd.DataFrame
+    length_control: pd.DataFrame
+    split_half: pd.DataFrame
+    stage_shares: pd.DataFrame
+    head_families: pd.DataFrame
+    candidate_heads: pd.DataFrame
+    length_disagreements: pd.DataFrame
+    correlation_pairs: pd.DataFrame
+    language_contrast_peaks: pd.DataFrame
+    language_token_counts: pd.DataFrame
+    attention_mass: pd.DataFrame
+    patching: pd.DataFrame  # data/patching/<family>.parquet of every family of the suite that has one
+    patch_numbers: dict[str, Numbers]  # data/patching/<family>.json, per family that has one
+    manifests: dict[str, dict[str, Any]]
+    prompt_summary: dict[str, Any]
+    original: Numbers
+    original_claims: pd.DataFrame
+
+    @property
+    def suite(self) -> str:
+        return self.config.suite
+
+    @property
+    def families(self) -> list[str]:
+        return self.config.families
+
+    @property
+    def is_demo(self) -> bool:
+        return any(m["source"] == "demo" for m in self.manifests.values())
+
+    @property
+    def stats(self) -> StatsSettings:
+        return self.config.stats
+
+    def headline(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return choice_rows(frame, self.config.stats.headline_definition, self.config.stats.headline_format)
+
+
+def load(paths: ProjectPaths | None = None) -> Artefacts:
+    """The artefacts of the project at `paths` (default: SELFREF_ROOT or this checkout)."""
+    paths = paths or project_paths()
+    config = config_mod.load(paths)
+    manifests = {c.name: json.loads(paths.manifest(c.name).read_text()) for c in config.checkpoints}
+    return Artefacts(
+        numbers=Numbers(json.loads(paths.metrics.read_text())),
+        config=config,
+        params=config_mod.read_yaml(paths.params),
+        robustness=pd.read_parquet(paths.stats_table("robustness")),
+        length_control=pd.read_parquet(paths.stats_table("length_control")),
+        split_half=pd.read_parquet(paths.stats_table("split_half")),
+        stage_shares=pd.read_parquet(paths.stats_table("stage_shares")),
+        head_families=pd.read_parquet(paths.stats_table("head_families")),
+        candidate_heads=pd.read_parquet(paths.stats_table("candidate_heads")),
+        length_disagreements=pd.read_parquet(paths.stats_table("length_disagreements")),
+        correlation_pairs=pd.read_parquet(paths.stats_table("correlation_pairs")),
+        language_contrast_peaks=pd.read_parquet(paths.stats_table("language_contrast_peaks")),
+        language_token_counts=pd.read_parquet(paths.stats_table("language_token_counts")),
+        attention_mass=pd.read_parquet(paths.stats_table("attention_mass")),
+        patching=pd.concat([pd.read_parquet(paths.patch_table(f)) for f in config.families
+                            if paths.patch_table(f).exists()] or [pd.DataFrame()], ignore_index=True),
+        patch_numbers={f: Numbers(json.loads(paths.patch_summary(f).read_text()),
+                                  source=paths.relative(paths.patch_summary(f)))
+                       for f in config.families if paths.patch_summary(f).exists()},
+        manifests=manifests,
+        prompt_summary=json.loads(paths.prompt_summary.read_text()),
+        original=Numbers(json.loads(paths.reanalysis.read_text()), source=paths.relative(paths.reanalysis)),
+        original_claims=pd.read_parquet(paths.reanalysis_claims),
+    )
+
+
+TABLE_CELL_PADDING = 2  # characters of a column's width that its cell padding takes (markdown_table)
+
+
+def markdown_table(frame: pd.DataFrame) -> Markdown:
+    """A pipe table (pandoc and Quarto both read it); its caption and number come from the cell's
+    `label` and `tbl-cap`."""
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    # a | inside a cell (e.g. |ΔRFC|) would end the cell: escape it
+    cells = [[str(v).replace("|", "\\|") for v in row] for row in frame.itertuples(index=False)]
+    # pandoc sizes the columns of a table with long source lines (number spans) by the dashes under the
+    # header. Text wraps at spaces, a number does not: give each column the longest word a reader sees in it
+    # plus room for the cell's padding, so a wide table wraps its phrases instead of overprinting its numbers.
+    def longest_word(text: str) -> int:
+        return max((len(word) for word in visible_text(text).split()), default=0)
+
+    widths = [max([longest_word(str(c))] + [longest_word(row[i]) for row in cells]) + TABLE_CELL_PADDING
+              for i, c in enumerate(frame.columns)]
+    rule = "|" + "|".join("-" * max(3, w) for w in widths) + "|"
+    body = ["| " + " | ".join(row) + " |" for row in cells]
+    return Markdown("\n".join([header, rule, *body]) + "\n")
+
+
+def visible_text(markdown: str) -> str:
+    """The text of a table cell as shown: number spans `[text]{...}` reduced to their text."""
+    return re.sub(r"\[([^\]]*)\]\{[^}]*\}", r"\1", markdown).replace("`", "")
+
+
+def chart(name: str, folder: Path = Path("figures")) -> Markdown:
+    """The chart `name` built by `selfref figures` (paths relative to the document)."""
+    return chart_markdown(folder / f"{name}.vl.json", folder / f"{name}.svg")
+
+
+def percent(share: float) -> str:
+    """A share from params (a confidence level) as a whole percentage."""
+    return f"{float(share):.0%}"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def git_state(paths: ProjectPaths | None = None) -> dict[str, str]:
+    """The commit the report was built from, whether the tree had changes, and the dvc.lock hash."""
+    paths = paths or project_paths()
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=paths.root, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+    lock = paths.dvc_lock
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": "yes" if git("status", "--porcelain", "--untracked-files=no") else "no",
+        "dvc_lock_sha256": file_sha256(lock) if lock.exists() else "no dvc.lock",
+    }
+
+
+def params_yaml(params: dict[str, Any], keys: tuple[str, ...] = ("suite", "extract", "stats")) -> str:
+    return yaml.safe_dump({k: params[k] for k in keys}, sort_keys=False)
+
+
+def robustness_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """robustness.parquet as the report shows it: one row per (family, prompt format, entropy definition)
+    with mean ΔRFC [CI], the share of compressing layers and the conclusion, † where the conclusion
+    differs from the family's headline conclusion."""
+    rows = table.sort_values(["family", "format", "definition"], kind="stable")
+    interval = rows.apply(lambda r: f"{format_number(r['mean_delta_rfc'], 'f4')} [{format_number(r['mean_delta_rfc_lo'], 'f4')}, "
+                                    f"{format_number(r['mean_delta_rfc_hi'], 'f4')}]", axis=1)
+    return pd.DataFrame({
+        "family": rows["family"].to_numpy(), "prompts": rows["format"].to_numpy(),
+        "entropy": rows["definition"].to_numpy(), "mean ΔRFC [CI]": interval.to_numpy(),
+        "compressing layers": rows["share_compression"].map(lambda v: format_number(v, "pct1")).to_numpy(),
+        "conclusion": (rows["conclusion"].str.replace("_", " ") + rows["differs"].map({True: " †", False: ""})).to_numpy(),
+    })
+
+
+def ranked_values(value: dict[str, Any]) -> list[Any]:
+    """The values of a metric keyed `rank_1`, `rank_2`, ... in rank order."""
+    return [value[k] for k in sorted(value, key=lambda k: int(k.removeprefix("rank_")))]
+
+
+def layer_list(numbers: Numbers, key: str) -> str:
+    """A ranked metric (layer indices keyed by rank) as text, traceable like any other number."""
+    text = ", ".join(str(v) for v in ranked_values(numbers.value(key)))
+    return (f'[{text}]{{.num key="{key}" fmt="list" artefact="{numbers.source}" '
+            f'title="{numbers.source}: {key}"}}')
+
+
+# Claims whose recomputed form is a sentence, not a number: the report states them as a list under the table.
+DESCRIBED_CLAIMS = ("compression_band",)
+
+
+def original_claim_rows(claims: pd.DataFrame) -> pd.DataFrame:
+    """The original study's claims as the report's table: where stated, published, recomputed from its own
+    tables, whether they agree, the circular-shift p where the claim is about layers, and this build's value
+    (a column only when this build ran any of the original's checkpoints; the text says why otherwise)."""
+    claims = claims[~claims["quantity"].isin(DESCRIBED_CLAIMS)]
+    rows = pd.DataFrame({
+        "claim (where stated)": [f"{c} ({w})" if isinstance(w, str) and w else c
+                                 for c, w in zip(claims["statement"], claims["stated_at"])],
+        "published": claims["published_text"].fillna("–"),
+        "recomputed": claims["recomputed_text"].fillna("–"),
+        "reproduced": claims["reproduced"].map({True: "yes", False: "**no**"}),
+        "shift p": [format_number(p, "p") if pd.notna(p) else "–" for p in claims["autocorr_p"]],
+    })
+    built = claims["build_text"].fillna("")
+    if (built != "").any():
+        rows["this build"] = built.replace("", "–")
+    return rows
+
+
+def original_claim_notes(claims: pd.DataFrame) -> Markdown:
+    """The claims of DESCRIBED_CLAIMS as a list: the claim, what its tables show, and the shift p."""
+    items = []
+    for _, c in claims[claims["quantity"].isin(DESCRIBED_CLAIMS)].iterrows():
+        verdict = "holds" if c["reproduced"] else "does not hold"
+        shift = f"; circular-shift p = {format_number(c['autocorr_p'], 'p')}" if pd.notna(c["autocorr_p"]) else ""
+        items.append(f"- *{c['statement']}* ({verdict} by its rule): {c['recomputed_text']}{shift}.")
+    return Markdown("\n".join(items) + "\n")
+
+
+def build_values_note(claims: pd.DataFrame) -> str:
+    """Why the 'this build' column is empty, when it is (one reason for the whole table)."""
+    missing = claims["build_text"].isna() | (claims["build_text"] == "")
+    notes = claims.loc[missing, "build_note"].dropna().unique()
+    return "; ".join(notes)
+
+
+PATCH_TABLE_INTERVENTIONS = ("patch_base_into_instruct", "mean_ablation@base")
+
+
+def patching_rows(art: "Artefacts") -> pd.DataFrame:
+    """The report's table of patching results: per family, intervention (base's output patched into instruct,
+    and mean ablation in base) and candidate head, its later-layer effect on self-referent prompts [CI],
+    specificity, the number of control heads (the other heads of its layer) with the smallest p their rank can
+    give, its percentile among them and q; "no effect" where the effect is within the noise floor, "undefined
+    (reason)" where a test cannot be made. Each number is a span naming data/patching/<family>.json."""
+    rows = []
+    for family, numbers in art.patch_numbers.items():
+        for intervention in PATCH_TABLE_INTERVENTIONS:
+            prefix = f"interventions.{intervention}.entropy_later.heads"
+            for head, values in numbers.value(prefix).items():
+                key = f"{prefix}.{head}"
+                rows.append({
+                    "family": family, "intervention": intervention, "head": head,
+                    "effect [CI]": (undefined(values.get("test_reason")) if values["effect_self"] is None
+                                    else "no effect" if values.get("no_effect")
+                                    else numbers.interval(f"{key}.effect_self", "e2")),
+                    "specificity": numbers.show(f"{key}.specificity", "f1"),
+                    "controls (min. rank p)": f"{values['n_controls']} ({format_number(values['rank_p_min'], 'p')})",
+                    "percentile": numbers.show(f"{key}.control_percentile", "f0"),
+                    "q": numbers.show(f"{key}.q_value", "p")})
+    return pd.DataFrame(rows)
+
+
+def staged_families(art: Artefacts) -> list[str]:
+    """Families run at more than two training stages."""
+    return list(config_mod.staged_families(art.config.stages))
+
+
+def stage_step_rows(art: Artefacts) -> pd.DataFrame:
+    """One row per training step of every staged family: its mean ΔRFC, and its share of the total change of ΔRFC
+    and of Δ(H_self − H_neutral) (additive, so a planted split is exact in it), with intervals."""
+    rows = []
+    for f in staged_families(art):
+        order, k = art.config.stages[f], f"stages.{f}"
+        rows += [{"family": f, "step": f"{before} → {stage}",
+                  "mean ΔRFC [CI]": art.numbers.interval(f"{k}.{stage}.mean_delta_rfc"),
+                  "share of total ΔRFC [CI]": art.numbers.interval(f"{k}.{stage}.share_delta_rfc", "pct1"),
+                  "share of total Δ(H_self − H_neutral) [CI]": art.numbers.interval(f"{k}.{stage}.share_delta_diff",
+                                                                                  "pct1")}
+                 for stage, before in zip(order[1:], order[:-1])]
+    if not rows:
+        return pd.DataFrame([{"family": "–", "step": "no family with more than two stages", "mean ΔRFC [CI]": "–",
+                              "share of total ΔRFC [CI]": "–", "share of total Δ(H_self − H_neutral) [CI]": "–"}])
+    return pd.DataFrame(rows)
+
+
+def stage_step_notes(art: Artefacts) -> Markdown:
+    """Per staged family: the total change, the step with the largest change, and where each candidate head
+    changes most."""
+    lines = []
+    for f in staged_families(art):
+        k, num = f"stages.{f}", art.numbers
+        heads = num.value(f"{k}.head_steps")
+        where = "; ".join(f"{h} at the step to {s}" for h, s in heads.items())
+        lines.append(f"**{f}**: total mean ΔRFC {num.interval(f'families.{f}.mean_delta_rfc')}; the largest step "
+                     f"ends at **{num.value(f'{k}.largest_step')}**"
+                     + (f"; candidate heads change most: {where}" if where else "") + ".")
+    return Markdown("\n\n".join(lines) + "\n")
+
+
+def language_length_text(counts: pd.DataFrame) -> str:
+    """Per translation language, the families whose tokenizer makes its prompts longer or shorter than the
+    English ones (mean tokens over the categories): the order differs by tokenizer (docs/method.md, "Languages")."""
+    categories = [c for c in CATEGORIES if c in counts]
+    mean = counts.assign(tokens=counts[categories].mean(axis=1)).pivot(index="family", columns="language",
+                                                                        values="tokens")
+    parts = []
+    for language in [x for x in LANGUAGES if x in mean.columns and x != SOURCE_LANGUAGE]:
+        ratio = mean[language] / mean[SOURCE_LANGUAGE]
+        said = []
+        for comparison, pick in (("longer than", ratio > 1), ("shorter than", ratio < 1), ("as long as", ratio == 1)):
+            families = list(ratio.index[pick])
+            if families:
+                who = ("every tokenizer of this build" if len(families) == len(ratio)
+                       else "the tokenizer" + "s" * (len(families) > 1) + " of " + ", ".join(families))
+                said.append(f"{comparison} the English ones with {who}")
+        parts.append(f"{language} prompts are " + ", and ".join(said))
+    return "; ".join(parts) if parts else "this build has English prompts only"
