@@ -31,7 +31,7 @@ from analysis.extraction.runner import encode_prompts, open_checkpoint  # noqa: 
 from analysis.interventions.patching import INTERVENTIONS, PATCH_CATEGORIES, run_interventions, select_controls  # noqa: E402
 from analysis.core.prompts import load_prompts  # noqa: E402
 from analysis.core.quantities import SOURCE_LANGUAGE, VARIANTS  # noqa: E402
-from analysis.verbs.patch import HEADS_COLUMNS, selection_for, summaries  # noqa: E402
+from analysis.interventions.summary import HEADS_COLUMNS, selection_for, summaries  # noqa: E402
 
 # The paper suite: 3 families, 160 English prompts (40 per category), the stage's default selection.
 PAPER = {"families": 3, "prompts_per_category": 40, "checkpoints": 6, "formats": 2}

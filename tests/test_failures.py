@@ -117,8 +117,10 @@ def test_a_stats_run_killed_between_two_writes_leaves_the_old_set(stats_project,
     before = _digests(stats_project / "data" / "stats")
     monkeypatch.setattr(stage, "entropy_tables", lambda cfg: {})
     monkeypatch.setattr(stage, "build_study", lambda entropy, settings, stages: _tracked_study())
+    from analysis.statistics import study as library  # write_study writes through its write_parquet
+
     writes = {"n": 0}
-    real_write = stage.write_parquet
+    real_write = library.write_parquet
 
     def dying_write(frame, path):
         writes["n"] += 1
@@ -126,11 +128,11 @@ def test_a_stats_run_killed_between_two_writes_leaves_the_old_set(stats_project,
             raise KeyboardInterrupt
         real_write(frame, path)
 
-    monkeypatch.setattr(stage, "write_parquet", dying_write)
+    monkeypatch.setattr(library, "write_parquet", dying_write)
     with pytest.raises(KeyboardInterrupt):
         stage.run(cfg)
     assert _digests(stats_project / "data" / "stats") == before
-    monkeypatch.setattr(stage, "write_parquet", real_write)
+    monkeypatch.setattr(library, "write_parquet", real_write)
     stage.run(cfg)
     after = _digests(stats_project / "data" / "stats")
     assert set(after) == set(before) and after["metrics.json"] != before["metrics.json"]

@@ -23,7 +23,7 @@ from analysis.core import config
 from analysis.audit.build_comparison import compare_folders
 from analysis.core.layout import project_paths
 from analysis.core.quantities import ENTROPY_COLUMNS, MASS_COLUMNS, PROMPT_FORMATS
-from analysis.verbs.stats import entropy_tables, write_study
+from analysis.statistics.study import entropy_tables, write_study
 from analysis.statistics.study import build_study
 
 REPO = Path(__file__).resolve().parent.parent

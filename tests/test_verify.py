@@ -227,7 +227,7 @@ def _patched(project_root) -> str:
     the table and summary the stage writes from it. Returns the family."""
     from analysis.core.artefacts import read_parquet
     from analysis.interventions.patching import INTERVENTIONS, PATCH_CATEGORIES
-    from analysis.verbs.patch import HEADS_COLUMNS, selection_for, summaries
+    from analysis.interventions.summary import HEADS_COLUMNS, selection_for, summaries
 
     family, paths = "demo_llama", project_paths()
     params = yaml.safe_load(paths.params.read_text())

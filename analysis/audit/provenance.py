@@ -135,7 +135,7 @@ REGISTRY: tuple[Source, ...] = ENGLISH + TRANSLATED + (
            "analysis.statistics.languages:language_contrasts", (), "stats", "layers compared"),
     # data/patching/<family>.json (stage patch@<family>), keys prefixed `patching.<family>.`
     Source(PATCHING + r"(family|definition|format)$", "patching", "params.yaml stats.headline_*",
-           "analysis.verbs.patch:summary_json", HEADLINE, "patch", "the family and the headline choice patched"),
+           "analysis.interventions.summary:summary_json", HEADLINE, "patch", "the family and the headline choice patched"),
     Source(PATCHING + r"(n_candidates|n_controls)$", "patching", "data/patching/{family}.parquet: role",
            "analysis.interventions.patching:select_controls", ("stats.seed", "stats.rank_decimals", "patch.top_k", "patch.max_controls"),
            "patch", "candidate heads (top-k of heads.parquet) and distinct control heads (the other heads of their layers)"),

@@ -182,7 +182,7 @@ def _compare_tree(result: Verification, paths: ProjectPaths, copy: ProjectPaths)
 def _recompute_patching(result: Verification, config: config_mod.Config, heads: pd.DataFrame, copy: ProjectPaths) -> None:
     """Each family's patching table and summary from its stored per-prompt effects (the forward passes that
     made those need the models, like the entropy tables) and the recomputed heads table."""
-    from analysis.verbs.patch import selection_for, summaries
+    from analysis.interventions.summary import selection_for, summaries
 
     paths = config.paths
     for family in config.families:
@@ -200,8 +200,8 @@ def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None
     """Recompute the stats and original stages' artefacts into a temporary folder (or `keep`) and compare
     them with the workspace's. Reads params.yaml, data/entropy/**, data/original/*; writes nothing else."""
     from analysis.statistics.original_study import load_build, reanalyse
-    from analysis.verbs.original import write_reanalysis
-    from analysis.verbs.stats import entropy_tables, write_study
+    from analysis.statistics.original_study import write_reanalysis
+    from analysis.statistics.study import entropy_tables, write_study
 
     paths = paths or project_paths()
     config = config_mod.load(paths)
@@ -218,8 +218,8 @@ def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None
             build = load_build(config, read_stats=False)
             if any(build.matches.values()):  # this build's values come from the recomputed stats, not the stored
                 build.deltas, build.heads, build.metrics = study["deltas"], study["heads"], study["metrics"]
-            result = reanalyse(paths.original, paths.original_sums, paths.original_claims, config.stats, build)
-            write_reanalysis(result, copy)
+            reanalysis = reanalyse(paths.original, paths.original_sums, paths.original_claims, config.stats, build)
+            write_reanalysis(reanalysis, copy)
         else:
             result.notes.append(f"{paths.relative(paths.reanalysis)}: absent, not checked (run `selfref original`)")
         _recompute_patching(result, config, study["heads"], copy)

@@ -19,10 +19,11 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from analysis.core.artefacts import file_sha256, read_json, read_parquet
+from analysis.core.artefacts import file_sha256, read_json, read_parquet, write_json, write_parquet
 from analysis.core.config import Checkpoint, Config, StatsSettings
 from analysis.statistics.correlation import compare_profiles
 from analysis.core.errors import UserError
+from analysis.core.layout import ProjectPaths
 from analysis.statistics.layers import metric_value, top_compression_layers
 from analysis.core.quantities import choice_rows, head_label, original_class
 from analysis.statistics.resampling import circular_shift_pvalue
@@ -359,3 +360,10 @@ def reanalyse(folder: Path, sums: Path, claims_path: Path, settings: StatsSettin
         "n_reproduced": int(claims["reproduced"].sum()),
     }
     return {"reanalysis": reanalysis, "claims": claims}
+
+
+def write_reanalysis(result: dict, paths: ProjectPaths) -> None:
+    """The stage's two artefacts at `paths` (the workspace, or verification's temporary copy), each
+    written atomically; the table first, so the metrics file never describes a table not yet there."""
+    write_parquet(result["claims"], paths.reanalysis_claims)
+    write_json(result["reanalysis"], paths.reanalysis)

@@ -6,18 +6,23 @@ lengths, the robustness checks on the headline choice, and metrics.json.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from analysis.statistics import languages as language_statistics
-from analysis.statistics import selections as report_tables
+from analysis.statistics import selections
 from analysis.statistics import robustness
 from analysis.statistics import training_stages as stage_statistics
 from analysis.core.config import StatsSettings, staged_families
 from analysis.statistics.mass_summary import mass_changes
+from analysis.core.artefacts import read_parquet, write_json, write_parquet
+from analysis.core.config import Config
 from analysis.core.errors import UserError
-from analysis.statistics.layers import build_statistics, metric_value
-from analysis.core.quantities import (CATEGORIES, ENTROPY_COLUMNS, LANGUAGES, SOURCE_LANGUAGE, VARIANTS,
-                                 choice_rows)
+from analysis.core.layout import STATS_TABLES, ProjectPaths
+from analysis.statistics.layers import REQUIRED_COLUMNS, build_statistics, metric_value
+from analysis.core.quantities import (CATEGORIES, ENTROPY_COLUMNS, LANGUAGES, MASS_COLUMNS, PROMPT_FORMATS, SOURCE_LANGUAGE,
+                                 VARIANTS, choice_rows)
 
 STAGE_TABLES = ("stage_deltas", "stage_shares", "stage_heads")
 # Tables computed per prompt language (a `language` column); the others describe the headline language, English.
@@ -78,9 +83,9 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     out["language_summary"] = language_statistics.language_summary(out["deltas"], out["language_contrasts"])
     headline = choice_rows(out["language_contrasts"], settings.headline_definition, settings.headline_format,
                            None) if len(out["language_contrasts"]) else out["language_contrasts"]
-    out["language_contrast_peaks"] = report_tables.language_contrast_peaks(headline, settings.rank_decimals)
+    out["language_contrast_peaks"] = selections.language_contrast_peaks(headline, settings.rank_decimals)
     lengths = out["token_lengths"]
-    out["language_token_counts"] = report_tables.language_token_counts(
+    out["language_token_counts"] = selections.language_token_counts(
         lengths[lengths["format"] == settings.headline_format])
     if len(headline):
         out["metrics"]["language_contrasts"] = language_statistics.contrast_metrics(headline)
@@ -137,7 +142,36 @@ def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: Stat
     out["token_lengths"] = token_lengths.sort_values(["format", "family", "category"], ignore_index=True)
     out["delta_rfc_plot"] = headline[["family", "layer", "depth", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi",
                                       "layer_class"]]
-    out.update(report_tables.build(choice_rows(out["heads"], definition, headline_format), out["length_control"],
+    out.update(selections.build(choice_rows(out["heads"], definition, headline_format), out["length_control"],
                                    choice_rows(out["cross_family"], definition, headline_format), settings))
     out["metrics"] = metrics
     return out
+
+
+def entropy_tables(config: Config) -> dict[str, pd.DataFrame]:
+    """The entropy tables of every checkpoint of the active suite, per prompt format."""
+    paths = config.paths
+    columns = (REQUIRED_COLUMNS + ("n_tokens",) + tuple(ENTROPY_COLUMNS[d] for d in config.stats.definitions)
+               + tuple(MASS_COLUMNS.values()))
+    out = {}
+    for prompt_format in PROMPT_FORMATS:
+        frames = []
+        for ckpt in config.checkpoints:
+            path = paths.entropy_table(ckpt.name, prompt_format)
+            if not path.exists():
+                raise UserError(f"{paths.relative(path)}: missing; run `selfref extract {ckpt.name} "
+                                f"--format {prompt_format}` (or `dvc repro`)")
+            frames.append(read_parquet(path, columns))
+        out[prompt_format] = pd.concat(frames, ignore_index=True)
+    return out
+
+
+def write_study(study: dict, paths: ProjectPaths, folder: Path) -> None:
+    """The stage's tables, plot and metrics under `folder`, laid out as data/stats (the stage's staging
+    folder, or verification's temporary one)."""
+    for key in STATS_TABLES:
+        write_parquet(study[key], folder / paths.stats_table(key).relative_to(paths.stats))
+    plot = folder / paths.delta_rfc_plot.relative_to(paths.stats)
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    study["delta_rfc_plot"].to_csv(plot, index=False, float_format="%.6g")
+    write_json(study["metrics"], folder / paths.metrics.relative_to(paths.stats))

@@ -5,17 +5,8 @@ from __future__ import annotations
 
 import typer
 
-from analysis.core.artefacts import write_json, write_parquet
 from analysis.core.config import Config
-from analysis.core.layout import ProjectPaths
-from analysis.statistics.original_study import load_build, reanalyse
-
-
-def write_reanalysis(result: dict, paths: ProjectPaths) -> None:
-    """The stage's two artefacts at `paths` (the workspace, or verification's temporary copy), each
-    written atomically; the table first, so the metrics file never describes a table not yet there."""
-    write_parquet(result["claims"], paths.reanalysis_claims)
-    write_json(result["reanalysis"], paths.reanalysis)
+from analysis.statistics.original_study import load_build, reanalyse, write_reanalysis
 
 
 def run(config: Config) -> dict:

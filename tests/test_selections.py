@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from analysis.statistics import selections as report_tables
+from analysis.statistics import selections
 
 
 def heads_table() -> pd.DataFrame:
@@ -19,19 +19,19 @@ def heads_table() -> pd.DataFrame:
 
 
 def test_head_families_flag_families_with_a_head_below_alpha():
-    out = report_tables.head_families(heads_table(), alpha=0.05).set_index("family")
+    out = selections.head_families(heads_table(), alpha=0.05).set_index("family")
     assert list(out.index) == ["b", "a"], "table order is kept"
     assert out.loc["a", "n_heads_significant"] == 2 and out.loc["b", "n_heads_significant"] == 0
     assert out.loc["a", "names_candidates"] and not out.loc["b", "names_candidates"]
     assert out.loc["b", "min_q_value"] == 0.2 and out.loc["a", "n_heads"] == 3
-    assert not report_tables.head_families(heads_table(), alpha=0.01)["names_candidates"].any(), "q < alpha, strictly"
+    assert not selections.head_families(heads_table(), alpha=0.01)["names_candidates"].any(), "q < alpha, strictly"
 
 
 def test_candidate_heads_are_the_top_k_of_flagged_families_in_rank_order():
-    out = report_tables.candidate_heads(heads_table(), alpha=0.05, top_k=2)
+    out = selections.candidate_heads(heads_table(), alpha=0.05, top_k=2)
     assert out[["family", "rank", "layer", "head"]].values.tolist() == [["a", 1, 1, 0], ["a", 2, 1, 1]]
-    assert list(out.columns) == report_tables.CANDIDATE_COLUMNS
-    assert report_tables.candidate_heads(heads_table(), alpha=0.001, top_k=2).empty
+    assert list(out.columns) == selections.CANDIDATE_COLUMNS
+    assert selections.candidate_heads(heads_table(), alpha=0.001, top_k=2).empty
 
 
 def test_length_disagreements_and_correlation_pairs():
@@ -39,13 +39,13 @@ def test_length_disagreements_and_correlation_pairs():
                            "layer_class": ["compression", "no_change", "gain"],
                            "adjusted_delta_rfc": [0.0, 0.0, 0.2], "adjusted_class": ["no_change", "no_change", "gain"],
                            "disagrees": [True, False, False], "q_value": [0.5, 0.9, 0.01]})
-    out = report_tables.length_disagreements(length)
+    out = selections.length_disagreements(length)
     assert out[["family", "layer"]].values.tolist() == [["a", 1]] and "q_value" not in out
     cross = pd.DataFrame({"family_a": ["a", "a"], "family_b": ["b", "c"], "n_layers_a": [6, 6], "n_layers_b": [6, 4],
                           "n_points": [6, 20], "grid": ["layer", "relative_depth"], "pearson_r": [0.5, np.nan],
                           "undefined_reason": [None, "no signal in c (largest |ΔRFC| within the noise floor)"]})
-    pairs = report_tables.correlation_pairs(cross)
-    assert pairs["defined"].tolist() == [True, False] and list(pairs.columns) == report_tables.PAIR_COLUMNS
+    pairs = selections.correlation_pairs(cross)
+    assert pairs["defined"].tolist() == [True, False] and list(pairs.columns) == selections.PAIR_COLUMNS
     assert pairs["undefined_reason"].tolist()[1].startswith("no signal in c") and pairs["n_layers_b"].tolist() == [6, 4]
 
 
@@ -56,18 +56,18 @@ def test_language_contrast_peaks_take_the_largest_absolute_contrast_and_count_si
         "contrast": [0.1, -0.3, 0.0, 0.0, 0.0, 0.05], "contrast_lo": [0.05, -0.5, -0.1, -0.1, -0.1, -0.02],
         "contrast_hi": [0.2, -0.1, 0.1, 0.1, 0.1, 0.1], "q_value": [0.01, 0.02, 0.9, 1.0, 1.0, 0.4],
         "significant": [True, True, False, False, False, False]})
-    out = report_tables.language_contrast_peaks(contrasts, 4)
-    assert list(out.columns) == report_tables.PEAK_COLUMNS
+    out = selections.language_contrast_peaks(contrasts, 4)
+    assert list(out.columns) == selections.PEAK_COLUMNS
     assert out[["family", "language", "layer", "n_layers_significant", "n_layers"]].values.tolist() == [
         ["a", "zh", 1, 2, 3], ["a", "es", 2, 0, 3]]
     assert out.loc[0, "contrast_lo"] == -0.5 and out.loc[1, "q_value"] == 0.4
-    assert report_tables.language_contrast_peaks(contrasts.iloc[:0], 4).empty
+    assert selections.language_contrast_peaks(contrasts.iloc[:0], 4).empty
 
 
 def test_language_token_counts_are_one_row_per_tokenizer_and_language_in_category_order():
     lengths = pd.DataFrame({"family": ["a"] * 4, "language": ["en", "en", "zh", "zh"],
                             "category": ["neutral", "self_referent"] * 2, "mean": [9.0, 8.0, 5.0, 4.5]})
-    out = report_tables.language_token_counts(lengths)
+    out = selections.language_token_counts(lengths)
     assert list(out.columns) == ["family", "language", "self_referent", "neutral"]
     assert out.values.tolist() == [["a", "en", 8.0, 9.0], ["a", "zh", 4.5, 5.0]]
 
