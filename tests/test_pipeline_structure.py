@@ -57,6 +57,22 @@ def test_the_library_is_organised_in_packages_and_the_verbs_stay_thin():
         assert not imported, f"{name} imports verb module(s) {sorted(imported)}"
 
 
+LAYERS = ("core", "extraction", "models", "statistics", "interventions", "report", "audit", "verbs")
+
+
+def test_sub_packages_import_only_their_own_layer_or_those_below():
+    """The order of the README's package map: core at the bottom, the verbs on top (the CLI above them all)."""
+    for path in (REPO / "analysis").rglob("*.py"):
+        parts = path.relative_to(REPO / "analysis").parts
+        if len(parts) < 2:
+            continue
+        level = LAYERS.index(parts[0])
+        for name in stage_modules_of(path):
+            package = name.split(".")[1] if name.count(".") >= 1 else None
+            if package in LAYERS:
+                assert LAYERS.index(package) <= level, f"{path.relative_to(REPO)} imports {name}"
+
+
 def stage_modules_of(path: Path) -> set[str]:
     from stage_modules import imported_modules
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-CHECKOUT = Path(__file__).resolve().parent.parent
+CHECKOUT = Path(__file__).resolve().parents[2]  # analysis/core/layout.py -> the checkout
 
 # The stats stage's tables, by name: data/stats/<name>.parquet (head_families … correlation_pairs and the
 # language_contrast_peaks, language_token_counts: the report's selections, analysis.statistics.selections;
