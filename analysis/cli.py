@@ -1,4 +1,4 @@
-"""The `selfref` command: one verb per pipeline stage (code in analysis/stages), plus suite management.
+"""The `selfref` command: one verb per pipeline stage (code in analysis/verbs), plus suite management.
 
 Problems a user can fix end in one line naming the input and the fix (exit 2); `--debug` or
 SELFREF_DEBUG=1 shows the traceback instead.

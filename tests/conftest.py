@@ -100,7 +100,7 @@ CHAT_TEMPLATES = REPO / "tests" / "fixtures" / "chat_templates"
 @pytest.fixture(scope="session")
 def realshape_dir(tmp_path_factory, real_tokenizer):
     """Build (once per session) the real-shaped test checkpoint `<family>-<variant>` and return its folder."""
-    from analysis import realshape
+    import realshape
 
     built: dict[str, Path] = {}
 

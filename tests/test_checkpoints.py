@@ -57,6 +57,7 @@ def _selfref(root: Path, cache: Path, *args: str) -> subprocess.CompletedProcess
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow  # runs selfref in a subprocess
 def test_pull_writes_a_pinned_manifest_and_reuses_its_sha(hub_project, demo_dir):
     root, cache = hub_project
     result = _selfref(root, cache, "pull", "tiny-base")
@@ -76,6 +77,7 @@ def test_pull_writes_a_pinned_manifest_and_reuses_its_sha(hub_project, demo_dir)
     assert json.loads((root / "data" / "models" / "tiny-base.json").read_text())["revision"] == SHA_2
 
 
+@pytest.mark.slow  # runs selfref in a subprocess
 def test_token_never_written(hub_project):
     root, cache = hub_project
     result = _selfref(root, cache, "pull", "tiny-instruct")
@@ -86,6 +88,7 @@ def test_token_never_written(hub_project):
             assert SECRET.encode() not in file.read_bytes(), file
 
 
+@pytest.mark.slow  # runs selfref in a subprocess
 def test_missing_repo_is_a_clear_error_and_writes_nothing(hub_project):
     root, cache = hub_project
     shutil.rmtree(cache / "models--selfref-test--tiny-instruct")
@@ -96,6 +99,7 @@ def test_missing_repo_is_a_clear_error_and_writes_nothing(hub_project):
     assert not (root / "data" / "models" / "tiny-instruct.json").exists()
 
 
+@pytest.mark.slow  # runs selfref in a subprocess
 def test_unknown_checkpoint_names_the_known_ones(hub_project):
     root, cache = hub_project
     result = _selfref(root, cache, "pull", "tiny-chat")
@@ -131,6 +135,7 @@ def test_describe_rejects_a_folder_without_safetensors(tmp_path):
         checkpoints.describe(tmp_path)
 
 
+@pytest.mark.slow  # runs selfref in a subprocess
 def test_extract_verifies_hub_files_against_the_manifest(hub_project):
     """A flipped block in a cached weights file, or a wrong hash in the manifest, stops extraction before
     anything is loaded, naming the file and the fix; a verified file is not hashed again."""
@@ -162,6 +167,7 @@ def test_extract_verifies_hub_files_against_the_manifest(hub_project):
         checkpoints.verify_files(weights.parent, manifest, cfg.paths)
 
 
+@pytest.mark.slow  # runs selfref in a subprocess
 def test_offline_error_suggests_unsetting_hf_hub_offline_only_when_set(hub_project, monkeypatch):
     import huggingface_hub
     from huggingface_hub import errors as hf_errors

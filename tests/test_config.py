@@ -120,6 +120,7 @@ def test_invalid_yaml_is_one_line_with_line_and_column(tmp_path):
     assert "\n" not in text and "line 4, column" in text and "invalid YAML" in text
 
 
+@pytest.mark.slow  # runs selfref in a subprocess
 def test_cli_prints_one_line_without_traceback_and_exit_2(tmp_path):
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text().replace("alpha: 0.05", "alpha: 2"))
     env = {**os.environ, "SELFREF_ROOT": str(tmp_path)}

@@ -91,6 +91,7 @@ def test_malformed_files_always_raise_a_named_error(tmp_path, kind, row, other, 
         load_prompts(write_prompts_csv(tmp_path / "p.csv", rows), min_per_category=3)
 
 
+@pytest.mark.slow  # runs selfref in a subprocess
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(blob=st.binary(max_size=400))
 def test_arbitrary_bytes_never_crash(tmp_path, blob):
@@ -108,6 +109,7 @@ def _cli(root: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow  # runs selfref in a subprocess
 def test_cli_rejects_bad_file_and_writes_nothing(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from analysis.core import config
-from analysis import realshape
+import realshape
 from analysis.cli import app
 from analysis.models.checkpoints import local_dir
 from analysis.core.errors import UserError

@@ -18,6 +18,8 @@ from analysis.core.layout import project_paths
 from analysis.report.document import Numbers, format_number, lookup, ranked_values, undefined
 from analysis.verbs import report as report_stage
 
+pytestmark = pytest.mark.slow  # renders the report with both renderers and screenshots it (make test-fast leaves it out)
+
 REPO = Path(__file__).resolve().parent.parent
 INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json", "data/original",
           "data/patching",

@@ -24,6 +24,8 @@ from analysis.audit.provenance import REGISTRY, all_keys, explain, lookup
 from analysis.core.quantities import CATEGORIES as CATS, LANGUAGES
 from analysis.audit.verification import numbers_agree, tolerance, verify_workspace
 
+pytestmark = pytest.mark.slow  # runs the stats and original stages for every test (make test-fast leaves it out)
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {"n_resamples": 100, "n_permutations": 100, "split_half_splits": 10}
 
