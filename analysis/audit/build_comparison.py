@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.audit.verification import ID_COLUMNS, plain_value
 from analysis.core.artefacts import read_json
 from analysis.core.config import StatsSettings
 from analysis.core.errors import UserError
@@ -117,19 +118,6 @@ class Comparison:
         return out
 
 
-def _plain(value):
-    """A cell or JSON leaf as None, bool, int, float or str (NaN -> None)."""
-    if value is None:
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(float(value)) else float(value)
-    return value.item() if hasattr(value, "item") else value
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -173,8 +161,6 @@ def compare_tables(c: Comparison, where: str, published: pd.DataFrame, rebuilt: 
         c.conclusion(f"{where}: shape", "selection", f"{len(published)} rows x {list(published.columns)}",
                      f"{len(rebuilt)} rows x {list(rebuilt.columns)}")
         return
-    from analysis.audit.verification import ID_COLUMNS
-
     ids = [k for k in ID_COLUMNS if k in published.columns and not pd.api.types.is_float_dtype(published[k])]
     published, rebuilt = published.reset_index(drop=True), rebuilt.reset_index(drop=True)
     for k in ids:
@@ -183,8 +169,8 @@ def compare_tables(c: Comparison, where: str, published: pd.DataFrame, rebuilt: 
             return
     for i in range(len(published)):
         label = ", ".join(f"{k}={published.at[i, k]}" for k in ids) or f"row {i}"
-        row_a = {k: _plain(published.at[i, k]) for k in published.columns}
-        row_b = {k: _plain(rebuilt.at[i, k]) for k in published.columns}
+        row_a = {k: plain_value(published.at[i, k]) for k in published.columns}
+        row_b = {k: plain_value(rebuilt.at[i, k]) for k in published.columns}
         siblings = {k[:-3]: ((row_a[k], row_a[k[:-3] + "_hi"]), (row_b[k], row_b[k[:-3] + "_hi"]))
                     for k in published.columns if k.endswith("_lo") and k[:-3] + "_hi" in row_a}
         for k in published.columns:
@@ -199,7 +185,7 @@ def compare_json(c: Comparison, where: str, published, rebuilt) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             if set(a) != set(b):
                 c.conclusion(f"{where}: {key or '.'}", "keys", sorted(set(a) - set(b)), sorted(set(b) - set(a)))
-            siblings = {k[:-3]: ((_plain(a[k]), _plain(a.get(k[:-3] + "_hi"))), (_plain(b[k]), _plain(b.get(k[:-3] + "_hi"))))
+            siblings = {k[:-3]: ((plain_value(a[k]), plain_value(a.get(k[:-3] + "_hi"))), (plain_value(b[k]), plain_value(b.get(k[:-3] + "_hi"))))
                         for k in set(a) & set(b) if k.endswith("_lo") and k[:-3] + "_hi" in a and k[:-3] + "_hi" in b
                         and not isinstance(a[k], (dict, list))}
             for k in sorted(set(a) & set(b)):
@@ -207,14 +193,14 @@ def compare_json(c: Comparison, where: str, published, rebuilt) -> None:
                 if isinstance(a[k], (dict, list)) or isinstance(b[k], (dict, list)):
                     walk(child, a[k], b[k])
                 else:
-                    _leaf(c, f"{where}: {child}", str(k), _plain(a[k]), _plain(b[k]), siblings,
+                    _leaf(c, f"{where}: {child}", str(k), plain_value(a[k]), plain_value(b[k]), siblings,
                           ranked=bool(RANK_NAMES.search(child)))
         elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             for i, (x, y) in enumerate(zip(a, b)):
                 if isinstance(x, (dict, list)):
                     walk(f"{key}[{i}]", x, y)
                 else:
-                    _leaf(c, f"{where}: {key}[{i}]", key.rsplit(".", 1)[-1], _plain(x), _plain(y), {},
+                    _leaf(c, f"{where}: {key}[{i}]", key.rsplit(".", 1)[-1], plain_value(x), plain_value(y), {},
                           ranked=bool(RANK_NAMES.search(key)))
         else:
             c.conclusion(f"{where}: {key}", "structure", a, b)

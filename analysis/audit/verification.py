@@ -127,15 +127,16 @@ def compare_json(result: Verification, where: str, stored, recomputed) -> None:
     walk("", stored, recomputed)
 
 
-def _cell(value):
+def plain_value(value):
+    """A table cell or JSON leaf as None, bool, int, float or str: NaN and None are both None (undefined)."""
+    if value is None:
+        return None
     if isinstance(value, (np.bool_, bool)):
         return bool(value)
-    if isinstance(value, (np.integer,)):
+    if isinstance(value, (np.integer, int)):
         return int(value)
     if isinstance(value, (np.floating, float)):
-        return float(value)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
+        return None if math.isnan(float(value)) else float(value)
     return value if not hasattr(value, "item") else value.item()
 
 
@@ -152,11 +153,7 @@ def compare_tables(result: Verification, where: str, stored: pd.DataFrame, recom
     for i in range(len(stored)):
         label = ", ".join(f"{c}={stored.at[i, c]}" for c in ids) or f"row {i}"
         for column in stored.columns:
-            s, r = _cell(stored.at[i, column]), _cell(recomputed.at[i, column])
-            if isinstance(s, float) and math.isnan(s):
-                s = None
-            if isinstance(r, float) and math.isnan(r):
-                r = None
+            s, r = plain_value(stored.at[i, column]), plain_value(recomputed.at[i, column])
             result.compare(f"{where}[{label}].{column}", s, r)
 
 
