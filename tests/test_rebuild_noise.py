@@ -63,8 +63,9 @@ def demo_entropy(tmp_path_factory):
         mp.setenv("SELFREF_ROOT", str(root))
         mp.setenv("SELFREF_DEMO_MODELS", str(root / "models"))
         cfg = config.load(project_paths(root))
-        for ckpt in cfg.checkpoints:
+        for ckpt in cfg.checkpoints:  # every manifest first: the chat format reads the family's instruct one
             cli.pull(ckpt.name, update=False)
+        for ckpt in cfg.checkpoints:
             for prompt_format in PROMPT_FORMATS:
                 cli.extract(ckpt.name, prompt_format)
         return cfg, entropy_tables(cfg)
