@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stage_modules import REPO, WIRING, stage_dependencies, stage_modules
+from stage_modules import REPO, WIRING, imported_modules, stage_dependencies, stage_modules
 
 STAGE_MODULES = {"prompts": "prompts_check", "pull": "pull", "extract": "extract", "extract_chat": "extract",
                  "stats": "stats", "original": "original", "figures": "figures", "report": "report",
@@ -53,7 +53,7 @@ def test_the_library_is_organised_in_packages_and_the_verbs_stay_thin():
         name = ".".join(path.relative_to(REPO).with_suffix("").parts)
         if name == "analysis.cli":  # the wiring: each verb of the CLI calls its module
             continue
-        imported = {m for m in stage_modules_of(path) if m.startswith("analysis.verbs.")}
+        imported = {m for m in imported_modules(path) if m.startswith("analysis.verbs.")}
         assert not imported, f"{name} imports verb module(s) {sorted(imported)}"
 
 
@@ -67,16 +67,10 @@ def test_sub_packages_import_only_their_own_layer_or_those_below():
         if len(parts) < 2:
             continue
         level = LAYERS.index(parts[0])
-        for name in stage_modules_of(path):
+        for name in imported_modules(path):
             package = name.split(".")[1] if name.count(".") >= 1 else None
             if package in LAYERS:
                 assert LAYERS.index(package) <= level, f"{path.relative_to(REPO)} imports {name}"
-
-
-def stage_modules_of(path: Path) -> set[str]:
-    from stage_modules import imported_modules
-
-    return imported_modules(path)
 
 
 def test_every_stage_module_is_a_stage():
