@@ -94,14 +94,15 @@ def pull(
 @app.command()
 def extract(
     checkpoint: str = typer.Argument(..., help="<family>-<variant> of the active suite"),
-    prompt_format: str = typer.Option("raw", "--format", help="raw: the prompt alone; chat: inside the family's "
-                                      "instruct chat template, entropy over the user's text only"),
+    prompt_format: str | None = typer.Option(None, "--format", help="only this format (default: every format "
+                                                "the checkpoint has). raw: the prompt alone; chat: inside the "
+                                                "family's instruct chat template, entropy over the user's text only"),
 ) -> None:
-    """Attention entropy of every head for every prompt: data/entropy/<format>/<checkpoint>.parquet."""
+    """Attention entropy of every head for every prompt: data/entropy/<checkpoint>/<format>.parquet."""
     from analysis.core.quantities import PROMPT_FORMATS
     from analysis.verbs import extract as stage
 
-    if prompt_format not in PROMPT_FORMATS:
+    if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
         raise UserError(f"--format {prompt_format!r}: use one of {', '.join(PROMPT_FORMATS)}")
     stage.run(_config(), checkpoint, prompt_format)
 

@@ -42,7 +42,7 @@ QUICK_SPEC = {**CPU_SPEC, "layers": 4, "hidden": 128}
 def _patched_prompts(config: config_mod.Config) -> tuple[pd.DataFrame, list[str]]:
     every = load_prompts(config.paths.prompts, config.prompts.min_per_category)
     prompts = every[(every["language"] == SOURCE_LANGUAGE) & every["category"].isin(PATCH_CATEGORIES)]
-    return prompts.reset_index(drop=True), list(every["text"])
+    return prompts.reset_index(drop=True), checkpoints.tokenizer_corpus(config.paths, config.prompts.min_per_category)
 
 
 def _timed_family(config, family, loaded, prompts, selection) -> dict[str, Any]:

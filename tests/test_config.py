@@ -147,6 +147,27 @@ def test_suite_use_rewrites_suite_and_checkpoints_keeping_comments(tmp_path):
         config.use_suite("nosuch", paths)
 
 
+def test_the_chat_format_reads_the_family_instruct_template_and_a_family_without_one_has_none(tmp_path):
+    """extract@<checkpoint> depends on the manifest whose template its chat format uses (`chat_from`), and a family
+    without an instruct checkpoint is extracted in the raw format only."""
+    from analysis.verbs.extract import formats_of
+
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    paths = project_paths(tmp_path)
+    config.use_suite("real", paths)
+    cfg = config.load(paths)
+    entries = yaml.safe_load((tmp_path / "params.yaml").read_text())["checkpoints"]
+    assert entries["gemma3_270m_q4-base"] == {"family": "gemma3_270m_q4", "variant": "base",
+                                              "chat_from": "gemma3_270m_q4-base"}
+    assert entries["smollm2_135m_q4-instruct"]["chat_from"] == "smollm2_135m_q4-instruct"
+    assert formats_of(cfg, "gemma3_270m_q4-base") == ("raw",)
+    assert formats_of(cfg, "smollm2_135m_q4-instruct") == ("raw", "chat")
+    config.use_suite("demo", paths)
+    cfg = config.load(paths)
+    assert cfg.chat_template_source(cfg.checkpoint("demo_stages-sft")).name == "demo_stages-instruct"
+    assert formats_of(cfg, "demo_stages-base") == ("raw", "chat")
+
+
 def test_the_new_extract_and_preflight_settings_are_typed():
     cfg = config.load(project_paths(REPO))
     assert cfg.extract.chat_system == "default" and cfg.extract.chat_date == PARAMS["extract"]["chat_date"]

@@ -435,7 +435,7 @@ def test_chat_extraction_of_a_family_without_instruct_checkpoint_is_refused(proj
     assert [(c.name, c.source) for c in cfg.checkpoints] == [("smollm2_135m_q4-instruct", "gguf"),
                                                               ("gemma3_270m_q4-base", "gguf")]
     with pytest.raises(UserError, match=r"gemma3_270m_q4-base: --format chat .* family gemma3_270m_q4 has no instruct "
-                                        r"checkpoint; extract this checkpoint with --format raw"):
+                                        r"checkpoint; extract it with --format raw"):
         extract.run(cfg, "gemma3_270m_q4-base", "chat")
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from stage_modules import REPO, WIRING, imported_modules, stage_dependencies, stage_modules
 
-STAGE_MODULES = {"prompts": "prompts_check", "pull": "pull", "extract": "extract", "extract_chat": "extract",
+STAGE_MODULES = {"prompts": "prompts_check", "pull": "pull", "extract": "extract",
                  "stats": "stats", "original": "original", "figures": "figures", "report": "report",
                  "patch": "patch"}
 DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")

@@ -22,7 +22,7 @@ from analysis import cli
 from analysis.core import config
 from analysis.audit.build_comparison import compare_folders
 from analysis.core.layout import project_paths
-from analysis.core.quantities import ENTROPY_COLUMNS, MASS_COLUMNS, PROMPT_FORMATS
+from analysis.core.quantities import ENTROPY_COLUMNS, MASS_COLUMNS
 from analysis.statistics.study import entropy_tables, write_study
 from analysis.statistics.study import build_study
 
@@ -66,8 +66,7 @@ def demo_entropy(tmp_path_factory):
         for ckpt in cfg.checkpoints:  # every manifest first: the chat format reads the family's instruct one
             cli.pull(ckpt.name, update=False)
         for ckpt in cfg.checkpoints:
-            for prompt_format in PROMPT_FORMATS:
-                cli.extract(ckpt.name, prompt_format)
+            cli.extract(ckpt.name, None)  # every format the checkpoint has
         return cfg, entropy_tables(cfg)
 
 

@@ -7,6 +7,8 @@ import statsmodels.formula.api as smf
 
 from analysis.statistics.robustness import FORMULA, INTERACTION, NO_CHANGE_TO_MODEL, length_control, prompt_layer_entropy, split_half
 
+from entropy_tables import entropy_table, prompt_frame
+
 N_PROMPTS, N_LAYERS, N_HEADS = 40, 5, 3
 
 
@@ -14,23 +16,23 @@ def synthetic_table(seed: int, *, self_shift=None, length_slope=0.0, self_extra_
     """Entropies with a prompt effect, head noise, an optional instruct change on self_referent prompts
     (`self_shift[layer]`) and an optional instruct change proportional to token count (`length_slope`)."""
     rng = np.random.default_rng(seed)
-    rows = []
-    for category in ("self_referent", "neutral"):
-        for p in range(N_PROMPTS):
-            n_tokens = int(rng.integers(6, 12)) + (self_extra_tokens if category == "self_referent" else 0)
-            prompt_effect = rng.normal(0, 0.05, N_LAYERS)
-            for variant in ("base", "instruct"):
-                for layer in range(N_LAYERS):
-                    level = 1.0 + 0.05 * n_tokens + prompt_effect[layer]
-                    if variant == "instruct":
-                        level += length_slope * n_tokens
-                        if category == "self_referent" and self_shift is not None:
-                            level += self_shift[layer]
-                    for head in range(N_HEADS):
-                        rows.append({"family": "f", "variant": variant, "prompt_id": f"{category}_{p}",
-                                     "category": category, "n_tokens": n_tokens, "layer": layer, "head": head,
-                                     "entropy": level + rng.normal(0, noise)})
-    return pd.DataFrame(rows)
+    categories = np.repeat(["self_referent", "neutral"], N_PROMPTS)
+    values = {v: np.empty((categories.size, N_LAYERS, N_HEADS)) for v in ("base", "instruct")}
+    n_tokens = np.empty(categories.size, dtype=int)
+    for i, category in enumerate(categories):  # draws in the order of the original row-by-row construction
+        n_tokens[i] = int(rng.integers(6, 12)) + (self_extra_tokens if category == "self_referent" else 0)
+        prompt_effect = rng.normal(0, 0.05, N_LAYERS)
+        for variant in ("base", "instruct"):
+            for layer in range(N_LAYERS):
+                level = 1.0 + 0.05 * n_tokens[i] + prompt_effect[layer]
+                if variant == "instruct":
+                    level += length_slope * n_tokens[i]
+                    if category == "self_referent" and self_shift is not None:
+                        level += self_shift[layer]
+                values[variant][i, layer] = level + rng.normal(0, noise, N_HEADS)
+    prompts = prompt_frame(categories, [f"{c}_{i % N_PROMPTS}" for i, c in enumerate(categories)])
+    return pd.concat([entropy_table(values[v], prompts, family="f", variant=v, n_tokens=n_tokens)
+                      for v in ("base", "instruct")], ignore_index=True)
 
 
 def _deltas(table: pd.DataFrame, layer_class: list[str]) -> pd.DataFrame:

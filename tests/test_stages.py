@@ -20,6 +20,7 @@ from analysis.core.quantities import NO_CHANGE
 from analysis.statistics.training_stages import check_tokenisation, stage_statistics
 from analysis.statistics.study import build_study
 from conftest import REPO, REPO_CONFIG
+from entropy_tables import entropy_table, prompt_frame
 
 STATS = dataclasses.replace(REPO_CONFIG.stats, n_resamples=400, n_permutations=400, split_half_splits=50,
                             definitions=("raw",), headline_definition="raw")
@@ -42,8 +43,8 @@ def test_stages_are_the_order_of_the_family_mapping_and_two_stage_families_keep_
     assert [c.name for c in REPO_CONFIG.checkpoints if c.family == "demo_llama"] == ["demo_llama-base",
                                                                                        "demo_llama-instruct"]
     assert REPO_CONFIG.checkpoint("demo_stages-dpo").variant == "dpo"
-    assert config.checkpoint_entries(REPO_CONFIG.checkpoints)["demo_stages-sft"] == {"family": STAGED,
-                                                                                      "variant": "sft"}
+    assert config.checkpoint_entries(REPO_CONFIG.checkpoints)["demo_stages-sft"] == {
+        "family": STAGED, "variant": "sft", "chat_from": f"{STAGED}-instruct"}
 
 
 @pytest.mark.parametrize("stages, message", [
@@ -75,21 +76,16 @@ def test_suite_use_stages_works_offline(project):
 def _table(order, n_per_category=8, n_layers=3, n_heads=2, seed=0, shift=None) -> pd.DataFrame:
     """Random entropies of one family with the given stages; `shift[stage]` is added to self-referent rows."""
     rng = np.random.default_rng(seed)
-    rows = []
     cats = ["self_referent", "neutral", "third_person", "confounder"]
+    prompts = prompt_frame(np.repeat(cats, n_per_category), [f"p{p:02d}" for p in range(4 * n_per_category)])
+    self_rows = (prompts["category"] == "self_referent").to_numpy()[:, None, None]
     base = rng.uniform(1.0, 2.0, size=(4 * n_per_category, n_layers, n_heads))
+    frames = []
     for s_i, stage in enumerate(order):
-        values = base + rng.normal(0, 0.05, size=base.shape) * (s_i > 0)
-        for p in range(4 * n_per_category):
-            cat = cats[p // n_per_category]
-            for l in range(n_layers):
-                for h in range(n_heads):
-                    v = values[p, l, h] + ((shift or {}).get(stage, 0.0) if cat == "self_referent" else 0.0)
-                    rows.append({"family": "fam", "variant": stage, "prompt_id": f"p{p:02d}", "category": cat,
-                                 "layer": l, "head": h, "entropy": v, "n_tokens": 5 + p % 3,
-                                 "input_ids_sha1": f"h{p}", "mass_first": 0.5,  # masses as extraction writes them
-                                 "mass_marker": np.nan if cat == "neutral" else 0.1})
-    return pd.DataFrame(rows)
+        values = base + rng.normal(0, 0.05, size=base.shape) * (s_i > 0) + self_rows * (shift or {}).get(stage, 0.0)
+        frames.append(entropy_table(values, prompts, family="fam", variant=stage,
+                                    n_tokens=5 + np.arange(len(prompts)) % 3))
+    return pd.concat(frames, ignore_index=True)
 
 
 def test_steps_add_up_to_the_total_and_vs_base_of_instruct_is_the_deltas_table():

@@ -30,6 +30,7 @@ from analysis.core.quantities import CATEGORIES, layer_ratios, relative_depth
 from analysis.statistics.resampling import (bootstrap_group_means, circular_shift_pvalue, fdr_bh, group_means, index_counts,
                                  paired_permutation_test, percentile_ci, permutation_pvalue, permuted_group_means,
                                  rng_for, rowwise_pearson, sign_flips, stratified_bootstrap_indices)
+from entropy_tables import entropy_table, prompt_frame
 
 CATS = CATEGORIES
 ALL_DEFINITIONS = ["raw", "no_bos", "normalised"]
@@ -49,28 +50,10 @@ def settings(**overrides) -> StatsSettings:
 
 
 def long_table(family: str, base: np.ndarray, instruct: np.ndarray, categories, prompt_ids=None) -> pd.DataFrame:
-    """The entropy table's long format from [prompts, layers, heads] arrays of base and instruct.
-
-    entropy_no_bos and entropy_normalised are fixed positive transforms of entropy (their values only
-    have to be finite and differ from `entropy`); n_tokens is a per-prompt count.
-    """
-    base, instruct = np.asarray(base, float), np.asarray(instruct, float)
-    n_p, n_l, n_h = base.shape
-    categories = np.asarray(categories)
-    if prompt_ids is None:
-        prompt_ids = [f"{c}_{i:02d}" for i, c in enumerate(categories)]
-    prompt_ids = np.asarray(prompt_ids)
-    p, layer, head = np.meshgrid(np.arange(n_p), np.arange(n_l), np.arange(n_h), indexing="ij")
-    n_tokens = 8 + np.arange(n_p) % 5
-    frames = []
-    for variant, values in (("base", base), ("instruct", instruct)):
-        e = values.ravel()
-        frames.append(pd.DataFrame({
-            "family": family, "variant": variant, "prompt_id": prompt_ids[p.ravel()],
-            "category": categories[p.ravel()], "layer": layer.ravel(), "head": head.ravel(),
-            "entropy": e, "entropy_no_bos": 0.9 * e + 0.05,
-            "entropy_normalised": e / np.log(n_tokens[p.ravel()] + 1.0), "n_tokens": n_tokens[p.ravel()]}))
-    return pd.concat(frames, ignore_index=True)
+    """The entropy tables of a family's base and instruct from [prompts, layers, heads] arrays (tests/entropy_tables)."""
+    prompts = prompt_frame(categories, prompt_ids)
+    return pd.concat([entropy_table(values, prompts, family=family, variant=variant)
+                      for variant, values in (("base", base), ("instruct", instruct))], ignore_index=True)
 
 
 def synthetic_family(seed: int, n_per_cat: int, n_layers: int, n_heads: int, shift: dict | None = None,

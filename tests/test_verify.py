@@ -22,6 +22,7 @@ from analysis.core.errors import UserError
 from analysis.core.layout import project_paths
 from analysis.audit.provenance import REGISTRY, all_keys, explain, lookup
 from analysis.core.quantities import CATEGORIES as CATS, LANGUAGES
+from entropy_tables import entropy_table as factory_table, prompt_frame
 from analysis.audit.verification import numbers_agree, tolerance, verify_workspace
 
 pytestmark = pytest.mark.slow  # runs the stats and original stages for every test (make test-fast leaves it out)
@@ -38,20 +39,13 @@ def entropy_table(checkpoint: str, family: str, variant: str, seed: int, prompt_
     categories = np.repeat(CATS, 3)
     sources = [f"{c[:4]}_{i:02d}" for i, c in enumerate(categories)]
     ids = sources if language == "en" else [f"{s}_{language}" for s in sources]
-    p, layer, head = np.meshgrid(np.arange(categories.size), np.arange(3), np.arange(2), indexing="ij")
-    e = 1.5 + rng.gamma(4.0, 0.1, size=p.shape)
-    n_tokens = (8 + np.arange(categories.size) % 4 + (0 if language == "en" else 2))[p.ravel()]
-    return pd.DataFrame({
-        "checkpoint": checkpoint, "family": family, "variant": variant, "prompt_id": np.asarray(ids)[p.ravel()],
-        "category": categories[p.ravel()], "language": language, "source_id": np.asarray(sources)[p.ravel()],
-        "layer": layer.ravel(), "head": head.ravel(), "entropy": e.ravel(),
-        "entropy_no_bos": 0.9 * e.ravel(), "entropy_normalised": e.ravel() / np.log(n_tokens + 1.0),
-        "n_tokens": n_tokens, "n_query": n_tokens, "first_token": "<s>", "prompt_format": prompt_format,
-        # attention masses (where heads look); neutral prompts have no marker
-        "mass_first": rng.uniform(0.2, 0.8, size=p.size),
-        "mass_marker": np.where(categories[p.ravel()] == "neutral", np.nan, rng.uniform(0.0, 0.2, size=p.size)),
-        # the same token ids at every stage of a family (the stats stage checks it for staged families)
-        "input_ids_sha1": np.asarray([f"{language}{i:014x}" for i in range(categories.size)])[p.ravel()]})
+    shape = (categories.size, 3, 2)
+    e = 1.5 + rng.gamma(4.0, 0.1, size=shape)
+    n_tokens = 8 + np.arange(categories.size) % 4 + (0 if language == "en" else 2)
+    return factory_table(e, prompt_frame(categories, ids, language=language, source_ids=sources), family=family,
+                         variant=variant, checkpoint=checkpoint, prompt_format=prompt_format, n_tokens=n_tokens,
+                         mass_first=rng.uniform(0.2, 0.8, size=shape), mass_marker=rng.uniform(0.0, 0.2, size=shape),
+                         token_seed=language)  # the same token ids at every stage of a family
 
 
 @pytest.fixture

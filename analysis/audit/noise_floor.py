@@ -63,5 +63,5 @@ def measure(config: Config) -> dict[str, dict[str, float]]:
     every = load_prompts(config.paths.prompts, config.prompts.min_per_category)
     prompts = every[(every["language"] == SOURCE_LANGUAGE) & every["category"].isin(PATCH_CATEGORIES)]
     prompts = prompts.reset_index(drop=True)
-    texts = list(every["text"])
-    return {c.name: measure_checkpoint(config, c.name, texts, prompts) for c in config.checkpoints}
+    corpus = checkpoints.tokenizer_corpus(config.paths, config.prompts.min_per_category)
+    return {c.name: measure_checkpoint(config, c.name, corpus, prompts) for c in config.checkpoints}

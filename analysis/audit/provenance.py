@@ -43,11 +43,11 @@ class Source:
 
 
 ENGLISH: tuple[Source, ...] = (
-    Source(FAM + r"n_layers$", "metrics", "data/entropy/<format>/<checkpoint>.parquet: layer",
+    Source(FAM + r"n_layers$", "metrics", "data/entropy/<checkpoint>/<format>.parquet: layer",
            "analysis.statistics.layers:family_arrays", (), "stats", "layers of the family's checkpoints"),
-    Source(FAM + r"n_heads$", "metrics", "data/entropy/<format>/<checkpoint>.parquet: head",
+    Source(FAM + r"n_heads$", "metrics", "data/entropy/<checkpoint>/<format>.parquet: head",
            "analysis.statistics.layers:family_arrays", (), "stats", "query heads per layer"),
-    Source(FAM + r"n_prompts\.(?P<category>\w+)$", "metrics", "data/entropy/<format>/<checkpoint>.parquet: category",
+    Source(FAM + r"n_prompts\.(?P<category>\w+)$", "metrics", "data/entropy/<checkpoint>/<format>.parquet: category",
            "analysis.statistics.layers:family_metrics", (), "stats", "prompts of the category"),
     Source(FAM + r"mean_delta_rfc(_lo|_hi)?$", "metrics", "data/stats/deltas.parquet: delta_rfc (mean over layers)",
            "analysis.statistics.layers:family_metrics", HEADLINE + BOOT, "stats",

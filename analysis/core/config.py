@@ -149,6 +149,12 @@ class Config:
         """Each family of the active suite -> its training stages in order (base first, instruct last)."""
         return family_stages(self.checkpoints)
 
+    def chat_template_source(self, ckpt: Checkpoint) -> Checkpoint | None:
+        """The checkpoint whose chat template wraps `ckpt`'s prompts in the chat format (its family's instruct
+        checkpoint), or None: a family without an instruct checkpoint has no chat format."""
+        name = chat_template_source(self.checkpoints, ckpt)
+        return self.checkpoint(name) if name else None
+
     def checkpoint(self, name: str) -> Checkpoint:
         """The active suite's checkpoint called `<family>-<variant>`."""
         for ckpt in self.checkpoints:
@@ -462,9 +468,19 @@ def staged_families(stages: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, 
     return {f: tuple(s) for f, s in stages.items() if len(s) > len(VARIANTS)}
 
 
+def chat_template_source(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint], ckpt: Checkpoint) -> str | None:
+    """Name of the checkpoint whose chat template the chat format of `ckpt` uses: the family's instruct checkpoint
+    (for base and instruct alike, so both see the same tokens), or None when the family has none."""
+    instruct = f"{ckpt.family}-{VARIANTS[-1]}"
+    return instruct if any(c.name == instruct for c in checkpoints) else None
+
+
 def checkpoint_entries(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> dict[str, dict[str, str]]:
-    """The `checkpoints:` mapping that dvc.yaml iterates over (stage names `extract@<checkpoint>`)."""
-    return {c.name: {"family": c.family, "variant": c.variant} for c in checkpoints}
+    """The `checkpoints:` mapping that dvc.yaml iterates over (stage names `extract@<checkpoint>`). `chat_from`
+    names the manifest the chat format reads (the family's instruct checkpoint; the checkpoint itself in a family
+    without one, which then has no chat format), so each extract stage depends on exactly that manifest."""
+    return {c.name: {"family": c.family, "variant": c.variant,
+                     "chat_from": chat_template_source(checkpoints, c) or c.name} for c in checkpoints}
 
 
 # --- reading ---------------------------------------------------------------------------------------

@@ -152,9 +152,13 @@ class ProjectPaths:
         """Tracked manifest of one checkpoint (`<family>-<variant>`)."""
         return self.manifests / f"{checkpoint}.json"
 
+    def entropy_tables(self, checkpoint: str) -> Path:
+        """The folder of one checkpoint's entropy tables, one per prompt format (the output of its extract stage)."""
+        return self.entropy / checkpoint
+
     def entropy_table(self, checkpoint: str, prompt_format: str) -> Path:
         """Per (prompt, layer, head) entropy table of one checkpoint with prompts in one format (raw or chat)."""
-        return self.entropy / prompt_format / f"{checkpoint}.parquet"
+        return self.entropy_tables(checkpoint) / f"{prompt_format}.parquet"
 
     def demo_model_dir(self, checkpoint: str) -> Path:
         """Local Hugging Face directory of a synthetic demo checkpoint."""

@@ -386,19 +386,32 @@ def open_checkpoint(local_dir: Path, *, checkpoint: str, settings: ExtractSettin
     return LoadedCheckpoint(tokenizer, chat_tokenizer, EntropyRunner(bridge, n_layers, n_heads, pad_id(tokenizer), device))
 
 
+def checkpoint_tables(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str, family: str, variant: str,
+                      settings: ExtractSettings, formats: tuple[str, ...] = ("raw",), chat_dir: Path | None = None,
+                      expected_shape: tuple[int, int] | None = None) -> dict[str, pd.DataFrame]:
+    """Entropy tables of one checkpoint over the prompt set, one per prompt format, from a single load of the model
+    (loading and importing cost more than the forward passes of a small checkpoint)."""
+    loaded = open_checkpoint(local_dir, checkpoint=checkpoint, settings=settings, chat_dir=chat_dir,
+                             expected_shape=expected_shape)
+    tables = {}
+    for prompt_format in formats:
+        encoded = encode_prompts(loaded.tokenizer, prompts, prompt_format, settings, loaded.chat_tokenizer)
+        check_context(local_dir, prompts, encoded, checkpoint)
+        values = loaded.runner.run(encoded, settings.batch_size, label=f"{checkpoint} {prompt_format}")
+        for d in DEFINITIONS:
+            if not np.isfinite(values[d]).all():
+                raise UserError(f"{checkpoint}: non-finite {d} entropies; try dtype float32")
+        frame = entropy_frame(prompts, encoded, values, checkpoint, family, variant,
+                              first_token_strings(loaded.tokenizer, encoded), prompt_format)
+        frame["chat_system"] = settings.chat_system if prompt_format == "chat" else None
+        tables[prompt_format] = frame
+    return tables
+
+
 def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str, family: str, variant: str,
                        settings: ExtractSettings, prompt_format: str = "raw", chat_dir: Path | None = None,
                        expected_shape: tuple[int, int] | None = None) -> pd.DataFrame:
-    """Entropy table of one checkpoint over the prompt set, with the `extract` settings of params.yaml."""
-    loaded = open_checkpoint(local_dir, checkpoint=checkpoint, settings=settings, chat_dir=chat_dir,
-                             expected_shape=expected_shape)
-    encoded = encode_prompts(loaded.tokenizer, prompts, prompt_format, settings, loaded.chat_tokenizer)
-    check_context(local_dir, prompts, encoded, checkpoint)
-    values = loaded.runner.run(encoded, settings.batch_size, label=checkpoint)
-    for d in DEFINITIONS:
-        if not np.isfinite(values[d]).all():
-            raise UserError(f"{checkpoint}: non-finite {d} entropies; try dtype float32")
-    frame = entropy_frame(prompts, encoded, values, checkpoint, family, variant,
-                          first_token_strings(loaded.tokenizer, encoded), prompt_format)
-    frame["chat_system"] = settings.chat_system if prompt_format == "chat" else None
-    return frame
+    """Entropy table of one checkpoint over the prompt set in one prompt format."""
+    return checkpoint_tables(local_dir, prompts, checkpoint=checkpoint, family=family, variant=variant,
+                             settings=settings, formats=(prompt_format,), chat_dir=chat_dir,
+                             expected_shape=expected_shape)[prompt_format]

@@ -15,6 +15,7 @@ from typing import Any
 
 from analysis.core.artefacts import atomic_dir, file_sha256, read_json, write_json
 from analysis.core.config import Checkpoint
+from analysis.core.prompts import load_prompts
 from analysis.core.errors import UserError
 from analysis.core.layout import ProjectPaths
 from analysis.models import synthetic
@@ -155,6 +156,12 @@ def read_manifest(paths: ProjectPaths, name: str) -> dict[str, Any]:
 
 def _base_manifest(ckpt: Checkpoint) -> dict[str, Any]:
     return {"checkpoint": ckpt.name, "family": ckpt.family, "variant": ckpt.variant, "source": ckpt.source}
+
+
+def tokenizer_corpus(paths: ProjectPaths, min_per_category: int) -> list[str]:
+    """Every prompt text of every language in data/prompts.csv: the corpus a demo checkpoint's tokenizer is trained
+    on, at `pull` and whenever a later stage regenerates the checkpoint (the same texts give the same files)."""
+    return list(load_prompts(paths.prompts, min_per_category)["text"])
 
 
 def pull_demo(ckpt: Checkpoint, prompt_texts: list[str], paths: ProjectPaths) -> dict[str, Any]:

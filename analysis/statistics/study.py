@@ -157,10 +157,11 @@ def entropy_tables(config: Config) -> dict[str, pd.DataFrame]:
     for prompt_format in PROMPT_FORMATS:
         frames = []
         for ckpt in config.checkpoints:
+            if prompt_format == "chat" and config.chat_template_source(ckpt) is None:
+                continue  # a family without an instruct checkpoint has no chat format
             path = paths.entropy_table(ckpt.name, prompt_format)
             if not path.exists():
-                raise UserError(f"{paths.relative(path)}: missing; run `selfref extract {ckpt.name} "
-                                f"--format {prompt_format}` (or `dvc repro`)")
+                raise UserError(f"{paths.relative(path)}: missing; run `selfref extract {ckpt.name}` (or `dvc repro`)")
             frames.append(read_parquet(path, columns))
         out[prompt_format] = pd.concat(frames, ignore_index=True)
     return out

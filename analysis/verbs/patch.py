@@ -26,7 +26,7 @@ def run(config: Config, family: str) -> None:
     selection = selection_for(config, family, read_parquet(paths.stats_table("heads"), HEADS_COLUMNS))
 
     every = load_prompts(paths.prompts, config.prompts.min_per_category)
-    texts = list(every["text"])  # a demo tokenizer is trained on every language's prompts, as `pull` did
+    corpus = checkpoints.tokenizer_corpus(paths, config.prompts.min_per_category)
     # The headline language and the two categories the statistics compare (docs/method.md, "Interventions on heads")
     prompts = every[(every["language"] == SOURCE_LANGUAGE) & every["category"].isin(PATCH_CATEGORIES)]
     prompts = prompts.reset_index(drop=True)
@@ -34,7 +34,7 @@ def run(config: Config, family: str) -> None:
     for variant in VARIANTS:
         ckpt = config.checkpoint(f"{family}-{variant}")
         local[variant] = (ckpt, checkpoints.read_manifest(paths, ckpt.name))
-    dirs = {v: checkpoints.local_dir(m, c.demo, texts, paths) for v, (c, m) in local.items()}
+    dirs = {v: checkpoints.local_dir(m, c.demo, corpus, paths) for v, (c, m) in local.items()}
     chat_dir = dirs["instruct"] if stats.headline_format == "chat" else None
     loaded = {v: open_checkpoint(dirs[v], checkpoint=local[v][0].name, settings=config.extract, chat_dir=chat_dir,
                                  expected_shape=(local[v][1]["n_layers"], local[v][1]["n_heads"])) for v in VARIANTS}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import typer
 
 from analysis.core.config import Config
-from analysis.core.prompts import load_prompts
 from analysis.models import checkpoints, gguf
 
 
@@ -14,8 +13,8 @@ def run(config: Config, name: str, update: bool) -> dict:
     """Pull checkpoint `name` of the active suite; returns its manifest."""
     ckpt = config.checkpoint(name)
     if ckpt.source == "demo":
-        texts = list(load_prompts(config.paths.prompts, config.prompts.min_per_category)["text"])
-        manifest = checkpoints.pull_demo(ckpt, texts, config.paths)
+        corpus = checkpoints.tokenizer_corpus(config.paths, config.prompts.min_per_category)
+        manifest = checkpoints.pull_demo(ckpt, corpus, config.paths)
     elif ckpt.source == "local":
         manifest = checkpoints.pull_local(ckpt, config.paths)
     elif ckpt.source == "gguf":
