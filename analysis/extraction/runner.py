@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from analysis.extraction.attention_mass import MASSES, pattern_masses
 from analysis.core.config import ExtractSettings
 from analysis.extraction.entropy import pattern_entropies
+from analysis.extraction.residuals import (ResidualSet, compress, pooled_arrays, pooled_residual_hooks,
+                                           user_token_masks)
 from analysis.core.errors import UserError
 from analysis.core.prompts import MARKER_COLUMN, marker_spans
 from analysis.core.quantities import DEFINITIONS, ENTROPY_COLUMNS, MASS_COLUMNS, PROMPT_FORMATS, SOURCE_LANGUAGE
@@ -390,15 +392,38 @@ def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: st
                        settings: ExtractSettings, prompt_format: str = "raw", chat_dir: Path | None = None,
                        expected_shape: tuple[int, int] | None = None) -> pd.DataFrame:
     """Entropy table of one checkpoint over the prompt set, with the `extract` settings of params.yaml."""
+    return _extract(local_dir, prompts, checkpoint=checkpoint, family=family, variant=variant, settings=settings,
+                    prompt_format=prompt_format, chat_dir=chat_dir, expected_shape=expected_shape)[0]
+
+
+def extract_checkpoint_with_residuals(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str, family: str,
+                                      variant: str, settings: ExtractSettings,
+                                      expected_shape: tuple[int, int] | None = None) -> tuple[pd.DataFrame, ResidualSet]:
+    """The raw-format entropy table and, from the same forward passes, the pooled residual stream after each layer
+    (analysis.extraction.residuals)."""
+    return _extract(local_dir, prompts, checkpoint=checkpoint, family=family, variant=variant, settings=settings,
+                    prompt_format="raw", expected_shape=expected_shape, residuals=True)
+
+
+def _extract(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str, family: str, variant: str,
+             settings: ExtractSettings, prompt_format: str, chat_dir: Path | None = None,
+             expected_shape: tuple[int, int] | None = None,
+             residuals: bool = False) -> tuple[pd.DataFrame, ResidualSet | None]:
     loaded = open_checkpoint(local_dir, checkpoint=checkpoint, settings=settings, chat_dir=chat_dir,
                              expected_shape=expected_shape)
     encoded = encode_prompts(loaded.tokenizer, prompts, prompt_format, settings, loaded.chat_tokenizer)
     check_context(local_dir, prompts, encoded, checkpoint)
-    values = loaded.runner.run(encoded, settings.batch_size, label=checkpoint)
+    n_layers = loaded.runner.n_layers
+    hooks = pooled_residual_hooks(user_token_masks(loaded.tokenizer, encoded), n_layers) if residuals else None
+    values = loaded.runner.run(encoded, settings.batch_size, label=checkpoint, batch_hooks=hooks)
     for d in DEFINITIONS:
         if not np.isfinite(values[d]).all():
             raise UserError(f"{checkpoint}: non-finite {d} entropies; try dtype float32")
     frame = entropy_frame(prompts, encoded, values, checkpoint, family, variant,
                           first_token_strings(loaded.tokenizer, encoded), prompt_format)
     frame["chat_system"] = settings.chat_system if prompt_format == "chat" else None
-    return frame
+    captured = None
+    if residuals:
+        captured = compress(checkpoint, list(prompts["prompt_id"]), pooled_arrays(values, n_layers),
+                            [e.input_ids for e in encoded])
+    return frame, captured

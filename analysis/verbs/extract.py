@@ -9,7 +9,8 @@ from analysis.core.artefacts import write_parquet
 from analysis.core.config import Config
 from analysis.core.errors import UserError
 from analysis.core.prompts import load_prompts, token_lengths
-from analysis.extraction.runner import extract_checkpoint
+from analysis.extraction.residuals import write_residuals
+from analysis.extraction.runner import extract_checkpoint, extract_checkpoint_with_residuals
 from analysis.models import checkpoints
 
 
@@ -29,9 +30,16 @@ def run(config: Config, name: str, prompt_format: str) -> None:
     if prompt_format == "chat":
         sibling = config.checkpoint(f"{ckpt.family}-instruct")
         chat_dir = checkpoints.local_dir(checkpoints.read_manifest(paths, sibling.name), sibling.demo, texts, paths)
-    frame = extract_checkpoint(local, prompts, checkpoint=name, family=ckpt.family, variant=ckpt.variant,
-                               settings=config.extract, prompt_format=prompt_format, chat_dir=chat_dir,
-                               expected_shape=(manifest["n_layers"], manifest["n_heads"]))
+    shape = (manifest["n_layers"], manifest["n_heads"])
+    residuals = None
+    if prompt_format == "raw":  # the pooled residual stream comes from the same forward passes (the probes read it)
+        frame, residuals = extract_checkpoint_with_residuals(local, prompts, checkpoint=name, family=ckpt.family,
+                                                             variant=ckpt.variant, settings=config.extract,
+                                                             expected_shape=shape)
+    else:
+        frame = extract_checkpoint(local, prompts, checkpoint=name, family=ckpt.family, variant=ckpt.variant,
+                                   settings=config.extract, prompt_format=prompt_format, chat_dir=chat_dir,
+                                   expected_shape=shape)
     lengths = frame.drop_duplicates("prompt_id").set_index("prompt_id")["n_tokens"]
     for language, part in prompts.groupby("language", sort=False):
         check = token_lengths(part, list(lengths.loc[part["prompt_id"]]), f"{name} ({language})",
@@ -39,5 +47,9 @@ def run(config: Config, name: str, prompt_format: str) -> None:
         if check.warning:
             typer.secho("warning: " + check.warning, fg="yellow", err=True)
     target = paths.entropy_table(name, prompt_format)
+    if residuals is not None:
+        write_residuals(residuals, paths.residual_file(name))
+        size = paths.residual_file(name).stat().st_size
+        typer.echo(f"{name}: pooled residual stream {size / 1e6:.1f} MB -> {paths.relative(paths.residual_file(name))}")
     write_parquet(frame, target)
     typer.echo(f"{name}: {len(frame):,} rows -> {paths.relative(target)}")
