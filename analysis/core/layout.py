@@ -21,7 +21,7 @@ STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "r
                 "language_contrast_peaks", "language_token_counts", "attention_mass")
 
 # The probe stage's tables: data/probes/<name>.parquet (analysis.statistics.probes).
-PROBE_TABLES = ("probes", "probe_changes", "probe_correlations", "probe_prompts")
+PROBE_TABLES = ("probes", "probe_changes", "probe_correlations")
 
 
 @dataclass(frozen=True)
