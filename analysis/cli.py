@@ -116,6 +116,14 @@ def stats() -> None:
 
 
 @app.command()
+def probe() -> None:
+    """Linear probes of the prompt category on the pooled residual stream of every checkpoint: data/probes/*"""
+    from analysis.verbs import probe as stage
+
+    stage.run(_config())
+
+
+@app.command()
 def patch(family: str = typer.Argument(..., help="a family of the active suite")) -> None:
     """Ablate and patch the family's top candidate heads and random controls: data/patching/<family>.*"""
     from analysis.verbs import patch as stage

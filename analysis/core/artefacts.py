@@ -199,3 +199,25 @@ def read_parquet(path: Path, columns: tuple[str, ...] = ()) -> pd.DataFrame:
         raise UserError(f"{path}: lacks column(s) {', '.join(missing)}; it was written by another version "
                         "of this project: rebuild it with `dvc repro`")
     return frame
+
+
+def write_safetensors(tensors: dict[str, Any], metadata: dict[str, str], path: Path) -> None:
+    """Write numpy arrays as safetensors (no pickle: plain arrays and a text header), atomically."""
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The arrays and text metadata of a safetensors artefact; a missing or unreadable one is an error naming the
+    file and how to rebuild it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; run `dvc repro` to rebuild it") from None
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path}: not a readable safetensors file ({err}); rebuild it with `dvc repro`") from None

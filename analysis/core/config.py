@@ -15,7 +15,7 @@ import yaml
 
 from analysis.core.errors import UserError
 from analysis.core.layout import ProjectPaths, project_paths
-from analysis.core.quantities import DEFINITIONS, LANGUAGES, PROMPT_FORMATS, SOURCE_LANGUAGE, VARIANTS
+from analysis.core.quantities import DEFINITIONS, LANGUAGES, POOLS, PROMPT_FORMATS, SOURCE_LANGUAGE, VARIANTS
 
 FAMILY_NAME = re.compile(r"[A-Za-z0-9_]+")
 STAGE_NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -117,6 +117,19 @@ class PatchSettings:
 
 
 @dataclass(frozen=True)
+class ProbeSettings:
+    """`probe:` — the residual-stream probes (docs/method.md, "What the residual stream encodes")."""
+
+    pools: tuple[str, ...]       # which pooled residual streams are probed (quantities.POOLS)
+    outer_folds: int             # grouped cross-validation folds scored
+    inner_folds: int             # grouped folds inside each training fold that choose C
+    c_grid: tuple[float, ...]    # inverse L2 penalties tried (scikit-learn's C)
+    max_iter: int                # lbfgs iterations per fit
+    n_resamples: int             # bootstrap resamples of matching units
+    n_permutations: int          # base/instruct swaps per matching unit
+
+
+@dataclass(frozen=True)
 class FigureSettings:
     """`figures:` — the size of the report's charts."""
 
@@ -136,6 +149,7 @@ class Config:
     stats: StatsSettings
     patch: PatchSettings
     figures: FigureSettings
+    probe: ProbeSettings
     preflight: PreflightSettings
     paths: ProjectPaths
 
@@ -308,6 +322,27 @@ def _stats_settings(params: dict[str, Any]) -> StatsSettings:
         definitions=tuple(definitions),
         headline_definition=headline,
         headline_format=_choice(s["headline_format"], "stats.headline_format", PROMPT_FORMATS),
+    )
+
+
+def _probe_settings(params: dict[str, Any]) -> ProbeSettings:
+    s = _section(params, "probe", ProbeSettings)
+    pools = s["pools"]
+    if not isinstance(pools, list) or not pools or len(set(pools)) != len(pools):
+        raise UserError(f"{_where('probe.pools')}: use a non-empty list of {', '.join(POOLS)}, each once")
+    for i, pool in enumerate(pools):
+        _choice(pool, f"probe.pools[{i}]", POOLS)
+    grid = s["c_grid"]
+    if not isinstance(grid, list) or not grid:
+        raise UserError(f"{_where('probe.c_grid')}: use a non-empty list of numbers > 0, e.g. [0.01, 0.1, 1, 10, 100]")
+    return ProbeSettings(
+        pools=tuple(pools),
+        outer_folds=_integer(s["outer_folds"], "probe.outer_folds", 2, 50),
+        inner_folds=_integer(s["inner_folds"], "probe.inner_folds", 2, 50),
+        c_grid=tuple(sorted(_number(c, f"probe.c_grid[{i}]", 0.0, None, open_lo=True) for i, c in enumerate(grid))),
+        max_iter=_integer(s["max_iter"], "probe.max_iter", 10),
+        n_resamples=_integer(s["n_resamples"], "probe.n_resamples", 100),
+        n_permutations=_integer(s["n_permutations"], "probe.n_permutations", 100),
     )
 
 
@@ -524,7 +559,7 @@ def parse(params: dict[str, Any], paths: ProjectPaths, *, check_active: bool = T
         raise UserError(f"{_where('families')}: does not match suite {suite!r}; run `selfref suite use {suite}`")
     return Config(suite=suite, checkpoints=parsed[suite], suites=parsed, prompts=_prompt_settings(params),
                   extract=_extract_settings(params), stats=_stats_settings(params),
-                  patch=_patch_settings(params), figures=_figure_settings(params),
+                  patch=_patch_settings(params), figures=_figure_settings(params), probe=_probe_settings(params),
                   preflight=_preflight_settings(params), paths=paths)
 
 

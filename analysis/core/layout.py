@@ -20,6 +20,9 @@ STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "r
                 "stage_deltas", "stage_shares", "stage_heads", "language_contrasts", "language_summary",
                 "language_contrast_peaks", "language_token_counts", "attention_mass")
 
+# The probe stage's tables: data/probes/<name>.parquet (analysis.statistics.probes).
+PROBE_TABLES = ("probes", "probe_changes", "probe_correlations")
+
 
 @dataclass(frozen=True)
 class ProjectPaths:
@@ -159,6 +162,29 @@ class ProjectPaths:
     def entropy_table(self, checkpoint: str, prompt_format: str) -> Path:
         """Per (prompt, layer, head) entropy table of one checkpoint with prompts in one format (raw or chat)."""
         return self.entropy_tables(checkpoint) / f"{prompt_format}.parquet"
+
+    @property
+    def residuals(self) -> Path:
+        return self.data / "residuals"
+
+    def residual_file(self, checkpoint: str) -> Path:
+        """Pooled residual stream of one checkpoint over the raw-format prompts (extraction's second output)."""
+        return self.residuals / f"{checkpoint}.safetensors"
+
+    @property
+    def probes(self) -> Path:
+        """data/probes: the probe stage's tables and metrics."""
+        return self.data / "probes"
+
+    def probe_table(self, name: str) -> Path:
+        """data/probes/<name>.parquet, one of PROBE_TABLES."""
+        if name not in PROBE_TABLES:
+            raise KeyError(f"unknown probe table {name!r}; known: {', '.join(PROBE_TABLES)}")
+        return self.probes / f"{name}.parquet"
+
+    @property
+    def probe_metrics(self) -> Path:
+        return self.probes / "metrics.json"
 
     def demo_model_dir(self, checkpoint: str) -> Path:
         """Local Hugging Face directory of a synthetic demo checkpoint."""

@@ -31,6 +31,10 @@ MASS_COLUMNS = {"first": "mass_first", "marker": "mass_marker"}
 # How a prompt is fed: alone (the original study) or inside the family's instruct chat template.
 PROMPT_FORMATS = ("raw", "chat")
 
+# How the residual stream after a layer is pooled over the user's tokens of a prompt for the probes
+# (docs/method.md, "What the residual stream encodes"): their mean, and the last of them.
+POOLS = ("mean", "last")
+
 # The per-layer coefficients computed from category means, and their changes (instruct - base).
 RATIOS = ("rfc", "rsi", "diff_self_neutral")
 DELTAS = {"delta_rfc": "rfc", "delta_rsi": "rsi", "delta_diff": "diff_self_neutral"}

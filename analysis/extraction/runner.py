@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from analysis.extraction.attention_mass import MASSES, pattern_masses
 from analysis.core.config import ExtractSettings
 from analysis.extraction.entropy import pattern_entropies
+from analysis.extraction.residuals import (ResidualSet, compress, pooled_arrays, pooled_residual_hooks,
+                                           user_token_masks)
 from analysis.core.errors import UserError
 from analysis.core.prompts import MARKER_COLUMN, marker_spans
 from analysis.core.quantities import DEFINITIONS, ENTROPY_COLUMNS, MASS_COLUMNS, PROMPT_FORMATS, SOURCE_LANGUAGE
@@ -388,16 +390,22 @@ def open_checkpoint(local_dir: Path, *, checkpoint: str, settings: ExtractSettin
 
 def checkpoint_tables(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str, family: str, variant: str,
                       settings: ExtractSettings, formats: tuple[str, ...] = ("raw",), chat_dir: Path | None = None,
-                      expected_shape: tuple[int, int] | None = None) -> dict[str, pd.DataFrame]:
+                      expected_shape: tuple[int, int] | None = None,
+                      residuals: bool = False) -> tuple[dict[str, pd.DataFrame], ResidualSet | None]:
     """Entropy tables of one checkpoint over the prompt set, one per prompt format, from a single load of the model
-    (loading and importing cost more than the forward passes of a small checkpoint)."""
+    (loading and importing cost more than the forward passes of a small checkpoint); with `residuals`, also the
+    pooled residual stream after each layer from the raw format's forward passes (analysis.extraction.residuals)."""
     loaded = open_checkpoint(local_dir, checkpoint=checkpoint, settings=settings, chat_dir=chat_dir,
                              expected_shape=expected_shape)
-    tables = {}
+    tables, captured = {}, None
     for prompt_format in formats:
         encoded = encode_prompts(loaded.tokenizer, prompts, prompt_format, settings, loaded.chat_tokenizer)
         check_context(local_dir, prompts, encoded, checkpoint)
-        values = loaded.runner.run(encoded, settings.batch_size, label=f"{checkpoint} {prompt_format}")
+        n_layers = loaded.runner.n_layers
+        capture = residuals and prompt_format == "raw"
+        hooks = pooled_residual_hooks(user_token_masks(loaded.tokenizer, encoded), n_layers) if capture else None
+        values = loaded.runner.run(encoded, settings.batch_size, label=f"{checkpoint} {prompt_format}",
+                                   batch_hooks=hooks)
         for d in DEFINITIONS:
             if not np.isfinite(values[d]).all():
                 raise UserError(f"{checkpoint}: non-finite {d} entropies; try dtype float32")
@@ -405,13 +413,17 @@ def checkpoint_tables(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str
                               first_token_strings(loaded.tokenizer, encoded), prompt_format)
         frame["chat_system"] = settings.chat_system if prompt_format == "chat" else None
         tables[prompt_format] = frame
-    return tables
+        if capture:
+            captured = compress(checkpoint, list(prompts["prompt_id"]), pooled_arrays(values, n_layers),
+                                [e.input_ids for e in encoded])
+    return tables, captured
 
 
 def extract_checkpoint(local_dir: Path, prompts: pd.DataFrame, *, checkpoint: str, family: str, variant: str,
                        settings: ExtractSettings, prompt_format: str = "raw", chat_dir: Path | None = None,
                        expected_shape: tuple[int, int] | None = None) -> pd.DataFrame:
     """Entropy table of one checkpoint over the prompt set in one prompt format."""
-    return checkpoint_tables(local_dir, prompts, checkpoint=checkpoint, family=family, variant=variant,
-                             settings=settings, formats=(prompt_format,), chat_dir=chat_dir,
-                             expected_shape=expected_shape)[prompt_format]
+    tables, _ = checkpoint_tables(local_dir, prompts, checkpoint=checkpoint, family=family, variant=variant,
+                                  settings=settings, formats=(prompt_format,), chat_dir=chat_dir,
+                                  expected_shape=expected_shape)
+    return tables[prompt_format]

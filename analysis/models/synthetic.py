@@ -15,6 +15,15 @@ exactly the pattern of another head of its key/value group, and `mute_planted` z
 planted heads, so that changing their focus changes no other head. A layer with k identical self-focus
 heads that lose their focus one by one over the stages then changes by exactly j/k of its total at a
 step where j of them do: a planted split of the change that the step shares must recover.
+
+For the residual-stream probes (docs/method.md, "What the residual stream encodes"): `plain_embedding` gives every
+token the same embedding apart from the reserved dimensions (so only self-referent words differ), `transparent`
+zeroes every attention output and MLP output (each layer passes the residual stream on unchanged), and
+`probe_write` ([layer, head]) makes that head read the self dimensions of its keys through its value and write them
+into one more reserved dimension (PROBE_DIM) of the residual stream. Its attention pattern is not touched, so a
+base with the write and an instruct without it have the same attention patterns (an exact null for every entropy
+statistic) and the same residual stream up to that layer; from it on, the last token of a self-referent prompt
+carries a direction the other prompts lack.
 """
 
 from __future__ import annotations
@@ -59,6 +68,8 @@ CHAT_TEMPLATE = (
 CJK_CHARACTER = r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uff00-\uffef]"
 CONST_DIM = 0
 SELF_DIMS = {language: 1 + i for i, language in enumerate(LANGUAGES)}  # one marker dimension per language
+PROBE_DIM = 1 + len(LANGUAGES)  # where a `probe_write` head writes what it read from self-referent keys
+PROBE_GAIN = 4.0  # value of PROBE_DIM per unit of attention on self-referent tokens (RMS-normalised input)
 FOCUS_SCORE = 8.0  # attention logit a self-focus head gives a self-referent key, before normalisation drift;
 # strong enough that attending to a marker late in an English prompt still lowers the head's entropy
 VOCAB_SIZE = 4096
@@ -109,8 +120,20 @@ def check_spec(spec: dict[str, Any], where: str) -> None:
     languages = spec.get("self_languages", list(LANGUAGES))
     if not isinstance(languages, list) or not languages or any(x not in LANGUAGES for x in languages):
         raise UserError(f"{where}: self_languages {languages!r} must be a non-empty list of {', '.join(LANGUAGES)}")
-    if not isinstance(spec.get("mute_planted", False), bool):
-        raise UserError(f"{where}: mute_planted must be true or false")
+    for key in ("mute_planted", "transparent", "plain_embedding"):
+        if not isinstance(spec.get(key, False), bool):
+            raise UserError(f"{where}: {key} must be true or false")
+    write = spec.get("probe_write")
+    if write is not None:
+        if not (isinstance(write, list) and len(write) == 2 and all(isinstance(x, int) for x in write)
+                and 0 <= write[0] < int(spec["layers"]) and 0 <= write[1] < heads):
+            raise UserError(f"{where}: probe_write {write!r} must be [layer, head] inside {spec['layers']} layers x "
+                            f"{heads} heads")
+        if not spec.get("transparent", False):
+            raise UserError(f"{where}: probe_write needs transparent: true (other layers must not move the "
+                            "self-referent dimensions to the last token themselves)")
+    if hidden <= PROBE_DIM:
+        raise UserError(f"{where}: hidden must exceed {PROBE_DIM} (reserved residual dimensions)")
 
 
 def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
@@ -176,6 +199,8 @@ def build_model(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> tor
         for proj in (block.self_attn.q_proj, block.self_attn.k_proj):
             proj.weight.mul_(QK_SCALE)
     embed = model.get_input_embeddings().weight
+    if spec.get("plain_embedding", False):
+        embed.zero_()
     embed[:, CONST_DIM] = 1.0
     for language, dim in SELF_DIMS.items():
         embed[:, dim] = 0.0
@@ -212,6 +237,20 @@ def build_model(spec: dict[str, Any], tokenizer: PreTrainedTokenizerFast) -> tor
     for layer, head in spec.get("planted", []):
         if (layer, head) in focus:
             model.model.layers[layer].self_attn.q_proj.weight[head * head_dim + row, CONST_DIM] = gain
+
+    if spec.get("transparent", False):
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+    if spec.get("probe_write") is not None:
+        layer, head = spec["probe_write"]
+        attn = model.model.layers[layer].self_attn
+        value_row = (head // group) * head_dim  # the first value dimension of the head's key/value head
+        attn.v_proj.weight[value_row] = 0.0
+        attn.v_proj.weight[value_row, list(SELF_DIMS.values())] = 1.0
+        if attn.v_proj.bias is not None:
+            attn.v_proj.bias[value_row] = 0.0
+        attn.o_proj.weight[PROBE_DIM, head * head_dim] = PROBE_GAIN
 
     noise = float(spec.get("noise", 0.0))
     if noise:

@@ -221,6 +221,29 @@ def prompt_lengths(lengths: pd.DataFrame, width: int, columns: int) -> alt.Chart
         facet=alt.Facet("panel:N", title=None, sort=order), columns=columns)
 
 
+def probe_profiles(probes: pd.DataFrame, layers: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """Per family and pool, the self-vs-neutral probe's selectivity, accuracy, control accuracy and token baseline
+    per layer (data/probes/probes.parquet, all languages) beside RFC (headline rows of data/stats/layers.parquet);
+    line style: the checkpoint's variant."""
+    part = probes[(probes["task"] == "self_vs_neutral") & (probes["language"] == "all")]
+    rows = []
+    for column, label in (("selectivity", "selectivity"), ("accuracy", "probe accuracy"),
+                          ("control_accuracy", "control accuracy"), ("baseline_accuracy", "token baseline")):
+        rows.append(part[["family", "variant", "pool", "layer", column]].rename(columns={column: "value"})
+                    .assign(measure=label))
+    rfc = layers[layers["family"].isin(set(part["family"]))]
+    for pool in dict.fromkeys(part["pool"]):
+        rows.append(rfc[["family", "variant", "layer", "rfc"]].rename(columns={"rfc": "value"})
+                    .assign(measure="RFC", pool=pool))
+    data, order = _panels(pd.concat(rows, ignore_index=True), "family", "pool")
+    lines = alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("layer:Q", axis=alt.Axis(tickMinStep=1)), y=alt.Y("value:Q", title=None),
+        color=alt.Color("measure:N", title=None), strokeDash=alt.StrokeDash("variant:N", title="variant"),
+        tooltip=["family", "pool", "variant", "measure", "layer", alt.Tooltip("value:Q", format=".3f")])
+    return lines.properties(width=panel_width(width, columns), height=120).facet(
+        facet=alt.Facet("panel:N", title=None, sort=order), columns=columns)
+
+
 def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
     """Write `<name>.vl.json`, `.svg` and `.png` atomically; returns their paths."""
     spec = chart.to_dict()
@@ -237,7 +260,7 @@ def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
 def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, lengths: pd.DataFrame,
               folder: Path, definition: str, prompt_format: str, width: int, columns: int,
               stage_deltas: pd.DataFrame, attention_mass: pd.DataFrame, patching: pd.DataFrame,
-              top_k: int) -> dict[str, dict[str, Path]]:
+              top_k: int, probes: pd.DataFrame | None = None) -> dict[str, dict[str, Path]]:
     """Every chart of the report for the headline definition and prompt format, `width` pixels wide
     with facets wrapped into `columns` columns (params.yaml `figures`); `stage_profiles` for the families with
     more than two training stages (otherwise a chart that says there is none);
@@ -259,4 +282,9 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
         mass = mass[mass["language"] == SOURCE_LANGUAGE]
     charts["where_heads_look"] = where_heads_look(mass, headline_heads[headline_heads["position"] <= top_k], width, columns)
     charts["patch_effects"] = patch_effects(patching, width, columns)
+    if probes is not None:
+        layer_rows = choice_rows(layers, definition, prompt_format)
+        if "language" in layer_rows:
+            layer_rows = layer_rows[layer_rows["language"] == SOURCE_LANGUAGE]
+        charts["probe_profiles"] = probe_profiles(probes, layer_rows, width, columns)
     return {name: save(chart, folder, name) for name, chart in charts.items()}

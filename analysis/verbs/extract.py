@@ -11,6 +11,7 @@ from analysis.core.config import Config
 from analysis.core.errors import UserError
 from analysis.core.prompts import load_prompts, token_lengths
 from analysis.core.quantities import PROMPT_FORMATS
+from analysis.extraction.residuals import write_residuals
 from analysis.extraction.runner import checkpoint_tables
 from analysis.models import checkpoints
 
@@ -38,9 +39,11 @@ def run(config: Config, name: str, prompt_format: str | None = None) -> None:
     source = config.chat_template_source(ckpt) if "chat" in formats else None
     chat_dir = (checkpoints.local_dir(checkpoints.read_manifest(paths, source.name), source.demo, corpus, paths)
                 if source else None)
-    tables = checkpoint_tables(local, prompts, checkpoint=name, family=ckpt.family, variant=ckpt.variant,
-                               settings=config.extract, formats=formats, chat_dir=chat_dir,
-                               expected_shape=(manifest["n_layers"], manifest["n_heads"]))
+    # the pooled residual stream comes from the raw format's forward passes (the probe stage reads it)
+    tables, residuals = checkpoint_tables(local, prompts, checkpoint=name, family=ckpt.family, variant=ckpt.variant,
+                                          settings=config.extract, formats=formats, chat_dir=chat_dir,
+                                          expected_shape=(manifest["n_layers"], manifest["n_heads"]),
+                                          residuals="raw" in formats)
     for fmt, frame in tables.items():
         lengths = frame.drop_duplicates("prompt_id").set_index("prompt_id")["n_tokens"]
         for language, part in prompts.groupby("language", sort=False):
@@ -48,7 +51,11 @@ def run(config: Config, name: str, prompt_format: str | None = None) -> None:
                                   config.prompts.max_token_gap)
             if check.warning:
                 typer.secho("warning: " + check.warning, fg="yellow", err=True)
-    for fmt, frame in tables.items():  # written only once every format has run
+    if residuals is not None:  # every output written only once every format has run
+        write_residuals(residuals, paths.residual_file(name))
+        size = paths.residual_file(name).stat().st_size
+        typer.echo(f"{name}: pooled residual stream {size / 1e6:.1f} MB -> {paths.relative(paths.residual_file(name))}")
+    for fmt, frame in tables.items():
         target = paths.entropy_table(name, fmt)
         write_parquet(frame, target)
         typer.echo(f"{name}: {len(frame):,} rows -> {paths.relative(target)}")

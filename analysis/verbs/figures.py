@@ -22,5 +22,6 @@ def run(config: Config) -> None:
                                  staging, config.stats.headline_definition, config.stats.headline_format,
                                  config.figures.width, config.figures.columns,
                                  stage_deltas=tables["stage_deltas"], attention_mass=tables["attention_mass"],
-                                 patching=patching, top_k=config.patch.top_k)
+                                 patching=patching, top_k=config.patch.top_k,
+                                 probes=read_parquet(paths.probe_table("probes")))
     typer.echo(f"{len(built)} charts -> {paths.relative(paths.figures)}/")
