@@ -82,8 +82,7 @@ class RenderResult:
 
 
 REPORT_CSS = "report.css"  # beside the document: the layout both renderers' HTML uses (narrow screens, charts)
-FORMAT_LINKS = ('<p class="format-links">Also as <a href="index.pdf">PDF</a> and as '
-                '<a href="index.md">Markdown</a> (for blog platforms, with its figures).</p>\n')
+FORMAT_LINKS = "format-links.html"  # beside the document: the links to the PDF and the Markdown export (both renderers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -159,7 +158,7 @@ def chart_markdown(spec_json: Path | str, svg: Path | str, png: Path | str | Non
     Paths are relative to the document; the spec is read now and inlined in the page.
     """
     spec_path, svg_path = Path(spec_json), Path(svg)
-    png_path = Path(png) if png is not None else svg_path.with_suffix(".png")
+    png_path = Path(png) if png is not None else svg_path  # the Markdown export's image: the PNG where there is one
     for path in (spec_path, svg_path, png_path):
         if not path.exists():
             raise UserError(f"{path}: chart file missing; run `selfref figures` (or `dvc repro figures`)")
@@ -406,7 +405,7 @@ def expand_includes(path: Path, seen: tuple[Path, ...] = ()) -> str:
                             "remove the line")
         if target in seen:
             raise UserError(f"{path}: {match.group(1)} includes itself")
-        return expand_includes(target, seen + (target,)).rstrip("\n") + "\n"
+        return expand_includes(target, seen + (target,)).rstrip("\n")
     return INCLUDE.sub(include, text)
 
 
@@ -519,11 +518,10 @@ def render_fallback(qmd: Path, outdir: Path, root: Path) -> RenderResult:
         css = work / "style.css"
         shared_css = qmd.parent / REPORT_CSS
         css.write_text(STYLE + (shared_css.read_text(encoding="utf-8") if shared_css.exists() else ""), encoding="utf-8")
-        links = work / "links.html"
-        links.write_text(FORMAT_LINKS, encoding="utf-8")
+        links = qmd.parent / FORMAT_LINKS
         with atomic_path(outdir / "index.html") as page:
             _pandoc(document, page, "html5", ["--standalone", "--embed-resources", "--mathml", f"--css={css}",
-                                              f"--include-before-body={links}",
+                                              *([f"--include-before-body={links}"] if links.exists() else []),
                                               "--resource-path", str(qmd.parent), *(["--toc"] if toc_html else [])],
                     qmd.parent)
         with atomic_path(outdir / "index.md") as markdown:
@@ -580,6 +578,9 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderRes
         target = outdir / f"index.{suffix}"
         candidates = [outdir / qmd.parent.relative_to(root) / f"index.{suffix}", target]
         found = next((c for c in candidates if c.exists()), None)
+        if found is None and suffix == "md":  # a _quarto.yml without the gfm format: no Markdown export
+            log.warning("quarto render wrote no index.md; add the gfm format to _quarto.yml for the Markdown export")
+            continue
         if found is None:
             raise UserError(f"quarto render wrote no index.{suffix} under {outdir}; check _quarto.yml formats")
         if found != target:
@@ -587,8 +588,10 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderRes
     nested = outdir / qmd.parent.relative_to(root)  # where Quarto put them: left empty by the moves above
     if nested != outdir and nested.is_dir() and not any(nested.iterdir()):
         nested.rmdir()
-    copy_images(outdir / "index.md", qmd.parent, outdir)
-    return RenderResult("quarto", outdir / "index.html", outdir / "index.pdf", outdir / "index.md")
+    markdown = outdir / "index.md"
+    if markdown.exists():
+        copy_images(markdown, qmd.parent, outdir)
+    return RenderResult("quarto", outdir / "index.html", outdir / "index.pdf", markdown if markdown.exists() else None)
 
 
 QUARTO_INSTALL_HINT = ("install Quarto with `make quarto` (pip's quarto-cli into .venv; offline: "
