@@ -23,7 +23,7 @@ from analysis.core.artefacts import file_sha256
 from analysis.core.errors import UserError
 from analysis.core.config import Config, StatsSettings
 from analysis.core.layout import ProjectPaths, project_paths
-from analysis.core.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows, words
+from analysis.core.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows, head_label, words
 from analysis.report.rendering import Markdown, chart_markdown, escape_markup
 from analysis.statistics.selections import head_role
 
@@ -552,7 +552,7 @@ def candidate_rows(art: Artefacts) -> pd.DataFrame:
     t = art.tables["candidate_heads"]
     s = STYLES
     return pd.DataFrame([{"family": r["family"], "rank": f"={r['rank']}" if r["tied"] else str(r["rank"]),
-                          "head": f"L{r['layer']}H{r['head']}", "DiD": t.show(r, "did", s["did"]),
+                          "head": head_label(r["layer"], r["head"]), "DiD": t.show(r, "did", s["did"]),
                           "log-ratio": t.show(r, "did_log_ratio", s["log_ratio"]),
                           "consistency": t.show(r, "consistency", "pct1"),
                           "base H": t.show(r, "base_entropy", s["entropy"]), "score": t.show(r, "score", s["score"]),
@@ -562,7 +562,7 @@ def candidate_rows(art: Artefacts) -> pd.DataFrame:
 def mass_rows(art: Artefacts) -> pd.DataFrame:
     """Where the tested heads attend (report/figures/tested_mass.parquet), each number with its key."""
     t, m = art.tested_mass, STYLES["mass"]
-    return pd.DataFrame([{"family": r["family"], "head": f"L{r['layer']}H{r['head']}", "tested as": words(r["role"]),
+    return pd.DataFrame([{"family": r["family"], "head": head_label(r["layer"], r["head"]), "tested as": words(r["role"]),
                           "marker: base": t.show(r, "marker_base", m), "marker: instruct": t.show(r, "marker_instruct", m),
                           "Δ marker [CI]": t.interval(r, "marker_delta", m),
                           "first token: base": t.show(r, "first_base", m),
@@ -624,3 +624,12 @@ def robustness_summary(art: Artefacts) -> str:
     n = int(r["differs"].sum())
     who = sorted({f"{x.family} ({words(x.definition)}, {words(x.format)} prompts)" for x in r.itertuples() if x.differs})
     return (f"{n} of {len(r)} conclusions differ from the headline" + (f": {'; '.join(who)}" if who else ""))
+
+
+def model_rows(art: Artefacts) -> pd.DataFrame:
+    """The checkpoints (data/models/*.json) with their source, architecture, size and planted heads."""
+    return pd.DataFrame([
+        {"checkpoint": name, "source": m["repo"] or "synthetic demo", "architecture": m["architecture"],
+         "layers": m["n_layers"], "heads (kv)": f"{m['n_heads']} ({m['n_kv_heads']})", "parameters": f"{m['n_params']:,}",
+         "planted heads": ", ".join(head_label(l, h) for l, h in m.get("planted", [])) or "none"}
+        for name, m in art.manifests.items()])
