@@ -516,7 +516,7 @@ def findings_list(art: Artefacts) -> Markdown:
     return Markdown("\n".join(items) + "\n")
 
 
-PLANTED_HEADERS = {"layers": "layers", "heads": "heads", "sign": "sign of ΔRFC", "step": "training step",
+PLANTED_HEADERS = {"layers": "layers", "heads": "heads", "sign": "sign of ΔRFC", "step": "training step (staged)",
                    "languages": "languages"}
 
 
@@ -525,9 +525,11 @@ def planted_rows(art: Artefacts) -> pd.DataFrame:
     column, each cell "planted / recovered" (one value where they agree), aspects no family has left out."""
     t = art.planted
     aspects = [a for a in PLANTED_HEADERS if t.frame[f"{a}_planted"].notna().any()]
+    if not aspects:
+        return pd.DataFrame()
 
     def cell(r, a):
-        if r[f"{a}_planted"] is None:
+        if pd.isna(r[f"{a}_planted"]):  # not an aspect of this family (one training step, one language)
             return "–"
         if r[f"{a}_planted"] == r[f"{a}_recovered"]:
             return f"{t.show(r, f'{a}_planted', 'text')} ✓"
