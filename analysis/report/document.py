@@ -635,3 +635,39 @@ def model_rows(art: Artefacts) -> pd.DataFrame:
          "layers": m["n_layers"], "heads (kv)": f"{m['n_heads']} ({m['n_kv_heads']})", "parameters": f"{m['n_params']:,}",
          "planted heads": ", ".join(head_label(l, h) for l, h in m.get("planted", [])) or "none"}
         for name, m in art.manifests.items()])
+
+
+def stage_intro(art: Artefacts) -> Markdown:
+    """The opening of the training-stage section: how steps are tested, or that this build has none."""
+    if not staged_families(art):
+        return Markdown("No family in this build has more than two training stages, so there are no steps to compare "
+                        "(@tbl-stages, @fig-stages).")
+    return Markdown(
+        "Some families were run at every stage of their post-training line, not only base and instruct. Each step (a "
+        "stage against the one before it) gets the same paired tests as base against instruct; the steps add up to "
+        "the total change, prompt resample by prompt resample, so each step's share of the total has an interval "
+        "(@tbl-stages, @fig-stages). Shares are given of the mean ΔRFC, a ratio whose denominator can drift from step "
+        "to step, and of the additive mean Δ(H_self − H_neutral). A step whose change is within the noise floor has "
+        "share 0.")
+
+
+def language_specific_text(art: Artefacts) -> str:
+    """Which demo families' planted heads hear only some languages (report/figures/planted.parquet)."""
+    frame = art.planted.frame
+    every = frame["languages_planted"].dropna()
+    full = max(every, key=lambda text: text.count(","), default="")
+    partial = [(r.family, r.languages_planted) for r in frame.itertuples()
+               if isinstance(r.languages_planted, str) and r.languages_planted not in ("none", full)]
+    if not partial:
+        return "every family respond to self markers in every language"
+    return "; ".join(f"**{f}** respond to self markers in {x} only" for f, x in partial)
+
+
+def original_correlation_verdict(art: Artefacts) -> str:
+    """Whether the original's Llama–Mistral correlation survives the circular-shift test at stats.alpha."""
+    p = art.original.value("pairs.llama~mistral.pearson_p_shift")
+    if p is None:
+        return "The circular-shift test cannot be made on its tables."
+    if p >= art.stats.alpha:
+        return "Its tables therefore give no evidence that the two families change in the same layers."
+    return "The agreement survives that test."
