@@ -9,7 +9,7 @@ from analysis.core import config
 from analysis.core.layout import project_paths
 from analysis.core.quantities import WORDS, words
 from analysis.report import charts, findings
-from analysis.statistics.selections import head_role
+from analysis.report.findings import head_role
 
 
 def _inputs():

@@ -15,7 +15,7 @@ import vl_convert as vlc
 
 from analysis.core.artefacts import atomic_path
 from analysis.core.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows, head_label, words
-from analysis.statistics.selections import head_role
+from analysis.report.findings import head_role
 
 CATEGORY_WORDS = [words(c) for c in CATEGORIES]
 CATEGORY_COLOURS = alt.Scale(domain=CATEGORY_WORDS, range=["#d62728", "#1f77b4", "#2ca02c", "#9467bd"])

@@ -25,7 +25,7 @@ from analysis.core.config import Config, StatsSettings
 from analysis.core.layout import ProjectPaths, project_paths
 from analysis.core.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows, head_label, words
 from analysis.report.rendering import Markdown, chart_markdown, escape_markup
-from analysis.statistics.selections import head_role
+from analysis.report.findings import head_role
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
             "statsmodels", "pandas", "pyarrow", "altair", "vl-convert-python", "dvc")

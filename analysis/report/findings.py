@@ -10,12 +10,22 @@ import pandas as pd
 
 from analysis.core.config import Config
 from analysis.core.quantities import LANGUAGES, SOURCE_LANGUAGE, choice_rows, head_label, words
-from analysis.statistics.selections import head_role
 
 MASS_COLUMNS = ["family", "layer", "head", "role", "marker_base", "marker_instruct", "marker_delta", "marker_delta_lo",
                 "marker_delta_hi", "first_base", "first_instruct"]
 
 NONE = "none"
+
+
+def head_role(role: str, names_candidates: bool) -> str:
+    """What a head the patch stage intervened on is, the one definition the charts, tables and text use: a top-ranked
+    head (`role` 'candidate' in data/patching) is a *candidate* only in a family that names candidates (a head at
+    q < alpha: `names_candidates` of data/stats/head_families.parquet, analysis.statistics.selections); in any other
+    family its ranking is driven by base entropy alone, and intervening on it is a null check. Controls stay
+    controls."""
+    if role != "candidate":
+        return role
+    return "candidate" if names_candidates else "null_check"
 ASPECTS = ("layers", "heads", "sign", "step", "languages")  # what a demo spec plants, in the table's order
 PLANTED_COLUMNS = ["family"] + [f"{a}_{side}" for a in ASPECTS for side in ("planted", "recovered")] + ["agrees"]
 FINDING_COLUMNS = ["family", "conclusion", "layers_compression", "layers_gain", "names_candidates", "candidates",

@@ -36,16 +36,6 @@ def head_families(heads: pd.DataFrame, alpha: float) -> pd.DataFrame:
     return out[HEAD_FAMILY_COLUMNS]
 
 
-def head_role(role: str, names_candidates: bool) -> str:
-    """What a head the patch stage intervened on is, the one definition the charts, tables and text use: a top-ranked
-    head (`role` 'candidate' in data/patching) is a *candidate* only in a family that names candidates (a head at
-    q < alpha, `head_families`); in any other family its ranking is driven by base entropy alone, and intervening on
-    it is a null check. Control heads stay controls."""
-    if role != "candidate":
-        return role
-    return "candidate" if names_candidates else "null_check"
-
-
 def candidate_heads(heads: pd.DataFrame, alpha: float, top_k: int) -> pd.DataFrame:
     """The `top_k` highest-ranked heads of every family that names candidates (`head_families`), by family
     in table order and rank. A family with no head at q < alpha has only rankings driven by base entropy,
