@@ -84,10 +84,14 @@ def test_a_misspelt_or_missing_key_is_named():
         config.parse(params, project_paths(REPO))
 
 
-def test_the_figures_section_takes_exactly_width_and_columns():
+def test_the_figures_section_takes_exactly_width_columns_and_height():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["figures"]["height"] = 300
-    with pytest.raises(UserError, match=r"figures: unknown height; the section takes width, columns"):
+    params["figures"]["depth"] = 300
+    with pytest.raises(UserError, match=r"figures: unknown depth; the section takes width, columns, height"):
+        config.parse(params, project_paths(REPO))
+    del params["figures"]["depth"]
+    params["figures"]["height"] = 50
+    with pytest.raises(UserError, match=r"figures.height"):
         config.parse(params, project_paths(REPO))
     del params["figures"]
     with pytest.raises(UserError, match=r"figures: missing or not a mapping; restore the `figures:` section"):

@@ -187,11 +187,47 @@ def test_chart_markdown_gives_each_output_its_chart(tmp_path, document):
     folder = document.parent
     md = rendering.chart_markdown(folder / "figures/tiny.vl.json", folder / "figures/tiny.svg")
     assert '<div id="vis-tiny" class="vega-chart">' in md and 'window.vegaEmbed("#vis-tiny"' in md
+    assert f'<img class="chart-static" src="{(folder / "figures/tiny.svg").as_posix()}"' in md  # without scripts
     assert f'#image("{(folder / "figures/tiny.svg").as_posix()}", width: 100%)' in md
+    assert f'![chart tiny]({(folder / "figures/tiny.svg").as_posix()})' in md  # the Markdown export
     assert md._repr_markdown_() == md
     with pytest.raises(UserError, match="selfref figures"):
         rendering.chart_markdown(folder / "figures/none.vl.json", folder / "figures/tiny.svg")
     assert "<table" not in rendering.vega_bundle_markdown()
+
+
+def test_a_chart_taller_than_the_text_area_is_sized_by_its_height(tmp_path):
+    """A chart whose height at the text width would pass the PDF's text area (less a caption) is placed by height."""
+    tall, wide = tmp_path / "tall.svg", tmp_path / "wide.svg"
+    tall.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="600" height="1200"></svg>')
+    wide.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="600" height="300"></svg>')
+    assert rendering.typst_image(tall).endswith(f"height: {rendering.TEXT_HEIGHT_IN - rendering.CAPTION_IN}in)")
+    assert rendering.typst_image(wide).endswith("width: 100%)")
+
+
+def test_includes_and_conditional_content_follow_quarto(tmp_path):
+    """`{{< include >}}` inserts a file (nested too; a missing one is named), and `.content-visible` /
+    `.content-hidden` with `when-format` keep their body only in the formats they name."""
+    (tmp_path / "part.qmd").write_text("## Included\n\n{{< include inner.qmd >}}\n")
+    (tmp_path / "inner.qmd").write_text("inner text\n")
+    (tmp_path / "index.qmd").write_text("before\n\n{{< include part.qmd >}}\n\nafter\n")
+    assert rendering.expand_includes(tmp_path / "index.qmd") == "before\n\n## Included\n\ninner text\n\nafter\n"
+    (tmp_path / "bad.qmd").write_text("{{< include absent.qmd >}}\n")
+    with pytest.raises(UserError, match="absent.qmd"):
+        rendering.expand_includes(tmp_path / "bad.qmd")
+    text = ('a\n\n::: {.content-visible when-format="html"}\nweb <b>only</b>\n:::\n\n'
+            '::: {.content-hidden when-format="html"}\nnot on the web\n:::\n\n' + rendering.only("markdown", "md only"))
+    def kept(target):
+        return rendering.conditional(text, target).split()
+    assert kept("html") == ["a", "web", "<b>only</b>"]
+    assert kept("typst") == ["a", "not", "on", "the", "web"]
+    assert kept("markdown") == ["a", "not", "on", "the", "web", "md", "only"]
+
+
+def test_captions_and_cells_keep_angle_brackets_as_text():
+    """`<family>` in a caption or cell is escaped, so HTML shows it instead of reading a tag."""
+    assert rendering.escape_markup("data/patching/<family>.parquet") == "data/patching/\\<family\\>.parquet"
+    assert rendering.escape_markup("already \\<x\\>") == "already \\<x\\>"
 
 
 def test_quarto_is_preferred_and_its_outputs_land_in_report_output(tmp_path, monkeypatch):

@@ -135,6 +135,7 @@ class FigureSettings:
 
     width: int    # px: the report's text column; every chart fits it
     columns: int  # facet panels per row of a wrapped chart
+    height: int   # px: the most a chart may be tall, so it fits the PDF's text area with its caption
 
 
 @dataclass(frozen=True)
@@ -349,7 +350,8 @@ def _probe_settings(params: dict[str, Any]) -> ProbeSettings:
 def _figure_settings(params: dict[str, Any]) -> FigureSettings:
     s = _section(params, "figures", FigureSettings)
     return FigureSettings(width=_integer(s["width"], "figures.width", 300, 4000),
-                          columns=_integer(s["columns"], "figures.columns", 1, 8))
+                          columns=_integer(s["columns"], "figures.columns", 1, 8),
+                          height=_integer(s["height"], "figures.height", 200, 4000))
 
 
 # --- suites ----------------------------------------------------------------------------------------

@@ -109,6 +109,21 @@ class ProjectPaths:
         return self.report / "figures"
 
     @property
+    def findings(self) -> Path:
+        """report/figures/findings.parquet: each family's findings in one row (the figures stage)."""
+        return self.figures / "findings.parquet"
+
+    @property
+    def tested_mass(self) -> Path:
+        """report/figures/tested_mass.parquet: where the heads the patch stage tested attend (the figures stage)."""
+        return self.figures / "tested_mass.parquet"
+
+    @property
+    def planted(self) -> Path:
+        """report/figures/planted.parquet: demo families, planted against recovered (the figures stage)."""
+        return self.figures / "planted.parquet"
+
+    @property
     def report_output(self) -> Path:
         return self.report / "_output"
 

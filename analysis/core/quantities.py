@@ -103,3 +103,22 @@ def choice_rows(frame, definition: str, prompt_format: str, language: str | None
 # Why a test of a change has no p: the change is within the noise floor (params `stats.noise_floor`,
 # docs/method.md "Noise floor"); stored in the `p_reason` columns, printed "undefined (<reason>)".
 NO_CHANGE = "no change (within the noise floor)"
+
+
+# Code names as the report's words (legends, axes, table cells): one map for charts, tables and text.
+WORDS = {
+    SELF: "self-referent", NEUTRAL: "neutral", THIRD: "third person", CONFOUNDER: "confounder (user)",
+    "compression": "compression", "gain": "gain", "no_change": "no change", "near_zero": "near zero",
+    "raw": "raw", "no_bos": "without first token", "normalised": "length-normalised", "chat": "chat template",
+    "mean_ablation@base": "mean ablation in base", "zero_ablation@base": "zero ablation in base",
+    "mean_ablation@instruct": "mean ablation in instruct", "zero_ablation@instruct": "zero ablation in instruct",
+    "patch_base_into_instruct": "base patched into instruct", "patch_instruct_into_base": "instruct patched into base",
+    "split_half_r": "split-half r", "spearman_brown": "Spearman–Brown", "entropy_later": "later layers' entropy",
+    "candidate": "candidate", "control": "control head", "null_check": "top-ranked (no candidate)",
+    "en": "English", "zh": "Chinese", "es": "Spanish", "none": "none",
+}
+
+
+def words(code) -> str:
+    """A code name (category, class, definition, intervention, language, ...) as the report writes it."""
+    return WORDS.get(str(code), str(code))

@@ -20,10 +20,12 @@ import yaml
 
 from analysis.core import config as config_mod
 from analysis.core.artefacts import file_sha256
+from analysis.core.errors import UserError
 from analysis.core.config import Config, StatsSettings
 from analysis.core.layout import ProjectPaths, project_paths
-from analysis.core.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows
-from analysis.report.rendering import Markdown, chart_markdown
+from analysis.core.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows, head_label, words
+from analysis.report.rendering import Markdown, chart_markdown, escape_markup
+from analysis.report.findings import head_role
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
             "statsmodels", "pandas", "pyarrow", "altair", "vl-convert-python", "dvc")
@@ -66,6 +68,8 @@ def _format(value: Any, style: str) -> str:
         return f"{float(value):.{int(style[1:])}e}"
     if style == "int":
         return f"{int(value)}"
+    if style == "text":
+        return str(value)
     if style.startswith("pct"):
         return f"{100 * float(value):.{int(style[3:])}f}%"
     if style == "p":
@@ -116,6 +120,57 @@ class Numbers:
                         f"{self.show(key + '_hi', style)}]")
 
 
+# One precision per quantity, wherever it is printed (text, tables): the style `format_number` takes.
+STYLES = {"delta_rfc": "f4", "delta_rsi": "f4", "entropy": "f3", "did": "f4", "log_ratio": "f4", "score": "f3",
+          "share": "pct1", "p": "p", "q": "p", "r": "f3", "mass": "f3", "effect": "e2", "specificity": "f1",
+          "percentile": "f0", "tokens": "f1", "count": "int", "contrast": "f4"}
+
+
+@dataclass
+class Table:
+    """A table artefact whose cells the report prints, each as a span carrying its key: the values of the `ids`
+    columns that pick its row and the column, `family=demo_llama;layer=2::delta_rfc` (a test finds the cell back)."""
+
+    frame: pd.DataFrame
+    source: str
+    ids: tuple[str, ...]
+
+    def rows(self):
+        return (row for _, row in self.frame.iterrows())
+
+    def key(self, row: pd.Series, column: str) -> str:
+        return ";".join(f"{c}={row[c]}" for c in self.ids) + f"::{column}"
+
+    def reason(self, row: pd.Series, column: str) -> str | None:
+        """Why a cell is empty: the row's `<column>_reason`, `reason`, `p_reason` or `test_reason`."""
+        for name in (f"{column}_reason", "reason", "p_reason", "test_reason"):
+            if name in row.index and isinstance(row[name], str) and row[name]:
+                return row[name]
+        return None
+
+    def show(self, row: pd.Series, column: str, style: str = "f4") -> Markdown:
+        value = row[column]
+        missing = value is None or (isinstance(value, float) and value != value)
+        text = undefined(self.reason(row, column)) if missing else format_number(value, style)
+        key = self.key(row, column)
+        return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" artefact="{self.source}" '
+                        f'title="{self.source}: {key}"}}')
+
+    def interval(self, row: pd.Series, column: str, style: str = "f4", lo: str | None = None,
+                 hi: str | None = None) -> Markdown:
+        """`value [lo, hi]` from the columns `column`, `<column>_lo`, `<column>_hi` (or `lo`, `hi`)."""
+        value = row[column]
+        if value is None or (isinstance(value, float) and value != value):
+            return self.show(row, column, style)
+        return Markdown(f"{self.show(row, column, style)} [{self.show(row, lo or column + '_lo', style)}, "
+                        f"{self.show(row, hi or column + '_hi', style)}]")
+
+
+def table_or_sentence(frame: pd.DataFrame, sentence: str) -> Markdown:
+    """The table, or where it has no rows the sentence that says why (an empty table is never shown)."""
+    return markdown_table(frame) if len(frame) else Markdown(sentence + "\n")
+
+
 @dataclass
 class Artefacts:
     """Everything the report's text and tables read, loaded once (the charts are built by `selfref figures`)."""
@@ -140,6 +195,10 @@ class Artefacts:
     prompt_summary: dict[str, Any]
     original: Numbers
     original_claims: pd.DataFrame
+    findings: Table  # report/figures/findings.parquet: each family's findings (the figures stage)
+    planted: Table   # report/figures/planted.parquet: demo families, planted against recovered
+    tested_mass: Table  # report/figures/tested_mass.parquet: where the patched heads attend
+    tables: dict[str, Table]  # data/stats tables the report prints cell by cell
 
     @property
     def suite(self) -> str:
@@ -190,7 +249,23 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
         original=Numbers(json.loads(paths.reanalysis.read_text()), source=paths.relative(paths.reanalysis)),
         original_claims=pd.read_parquet(paths.reanalysis_claims),
+        findings=_table(paths, paths.findings, ("family",)),
+        planted=_table(paths, paths.planted, ("family",)),
+        tested_mass=_table(paths, paths.tested_mass, ("family", "layer", "head")),
+        tables={"candidate_heads": _table(paths, paths.stats_table("candidate_heads"), ("family", "layer", "head")),
+                "split_half": _table(paths, paths.stats_table("split_half"), ("family",)),
+                "language_contrast_peaks": _table(paths, paths.stats_table("language_contrast_peaks"),
+                                                  ("family", "language")),
+                "language_token_counts": _table(paths, paths.stats_table("language_token_counts"),
+                                                ("family", "language")),
+                "robustness": _table(paths, paths.stats_table("robustness"), ("family", "format", "definition"))},
     )
+
+
+def _table(paths: ProjectPaths, path: Path, ids: tuple[str, ...]) -> Table:
+    if not path.exists():
+        raise UserError(f"{paths.relative(path)}: missing; run `selfref figures` (or `dvc repro figures`)")
+    return Table(pd.read_parquet(path), paths.relative(path), ids)
 
 
 TABLE_CELL_PADDING = 2  # characters of a column's width that its cell padding takes (markdown_table)
@@ -199,9 +274,9 @@ TABLE_CELL_PADDING = 2  # characters of a column's width that its cell padding t
 def markdown_table(frame: pd.DataFrame) -> Markdown:
     """A pipe table (pandoc and Quarto both read it); its caption and number come from the cell's
     `label` and `tbl-cap`."""
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    # a | inside a cell (e.g. |ΔRFC|) would end the cell: escape it
-    cells = [[str(v).replace("|", "\\|") for v in row] for row in frame.itertuples(index=False)]
+    header = "| " + " | ".join(escape_markup(str(c)) for c in frame.columns) + " |"
+    # a | inside a cell (e.g. |ΔRFC|) would end the cell, a < or > start an HTML tag: escape them
+    cells = [[escape_markup(str(v).replace("|", "\\|")) for v in row] for row in frame.itertuples(index=False)]
     # pandoc sizes the columns of a table with long source lines (number spans) by the dashes under the
     # header. Text wraps at spaces, a number does not: give each column the longest word a reader sees in it
     # plus room for the cell's padding, so a wide table wraps its phrases instead of overprinting its numbers.
@@ -220,9 +295,10 @@ def visible_text(markdown: str) -> str:
     return re.sub(r"\[([^\]]*)\]\{[^}]*\}", r"\1", markdown).replace("`", "")
 
 
-def chart(name: str, folder: Path = Path("figures")) -> Markdown:
-    """The chart `name` built by `selfref figures` (paths relative to the document)."""
-    return chart_markdown(folder / f"{name}.vl.json", folder / f"{name}.svg")
+def chart(name: str, folder: Path = Path("figures"), alt: str = "") -> Markdown:
+    """The chart `name` built by `selfref figures` (paths relative to the document); `alt` describes it where
+    it is an image (the Markdown export, a page without scripts)."""
+    return chart_markdown(folder / f"{name}.vl.json", folder / f"{name}.svg", folder / f"{name}.png", alt=alt)
 
 
 def percent(share: float) -> str:
@@ -339,13 +415,15 @@ def patching_rows(art: "Artefacts") -> pd.DataFrame:
     give, its percentile among them and q; "no effect" where the effect is within the noise floor, "undefined
     (reason)" where a test cannot be made. Each number is a span naming data/patching/<family>.json."""
     rows = []
+    names = dict(zip(art.head_families["family"], art.head_families["names_candidates"]))
     for family, numbers in art.patch_numbers.items():
+        role = words(head_role("candidate", bool(names.get(family, False))))
         for intervention in PATCH_TABLE_INTERVENTIONS:
             prefix = f"interventions.{intervention}.entropy_later.heads"
             for head, values in numbers.value(prefix).items():
                 key = f"{prefix}.{head}"
                 rows.append({
-                    "family": family, "intervention": intervention, "head": head,
+                    "family": family, "tested as": role, "intervention": words(intervention), "head": head,
                     "effect [CI]": (undefined(values.get("test_reason")) if values["effect_self"] is None
                                     else "no effect" if values.get("no_effect")
                                     else numbers.interval(f"{key}.effect_self", "e2")),
@@ -411,3 +489,185 @@ def language_length_text(counts: pd.DataFrame) -> str:
                 said.append(f"{comparison} the English ones with {who}")
         parts.append(f"{language} prompts are " + ", and ".join(said))
     return "; ".join(parts) if parts else "this build has English prompts only"
+
+
+def findings_list(art: Artefacts) -> Markdown:
+    """What this build found, one item per family, from report/figures/findings.parquet and metrics.json: the
+    headline conclusion with its mean ΔRFC, the layers of each class, the candidate heads (or why there are none) and
+    the candidates that matter under intervention. Every number is a span with its key."""
+    items, num, t = [], art.numbers, art.findings
+    for row in t.rows():
+        f = row["family"]
+        layers = []
+        for cls in ("compression", "gain"):
+            if row[f"layers_{cls}"] != "none":
+                layers.append(f"{words(cls)} at layer{'s' if ',' in row[f'layers_{cls}'] else ''} "
+                              f"{t.show(row, f'layers_{cls}', 'text')}")
+        where = "; ".join(layers) if layers else "no layer changes at the FDR level"
+        if row["names_candidates"]:
+            heads = (f"candidate heads {t.show(row, 'candidates', 'text')}; under intervention, mean ablation singles "
+                     f"out {t.show(row, 'ablation_flags', 'text')} and base's output patched into instruct "
+                     f"{t.show(row, 'patch_flags', 'text')} (q < {art.stats.alpha} against the other heads of the layer)")
+        else:
+            heads = (f"no head changes at q < {art.stats.alpha}, so it names no candidate heads; its top-ranked heads "
+                     f"{t.show(row, 'null_checks', 'text')} were patched as null checks")
+        items.append(f"- **{f}**: **{words(row['conclusion'])}**, mean ΔRFC {num.interval(f'families.{f}.mean_delta_rfc')}"
+                     f"; {where}; {heads}.")
+    return Markdown("\n".join(items) + "\n")
+
+
+PLANTED_HEADERS = {"layers": "layers", "heads": "heads", "sign": "sign of ΔRFC", "step": "training step (staged)",
+                   "languages": "languages"}
+
+
+def planted_rows(art: Artefacts) -> pd.DataFrame:
+    """The planted-against-recovered table (report/figures/planted.parquet) as the report prints it: per aspect one
+    column, each cell "planted / recovered" (one value where they agree), aspects no family has left out."""
+    t = art.planted
+    aspects = [a for a in PLANTED_HEADERS if t.frame[f"{a}_planted"].notna().any()]
+    if not aspects:
+        return pd.DataFrame()
+
+    def cell(r, a):
+        if pd.isna(r[f"{a}_planted"]):  # not an aspect of this family (one training step, one language)
+            return "–"
+        if r[f"{a}_planted"] == r[f"{a}_recovered"]:
+            return f"{t.show(r, f'{a}_planted', 'text')} ✓"
+        return f"{t.show(r, f'{a}_planted', 'text')} / **{t.show(r, f'{a}_recovered', 'text')}**"
+    return pd.DataFrame([{"family": r["family"], **{PLANTED_HEADERS[a]: cell(r, a) for a in aspects}}
+                         for r in t.rows()], columns=["family"] + [PLANTED_HEADERS[a] for a in aspects])
+
+
+def planted_verdict(art: Artefacts) -> str:
+    """One sentence: how many demo families the statistics recovered in every planted aspect."""
+    frame = art.planted.frame
+    if not len(frame):
+        return "This build has no demo family, so nothing was planted."
+    missed = [r.family for r in frame.itertuples() if not r.agrees]
+    return (f"The statistics recover every planted aspect of {int(frame['agrees'].sum())} of the {len(frame)} demo "
+            f"families (✓: planted and recovered agree" + (f"; a cell reads planted / **recovered** where they do "
+                                                          f"not: {', '.join(missed)})." if missed else ")."))
+
+
+def candidate_rows(art: Artefacts) -> pd.DataFrame:
+    """data/stats/candidate_heads.parquet as the report prints it, each number with its key."""
+    t = art.tables["candidate_heads"]
+    s = STYLES
+    return pd.DataFrame([{"family": r["family"], "rank": f"={r['rank']}" if r["tied"] else str(r["rank"]),
+                          "head": head_label(r["layer"], r["head"]), "DiD": t.show(r, "did", s["did"]),
+                          "log-ratio": t.show(r, "did_log_ratio", s["log_ratio"]),
+                          "consistency": t.show(r, "consistency", "pct1"),
+                          "base H": t.show(r, "base_entropy", s["entropy"]), "score": t.show(r, "score", s["score"]),
+                          "q": t.show(r, "q_value", s["q"])} for r in t.rows()])
+
+
+def mass_rows(art: Artefacts) -> pd.DataFrame:
+    """Where the tested heads attend (report/figures/tested_mass.parquet), each number with its key."""
+    t, m = art.tested_mass, STYLES["mass"]
+    return pd.DataFrame([{"family": r["family"], "head": head_label(r["layer"], r["head"]), "tested as": words(r["role"]),
+                          "marker: base": t.show(r, "marker_base", m), "marker: instruct": t.show(r, "marker_instruct", m),
+                          "Δ marker [CI]": t.interval(r, "marker_delta", m),
+                          "first token: base": t.show(r, "first_base", m),
+                          "first token: instruct": t.show(r, "first_instruct", m)} for r in t.rows()])
+
+
+def split_half_rows(art: Artefacts) -> pd.DataFrame:
+    t = art.tables["split_half"]
+    return pd.DataFrame([{"family": r["family"], words("split_half_r"): t.show(r, "split_half_r", STYLES["r"]),
+                          words("spearman_brown"): t.show(r, "spearman_brown", STYLES["r"])} for r in t.rows()])
+
+
+def language_rows(art: Artefacts) -> pd.DataFrame:
+    """Per family and translation language: mean contrast, layers differing from English, and the largest contrast."""
+    t, num, s = art.tables["language_contrast_peaks"], art.numbers, STYLES
+    rows = []
+    for r in t.rows():
+        k = f"language_contrasts.{r['family']}.{r['language']}"
+        rows.append({"family": r["family"], "language": words(r["language"]),
+                     "mean contrast": num.show(f"{k}.mean_contrast", s["contrast"]),
+                     "layers differing": f"{num.show(f'{k}.n_layers_significant', 'int')} of "
+                                         f"{num.show(f'{k}.n_layers', 'int')}",
+                     "largest at layer": t.show(r, "layer", "int"),
+                     "ΔRFC English": t.show(r, "delta_rfc_en", s["delta_rfc"]),
+                     "ΔRFC in language": t.show(r, "delta_rfc_language", s["delta_rfc"]),
+                     "contrast [CI]": t.interval(r, "contrast", s["contrast"]), "q": t.show(r, "q_value", s["q"])})
+    return pd.DataFrame(rows)
+
+
+def language_differences(art: Artefacts) -> str:
+    """The families and languages whose ΔRFC differs from English's in at least one layer."""
+    t, num = art.tables["language_contrast_peaks"], art.numbers
+    found = [f"**{r['family']}** in {words(r['language'])} "
+             f"({num.show(f'language_contrasts.{r.family}.{r.language}.n_layers_significant', 'int')} of "
+             f"{num.show(f'language_contrasts.{r.family}.{r.language}.n_layers', 'int')} layers)"
+             for _, r in t.frame.iterrows() if r["n_layers_significant"] > 0]
+    return "; ".join(found) if found else "no family in any language"
+
+
+def token_rows(art: Artefacts) -> pd.DataFrame:
+    t = art.tables["language_token_counts"]
+    return pd.DataFrame([{"tokenizer (family)": r["family"], "language": words(r["language"]),
+                          **{words(c): t.show(r, c, STYLES["tokens"]) for c in CATEGORIES if c in r.index}}
+                         for r in t.rows()])
+
+
+def length_control_text(art: Artefacts) -> str:
+    """The layers whose length-adjusted class differs from the ΔRFC class, as a sentence (never an empty table)."""
+    d = art.length_disagreements
+    if not len(d):
+        return "in none of them"
+    return "in " + "; ".join(f"{r.family} layer {r.layer} ({words(r.layer_class)}, adjusted: {words(r.adjusted_class)})"
+                             for r in d.itertuples())
+
+
+def robustness_summary(art: Artefacts) -> str:
+    """How many of the non-headline conclusions differ from the headline one."""
+    r = art.robustness[~art.robustness["headline"]] if "headline" in art.robustness else art.robustness
+    n = int(r["differs"].sum())
+    who = sorted({f"{x.family} ({words(x.definition)}, {words(x.format)} prompts)" for x in r.itertuples() if x.differs})
+    return (f"{n} of {len(r)} conclusions differ from the headline" + (f": {'; '.join(who)}" if who else ""))
+
+
+def model_rows(art: Artefacts) -> pd.DataFrame:
+    """The checkpoints (data/models/*.json) with their source, architecture, size and planted heads."""
+    return pd.DataFrame([
+        {"checkpoint": name, "source": m["repo"] or "synthetic demo", "architecture": m["architecture"],
+         "layers": m["n_layers"], "heads (kv)": f"{m['n_heads']} ({m['n_kv_heads']})", "parameters": f"{m['n_params']:,}",
+         "planted heads": ", ".join(head_label(l, h) for l, h in m.get("planted", [])) or "none"}
+        for name, m in art.manifests.items()])
+
+
+def stage_intro(art: Artefacts) -> Markdown:
+    """The opening of the training-stage section: how steps are tested, or that this build has none."""
+    if not staged_families(art):
+        return Markdown("No family in this build has more than two training stages, so there are no steps to compare "
+                        "(@tbl-stages, @fig-stages).")
+    return Markdown(
+        "Some families were run at every stage of their post-training line, not only base and instruct. Each step (a "
+        "stage against the one before it) gets the same paired tests as base against instruct; the steps add up to "
+        "the total change, prompt resample by prompt resample, so each step's share of the total has an interval "
+        "(@tbl-stages, @fig-stages). Shares are given of the mean ΔRFC, a ratio whose denominator can drift from step "
+        "to step, and of the additive mean Δ(H_self − H_neutral). A step whose change is within the noise floor has "
+        "share 0.")
+
+
+def language_specific_text(art: Artefacts) -> str:
+    """Which demo families' planted heads hear only some languages (report/figures/planted.parquet)."""
+    frame = art.planted.frame
+    every = frame["languages_planted"].dropna()
+    full = max(every, key=lambda text: text.count(","), default="")
+    partial = [(r.family, r.languages_planted) for r in frame.itertuples()
+               if isinstance(r.languages_planted, str) and r.languages_planted not in ("none", full)]
+    if not partial:
+        return "every family respond to self markers in every language"
+    return "; ".join(f"**{f}** respond to self markers in {x} only" for f, x in partial)
+
+
+def original_correlation_verdict(art: Artefacts) -> str:
+    """Whether the original's Llama–Mistral correlation survives the circular-shift test at stats.alpha."""
+    p = art.original.value("pairs.llama~mistral.pearson_p_shift")
+    if p is None:
+        return "The circular-shift test cannot be made on its tables."
+    if p >= art.stats.alpha:
+        return "Its tables therefore give no evidence that the two families change in the same layers."
+    return "The agreement survives that test."

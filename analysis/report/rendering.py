@@ -7,8 +7,11 @@ Python cells run in a Jupyter kernel (nbclient + ipykernel) with the cell option
 same kernel (a value with a Markdown representation is inserted as markdown, as Quarto does); cells
 labelled `fig-*`/`tbl-*` become numbered figures and tables, and `@fig-*`/`@tbl-*` references become
 "Figure n"/"Table n" links; pandoc (pypandoc-binary) writes HTML with every resource embedded, and
-pandoc's typst writer plus the `typst` compiler write the PDF. Charts appear as raw `{=html}`
-(interactive Vega-Lite) and `{=typst}` (static SVG) blocks, which both renderers pass through untouched.
+pandoc's typst writer plus the `typst` compiler write the PDF, and pandoc's gfm writer the Markdown export. It also
+reads Quarto's `{{< include file >}}` shortcode and `.content-visible` / `.content-hidden` divs with `when-format`
+(html, typst/pdf, markdown). Charts appear as raw `{=html}` (a static SVG that interactive Vega-Lite replaces when
+scripts run), `{=typst}` (the SVG sized to the page's text area) and `{=markdown}` (the PNG) blocks, which both
+renderers pass through untouched.
 """
 
 from __future__ import annotations
@@ -38,6 +41,17 @@ log = logging.getLogger(__name__)
 RENDERERS = ("auto", "quarto", "fallback")
 CELL = re.compile(r"^```\{python\}[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 INLINE = re.compile(r"`\{python\}\s+([^`]+)`")
+INCLUDE = re.compile(r"^\{\{<\s*include\s+(\S+)\s*>\}\}[ \t]*$", re.M)
+# Quarto's conditional content: a fenced div `::: {.content-visible when-format="html"}` (or .content-hidden)
+VISIBLE = re.compile(r"^(?P<fence>:{3,})[ \t]*\{\.content-(?P<kind>visible|hidden)\s+when-format=\"(?P<fmt>[\w-]+)\"\s*\}"
+                     r"[ \t]*\n(?P<body>.*?)^(?P=fence)[ \t]*$\n?", re.S | re.M)
+# The formats a `when-format` name stands for, by fallback target (Quarto's aliases: pdf and typst, markdown and gfm).
+TARGET_FORMATS = {"html": {"html", "html5", "html:js"}, "typst": {"typst", "pdf"},
+                  "markdown": {"markdown", "gfm", "commonmark", "md"}}
+# The PDF's text area (Quarto's typst page: US letter, 1.25 in margins), which the fallback uses too; a chart is
+# at most as tall as the area less room for its caption.
+PAGE = {"papersize": "us-letter", "margin": {"x": "1.25in", "y": "1.25in"}}
+TEXT_WIDTH_IN, TEXT_HEIGHT_IN, CAPTION_IN = 6.0, 8.5, 1.2
 XREF = re.compile(r"(?<![\w@])@((fig|tbl)-[\w-]*\w)")
 FLOATS = {"fig": ("Figure", "fig-cap", "bottom"), "tbl": ("Table", "tbl-cap", "top")}  # prefix: name, caption, where
 OPTION = re.compile(r"^#\|\s?(.*)$")
@@ -64,6 +78,11 @@ class RenderResult:
     renderer: str
     html: Path
     pdf: Path
+    markdown: Path | None = None  # the Markdown export (gfm) for blog platforms, its figures beside it
+
+
+REPORT_CSS = "report.css"  # beside the document: the layout both renderers' HTML uses (narrow screens, charts)
+FORMAT_LINKS = "format-links.html"  # beside the document: the links to the PDF and the Markdown export (both renderers)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,6 +106,11 @@ class Markdown(str):
         return str(self)
 
 
+def escape_markup(text: str) -> str:
+    """A caption or table cell's `<` and `>` escaped, so that `<family>` reads as text, not as an HTML tag."""
+    return re.sub(r"(?<!\\)([<>])", r"\\\1", text)
+
+
 def _typst_text(text: str) -> str:
     """Escape characters with a meaning in typst markup."""
     return re.sub(r"([\\#\[\]*_`$<>@~])", r"\\\1", text)
@@ -101,26 +125,54 @@ def vega_bundle_markdown() -> Markdown:
     import vl_convert
 
     bundle = vl_convert.javascript_bundle("window.vegaEmbed = vegaEmbed;").replace("<table", "<\\u0074able")
-    return Markdown(_raw_block("html", f'<script>\n{bundle}\n</script>'))
+    return Markdown(only("html", _raw_block("html", f'<script>\n{bundle}\n</script>')))
 
 
-def chart_markdown(spec_json: Path | str, svg: Path | str) -> Markdown:
-    """A chart for both outputs: interactive Vega-Lite in HTML, the static SVG (scaled to the text
-    column) in the PDF. The caption and number come from the cell's `label` and `fig-cap`.
+def only(fmt: str, markdown: str) -> str:
+    """`markdown` shown in the output format `fmt` alone (Quarto's `.content-visible when-format`)."""
+    return f'::::::: {{.content-visible when-format="{fmt}"}}\n{markdown}\n:::::::\n'
+
+
+def svg_size(svg: Path) -> tuple[float, float]:
+    """(width, height) in pixels of an SVG written by vl-convert (its root element's attributes)."""
+    found = re.search(r'<svg[^>]*?\swidth="([\d.]+)"[^>]*?\sheight="([\d.]+)"', svg.read_text(encoding="utf-8")[:2000])
+    if not found:
+        raise UserError(f"{svg}: no width and height on its <svg> element; run `selfref figures` again")
+    return float(found.group(1)), float(found.group(2))
+
+
+def typst_image(svg: Path) -> str:
+    """The typst call that places `svg` within the PDF's text area: the text width, or, for a chart taller than the
+    area (less its caption) at that width, the area's height."""
+    width, height = svg_size(svg)
+    if TEXT_WIDTH_IN * height / width > TEXT_HEIGHT_IN - CAPTION_IN:
+        return f'#image("{svg.as_posix()}", height: {TEXT_HEIGHT_IN - CAPTION_IN}in)'
+    return f'#image("{svg.as_posix()}", width: 100%)'
+
+
+def chart_markdown(spec_json: Path | str, svg: Path | str, png: Path | str | None = None, alt: str = "") -> Markdown:
+    """A chart for every output: in HTML the static SVG, which interactive Vega-Lite replaces when scripts run
+    (a page whose scripts are stripped, as blog platforms do, still shows the chart); in the PDF the SVG within the
+    text area; in the Markdown export the PNG. The caption and number come from the cell's `label` and `fig-cap`.
 
     Paths are relative to the document; the spec is read now and inlined in the page.
     """
     spec_path, svg_path = Path(spec_json), Path(svg)
-    for path in (spec_path, svg_path):
+    png_path = Path(png) if png is not None else svg_path  # the Markdown export's image: the PNG where there is one
+    for path in (spec_path, svg_path, png_path):
         if not path.exists():
             raise UserError(f"{path}: chart file missing; run `selfref figures` (or `dvc repro figures`)")
     spec = json.dumps(json.loads(spec_path.read_text())).replace("</", "<\\/")
     element = "vis-" + re.sub(r"[^\w-]", "-", spec_path.name.removesuffix(".vl.json"))
-    chart = (f'<div id="{element}" class="vega-chart"></div>\n'
+    text = html.escape(alt or f"chart {spec_path.name.removesuffix('.vl.json')}", quote=True)
+    chart = (f'<div class="chart-box"><img class="chart-static" src="{svg_path.as_posix()}" alt="{text}">'
+             f'<div id="{element}" class="vega-chart"></div></div>\n'
              f'<script>\nwindow.vegaEmbed("#{element}", {spec}, '
-             '{"actions": false, "renderer": "svg"});\n</script>')
-    typst = f'#image("{svg_path.as_posix()}", width: 100%)'
-    return Markdown(_raw_block("html", chart) + "\n" + _raw_block("typst", typst))
+             '{"actions": false, "renderer": "svg"}).then(function () {\n'
+             f'  var still = document.getElementById("{element}").previousElementSibling;\n'
+             '  if (still) { still.remove(); }\n});\n</script>')
+    return Markdown(only("html", _raw_block("html", chart)) + "\n" + _raw_block("typst", typst_image(svg_path))
+                    + "\n" + _raw_block("markdown", f"![{text}]({png_path.as_posix()})"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,7 +278,10 @@ class Float:
         """The cell's output as a numbered figure or table for `target` ("html" or "typst"), caption
         below a figure and above a table, as Quarto places them."""
         where = FLOATS[self.kind][2]
-        title = f"{self.name} {self.number}" + (f": {self.caption}" if self.caption else "")
+        title = f"{self.name} {self.number}" + (f": {escape_markup(self.caption)}" if self.caption else "")
+        if target == "markdown":
+            caption = f"*{title}*\n"
+            return "\n" + (caption + "\n" + body if where == "top" else body + "\n" + caption) + "\n"
         if target == "html":
             caption = f"::: {{.quarto-float-caption}}\n{title}\n:::\n"
             inner = caption + "\n" + body if where == "top" else body + "\n" + caption
@@ -236,6 +291,8 @@ class Float:
         return "\n" + _raw_block("typst", "#figure([") + "\n" + body + "\n" + _raw_block("typst", close)
 
     def reference(self, target: str) -> str:
+        if target == "markdown":
+            return f"{self.name}\u00a0{self.number}"
         if target == "html":
             return f"[{self.name}\u00a0{self.number}](#{self.label}){{.quarto-xref}}"
         return f"`#ref(<{self.label}>, supplement: [{self.name}])`{{=typst}}"
@@ -319,10 +376,37 @@ class Executed:
             if part.kind == "markdown":
                 out.append(XREF.sub(reference, text))
             elif index in self.floats:
-                out.append(self.floats[index].wrap(text, target) + "\n")
-            else:
-                out.append(text + "\n")
-        return "".join(out)
+                out.append(self.floats[index].wrap(XREF.sub(reference, text), target) + "\n")
+            else:  # a cell's markdown output may cite a figure or table too, as in Quarto
+                out.append(XREF.sub(reference, text) + "\n")
+        return conditional("".join(out), target)
+
+
+def conditional(markdown: str, target: str) -> str:
+    """Quarto's `.content-visible` / `.content-hidden` divs with `when-format`, resolved for `target` ("html",
+    "typst" or "markdown"): the body kept or dropped, the fences removed (divs nest when their fences differ)."""
+    def keep(match: re.Match) -> str:
+        shown = match.group("fmt") in TARGET_FORMATS[target]
+        if match.group("kind") == "hidden":
+            shown = not shown
+        return conditional(match.group("body"), target) if shown else ""
+    return VISIBLE.sub(keep, markdown)
+
+
+def expand_includes(path: Path, seen: tuple[Path, ...] = ()) -> str:
+    """The text of `path` with every `{{< include file >}}` line replaced by that file's text (relative to `path`'s
+    folder, nested includes too), as Quarto does before it runs anything."""
+    text = path.read_text(encoding="utf-8")
+
+    def include(match: re.Match) -> str:
+        target = (path.parent / match.group(1)).resolve()
+        if not target.is_file():
+            raise UserError(f"{path}: `{{{{< include {match.group(1)} >}}}}` names no file ({target}); add it or "
+                            "remove the line")
+        if target in seen:
+            raise UserError(f"{path}: {match.group(1)} includes itself")
+        return expand_includes(target, seen + (target,)).rstrip("\n")
+    return INCLUDE.sub(include, text)
 
 
 def execute_document(qmd: Path, workdir: Path, root: Path) -> Executed:
@@ -332,7 +416,7 @@ def execute_document(qmd: Path, workdir: Path, root: Path) -> Executed:
     from nbclient.exceptions import CellExecutionError
 
     where = str(qmd)
-    source = qmd.read_text(encoding="utf-8")
+    source = expand_includes(qmd)
     meta, body = split_front_matter(source, where)
     parts = chunks(body, where, first_line=source.count("\n") - body.count("\n") + 1)
     floats = _floats(parts, where)
@@ -341,7 +425,7 @@ def execute_document(qmd: Path, workdir: Path, root: Path) -> Executed:
                             resources={"metadata": {"path": str(qmd.parent)}})
     try:
         # the kernel reads the same project as this process
-        client.execute(env={**os.environ, "SELFREF_ROOT": str(root)})
+        client.execute(env=kernel_env(root))
     except CellExecutionError as exc:
         failed = next(((i, o) for i, cell in enumerate(notebook.cells) for o in cell.get("outputs", [])
                        if o.get("output_type") == "error"), None)
@@ -374,6 +458,24 @@ def execute_document(qmd: Path, workdir: Path, root: Path) -> Executed:
     return Executed(meta, parts, texts, floats, where)
 
 
+def project_formats(root: Path) -> dict[str, dict[str, Any]]:
+    """The `format:` options of the project's _quarto.yml (e.g. a table of contents in HTML but not in the PDF),
+    which the fallback follows where they apply to it; {} without the file."""
+    path = Path(root) / "_quarto.yml"
+    if not path.exists():
+        return {}
+    formats = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("format") or {}
+    return {name: (options if isinstance(options, dict) else {}) for name, options in formats.items()}
+
+
+def kernel_env(root: Path) -> dict[str, str]:
+    """The document kernel's environment: it reads the project at `root` and imports this checkout's `analysis`
+    package (the one rendering), whatever is installed, so the document needs no sys.path edit."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "SELFREF_ROOT": str(root), "PYTHONPATH": path}
+
+
 def _metadata(meta: dict[str, Any], qmd: Path) -> dict[str, Any]:
     """Front matter for pandoc: Quarto's `date: last-modified` becomes the document's modification date."""
     out = {k: v for k, v in meta.items() if k not in ("execute", "format", "jupyter")}
@@ -403,19 +505,31 @@ def render_fallback(qmd: Path, outdir: Path, root: Path) -> RenderResult:
         executed = execute_document(qmd, work, root)
         meta = _metadata(executed.meta, qmd)
         toc = bool(meta.pop("toc", False))
+        formats = project_formats(root)
+        toc_html = bool(formats.get("html", {}).get("toc", toc))
+        toc_typst = bool(formats.get("typst", {}).get("toc", toc))
         front = "---\n" + yaml.safe_dump(meta, allow_unicode=True) + "---\n\n"
+        front_typst = "---\n" + yaml.safe_dump({**meta, **PAGE}, allow_unicode=True) + "---\n\n"
         document, document_typst = work / "index.md", work / "index-typst.md"
+        document_markdown = work / "index-markdown.md"
         document.write_text(front + executed.markdown("html"), encoding="utf-8")
-        document_typst.write_text(front + executed.markdown("typst"), encoding="utf-8")
+        document_typst.write_text(front_typst + executed.markdown("typst"), encoding="utf-8")
+        document_markdown.write_text(front + executed.markdown("markdown"), encoding="utf-8")
         css = work / "style.css"
-        css.write_text(STYLE, encoding="utf-8")
-        toc_args = ["--toc"] if toc else []
+        shared_css = qmd.parent / REPORT_CSS
+        css.write_text(STYLE + (shared_css.read_text(encoding="utf-8") if shared_css.exists() else ""), encoding="utf-8")
+        links = qmd.parent / FORMAT_LINKS
         with atomic_path(outdir / "index.html") as page:
             _pandoc(document, page, "html5", ["--standalone", "--embed-resources", "--mathml", f"--css={css}",
-                                              "--resource-path", str(qmd.parent), *toc_args], qmd.parent)
+                                              *([f"--include-before-body={links}"] if links.exists() else []),
+                                              "--resource-path", str(qmd.parent), *(["--toc"] if toc_html else [])],
+                    qmd.parent)
+        with atomic_path(outdir / "index.md") as markdown:
+            _pandoc(document_markdown, markdown, "gfm-raw_html", ["--standalone"], qmd.parent)
+        copy_images(outdir / "index.md", qmd.parent, outdir)
         typ = qmd.parent / f"{work.name}.typ"  # beside the document, so figure paths resolve as in the .qmd
         try:
-            _pandoc(document_typst, typ, "typst", ["--standalone", *toc_args], qmd.parent)
+            _pandoc(document_typst, typ, "typst", ["--standalone", *(["--toc"] if toc_typst else [])], qmd.parent)
             with atomic_path(outdir / "index.pdf") as pdf:
                 try:
                     typst.compile(str(typ), output=str(pdf), root=str(qmd.parent))
@@ -423,7 +537,27 @@ def render_fallback(qmd: Path, outdir: Path, root: Path) -> RenderResult:
                     raise UserError(f"typst could not compile the PDF of {qmd.name}: {exc}") from exc
         finally:
             typ.unlink(missing_ok=True)
-    return RenderResult("fallback (nbclient + pandoc + typst)", outdir / "index.html", outdir / "index.pdf")
+    return RenderResult("fallback (nbclient + pandoc + typst)", outdir / "index.html", outdir / "index.pdf",
+                        outdir / "index.md")
+
+
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def copy_images(markdown: Path, source: Path, outdir: Path) -> list[Path]:
+    """Copy every local image the Markdown export links to (paths relative to the document's folder `source`) to the
+    same relative place under `outdir`, beside the export; returns the copies."""
+    copies = []
+    for link in dict.fromkeys(IMAGE.findall(markdown.read_text(encoding="utf-8"))):
+        if re.match(r"^[a-z]+:", link):
+            continue
+        original, copy = source / link, outdir / link
+        if not original.is_file():
+            raise UserError(f"{markdown.name} links to {link}, which is not in {source}; run `selfref figures`")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(original, copy)
+        copies.append(copy)
+    return copies
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,7 +565,7 @@ def render_fallback(qmd: Path, outdir: Path, root: Path) -> RenderResult:
 
 def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderResult:
     """`quarto render` of the project (formats from _quarto.yml); outputs are moved to `outdir`."""
-    env = {**os.environ, "QUARTO_PYTHON": sys.executable, "SELFREF_ROOT": str(root)}  # this environment's kernel
+    env = {**kernel_env(root), "QUARTO_PYTHON": sys.executable}  # this environment's kernel
     done = subprocess.run([quarto, "render", str(qmd.relative_to(root)), "--output-dir", str(outdir)], cwd=root, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -440,10 +574,13 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderRes
         if line.startswith(("WARN", "ERROR")):
             log.warning("quarto: %s", line)
     outdir.mkdir(parents=True, exist_ok=True)
-    for suffix in ("html", "pdf"):
+    for suffix in ("html", "pdf", "md"):
         target = outdir / f"index.{suffix}"
         candidates = [outdir / qmd.parent.relative_to(root) / f"index.{suffix}", target]
         found = next((c for c in candidates if c.exists()), None)
+        if found is None and suffix == "md":  # a _quarto.yml without the gfm format: no Markdown export
+            log.warning("quarto render wrote no index.md; add the gfm format to _quarto.yml for the Markdown export")
+            continue
         if found is None:
             raise UserError(f"quarto render wrote no index.{suffix} under {outdir}; check _quarto.yml formats")
         if found != target:
@@ -451,7 +588,10 @@ def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderRes
     nested = outdir / qmd.parent.relative_to(root)  # where Quarto put them: left empty by the moves above
     if nested != outdir and nested.is_dir() and not any(nested.iterdir()):
         nested.rmdir()
-    return RenderResult("quarto", outdir / "index.html", outdir / "index.pdf")
+    markdown = outdir / "index.md"
+    if markdown.exists():
+        copy_images(markdown, qmd.parent, outdir)
+    return RenderResult("quarto", outdir / "index.html", outdir / "index.pdf", markdown if markdown.exists() else None)
 
 
 QUARTO_INSTALL_HINT = ("install Quarto with `make quarto` (pip's quarto-cli into .venv; offline: "

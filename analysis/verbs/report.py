@@ -1,4 +1,5 @@
-"""Stage `report`: render report/index.qmd to report/_output/index.html and index.pdf, both from one build."""
+"""Stage `report`: render report/index.qmd to report/_output/index.html, index.pdf and index.md (the Markdown export,
+its figures in report/_output/figures/), all from one build."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ def run(config: Config, renderer: str) -> RenderResult:
     paths = config.paths
     with atomic_dir(paths.report_output) as staging:
         result = render_report(paths.report_qmd, staging, renderer=renderer, root=paths.root)
-    typer.echo(f"rendered with {result.renderer}: {paths.relative(paths.report_output / result.html.name)} and "
-               f"{paths.relative(paths.report_output / result.pdf.name)}")
-    return RenderResult(result.renderer, paths.report_output / result.html.name, paths.report_output / result.pdf.name)
+    typer.echo(f"rendered with {result.renderer}: {paths.relative(paths.report_output / result.html.name)}, "
+               f"{paths.relative(paths.report_output / result.pdf.name)} and the Markdown export "
+               f"{paths.relative(paths.report_output / 'index.md')} with its figures")
+    return RenderResult(result.renderer, paths.report_output / result.html.name, paths.report_output / result.pdf.name,
+                        paths.report_output / result.markdown.name if result.markdown else None)
