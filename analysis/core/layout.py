@@ -18,7 +18,8 @@ CHECKOUT = Path(__file__).resolve().parents[2]  # analysis/core/layout.py -> the
 STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
                 "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs",
                 "stage_deltas", "stage_shares", "stage_heads", "language_contrasts", "language_summary",
-                "language_contrast_peaks", "language_token_counts", "attention_mass")
+                "language_contrast_peaks", "language_token_counts", "attention_mass", "self_focus_heads",
+                "format_contrasts")
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,15 @@ from analysis.core.artefacts import read_parquet, write_json, write_parquet
 from analysis.core.config import Config
 from analysis.core.errors import UserError
 from analysis.core.layout import STATS_TABLES, ProjectPaths
-from analysis.statistics.layers import REQUIRED_COLUMNS, build_statistics, metric_value
+from analysis.statistics.layers import (FORMAT_CONTRAST_COLUMNS, REQUIRED_COLUMNS, build_statistics, format_contrasts,
+                                        metric_value)
 from analysis.core.quantities import (CATEGORIES, ENTROPY_COLUMNS, LANGUAGES, MASS_COLUMNS, PROMPT_FORMATS, SOURCE_LANGUAGE,
                                  VARIANTS, choice_rows)
 
 STAGE_TABLES = ("stage_deltas", "stage_shares", "stage_heads")
 # Tables computed per prompt language (a `language` column); the others describe the headline language, English.
-LANGUAGE_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "attention_mass", *STAGE_TABLES)
+LANGUAGE_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "attention_mass", "self_focus_heads",
+                   "format_contrasts", *STAGE_TABLES)
 
 
 def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
@@ -73,11 +75,12 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     for key in LANGUAGE_TABLES:
         out[key] = pd.concat([studies[x][key].assign(language=x) for x in languages], ignore_index=True)
     out["metrics"]["languages"] = {x: {"families": studies[x]["metrics"]["families"],
-                                       "pairs": studies[x]["metrics"]["pairs"]}
+                                       "pairs": studies[x]["metrics"]["pairs"],
+                                       "checkpoints": studies[x]["metrics"]["checkpoints"]}
                                    for x in languages if x != SOURCE_LANGUAGE}
     contrasts = []
     for prompt_format, entropy in entropy_by_format.items():
-        contrasts.append(language_statistics.language_contrasts(endpoints(entropy), settings)
+        contrasts.append(language_statistics.language_contrasts(endpoints(entropy), settings, stages)
                          .assign(format=prompt_format))
     out["language_contrasts"] = pd.concat(contrasts, ignore_index=True)
     out["language_summary"] = language_statistics.language_summary(out["deltas"], out["language_contrasts"])
@@ -110,10 +113,10 @@ def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: Stat
     if headline_format not in entropy_by_format:
         raise UserError(f"stats.headline_format {headline_format!r}: use one of {', '.join(entropy_by_format)}")
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads",
-                                                                "attention_mass", *STAGE_TABLES)}
+                                                                "self_focus_heads", "attention_mass", *STAGE_TABLES)}
     summaries, lengths = [], []
     for prompt_format, entropy in entropy_by_format.items():
-        result = build_statistics(entropy, settings)
+        result = build_statistics(entropy, settings, stages)
         result.update(stage_statistics.stage_statistics(full_by_format[prompt_format], stages, result["heads"],
                                                         settings, prompt_format))
         result["attention_mass"] = mass_changes(entropy, n_resamples=settings.n_resamples,
@@ -125,8 +128,13 @@ def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: Stat
         if prompt_format == headline_format:
             metrics = result["metrics"]
     out: dict = {key: pd.concat(frames, ignore_index=True) for key, frames in tables.items()}
+    out["format_contrasts"] = (format_contrasts(entropy_by_format["raw"], entropy_by_format["chat"], settings)
+                               if {"raw", "chat"} <= set(entropy_by_format) else
+                               pd.DataFrame(columns=FORMAT_CONTRAST_COLUMNS))
     headline = choice_rows(out["deltas"], definition, headline_format)
     entropy, column = entropy_by_format[headline_format], ENTROPY_COLUMNS[definition]
+    # length control and split-half test a change between base and instruct: families with both only
+    entropy = entropy[entropy["family"].isin(set(headline["family"]))]
     out["length_control"] = robustness.length_control(entropy, column, headline, settings.alpha)
     out["split_half"] = robustness.split_half(entropy, column, settings.split_half_splits,
                                               settings.seed)
@@ -148,6 +156,12 @@ def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: Stat
     return out
 
 
+def has_chat(config: Config, family: str) -> bool:
+    """Whether a family has chat-format entropy tables: only a family with an instruct checkpoint has a chat
+    template to wrap its prompts in (a base checkpoint alone, like Gemma 3 270M of the real suite, has none)."""
+    return VARIANTS[1] in config.stages[family]
+
+
 def entropy_tables(config: Config) -> dict[str, pd.DataFrame]:
     """The entropy tables of every checkpoint of the active suite, per prompt format."""
     paths = config.paths
@@ -157,6 +171,8 @@ def entropy_tables(config: Config) -> dict[str, pd.DataFrame]:
     for prompt_format in PROMPT_FORMATS:
         frames = []
         for ckpt in config.checkpoints:
+            if prompt_format == "chat" and not has_chat(config, ckpt.family):
+                continue
             path = paths.entropy_table(ckpt.name, prompt_format)
             if not path.exists():
                 raise UserError(f"{paths.relative(path)}: missing; run `selfref extract {ckpt.name} "
