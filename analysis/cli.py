@@ -114,6 +114,15 @@ def stats() -> None:
     stage.run(_config())
 
 
+@app.command("bos-trap")
+def bos_trap() -> None:
+    """The to_tokens trap: entropies with TransformerBridge's default BOS against the pipeline's, per layer, for the
+    checkpoints named in `bos_trap.checkpoints`: data/bos_trap/layers.parquet, metrics.json"""
+    from analysis.verbs import bos_trap as stage
+
+    stage.run(_config())
+
+
 @app.command()
 def patch(family: str = typer.Argument(..., help="a family of the active suite")) -> None:
     """Ablate and patch the family's top candidate heads and random controls: data/patching/<family>.*"""

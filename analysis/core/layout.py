@@ -153,6 +153,11 @@ class ProjectPaths:
         """Tracked manifest of one checkpoint (`<family>-<variant>`)."""
         return self.manifests / f"{checkpoint}.json"
 
+    @property
+    def bos_trap(self) -> Path:
+        """data/bos_trap: the to_tokens trap against the pipeline's entropies (stage bos_trap)."""
+        return self.data / "bos_trap"
+
     def entropy_table(self, checkpoint: str, prompt_format: str) -> Path:
         """Per (prompt, layer, head) entropy table of one checkpoint with prompts in one format (raw or chat)."""
         return self.entropy / prompt_format / f"{checkpoint}.parquet"

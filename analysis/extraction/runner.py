@@ -373,6 +373,10 @@ def open_checkpoint(local_dir: Path, *, checkpoint: str, settings: ExtractSettin
     trust = settings.trust_remote_code
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
+    if device == "cpu" and settings.cpu_threads:
+        # More threads than free cores make every op wait on the busiest one: on a shared 2-core machine 2 threads
+        # ran 7x slower than 1 (benchmarks/results.md, "Real checkpoints")
+        torch.set_num_threads(settings.cpu_threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local_dir), trust_remote_code=trust)
         chat_tokenizer = AutoTokenizer.from_pretrained(str(chat_dir), trust_remote_code=trust) if chat_dir else None

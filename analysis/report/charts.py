@@ -221,6 +221,38 @@ def prompt_lengths(lengths: pd.DataFrame, width: int, columns: int) -> alt.Chart
         facet=alt.Facet("panel:N", title=None, sort=order), columns=columns)
 
 
+def checkpoint_rfc(layers: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """RFC per layer with its prompt-bootstrap interval, one panel per single-checkpoint model (English prompts):
+    a profile within one model, never a change. data/stats/layers.parquet."""
+    data = layers.assign(model=layers["family"] + " (" + layers["variant"] + ")")
+    base = alt.Chart(data).encode(x=alt.X("layer:Q", title="layer"))
+    band = base.mark_area(opacity=0.25, color="#1f77b4").encode(y=alt.Y("rfc_lo:Q", title="RFC = 1 − H_self / H_neutral"),
+                                                              y2="rfc_hi:Q")
+    line = base.mark_line(point=True, color="#1f77b4").encode(
+        y="rfc:Q", tooltip=["model", "layer", alt.Tooltip("rfc:Q", format=".4f"), alt.Tooltip("rfc_lo:Q", format=".4f"),
+                            alt.Tooltip("rfc_hi:Q", format=".4f"), "low_neutral"])
+    zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="#777", strokeDash=[4, 3]).encode(y="y:Q")
+    panels = max(1, min(columns, data["model"].nunique()))
+    return alt.layer(band, line, zero, data=data).properties(width=panel_width(width, panels), height=180).facet(
+        facet=alt.Facet("model:N", title=None), columns=panels).resolve_scale(x="independent", y="independent")
+
+
+def sink_mass(mass: pd.DataFrame, width: int, columns: int) -> alt.Chart:
+    """Attention mass on the first token per layer (mean over the layer's heads and the category's prompts), one
+    panel per single-checkpoint model: the attention sink of trained models. data/stats/attention_mass.parquet."""
+    rows = mass[mass["mass"] == "first"].copy()
+    rows["level"] = rows["base"].fillna(rows["instruct"])
+    data = rows.groupby(["family", "category", "layer"], as_index=False)["level"].mean()
+    panels = max(1, min(columns, data["family"].nunique()))
+    return alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("layer:Q", title="layer"),
+        y=alt.Y("level:Q", title="mass on the first token", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("category:N", scale=CATEGORY_COLOURS, sort=list(CATEGORIES)),
+        tooltip=["family", "category", "layer", alt.Tooltip("level:Q", format=".3f")],
+    ).properties(width=panel_width(width, panels), height=180).facet(
+        facet=alt.Facet("family:N", title=None), columns=panels).resolve_scale(x="independent")
+
+
 def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
     """Write `<name>.vl.json`, `.svg` and `.png` atomically; returns their paths."""
     spec = chart.to_dict()
@@ -244,6 +276,17 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
     `language_profiles` for every prompt language the build has; `where_heads_look` for the `top_k`
     (params.yaml `patch.top_k`) candidates of each family and `patch_effects` from the patching tables."""
     alt.data_transformers.disable_max_rows()
+    # families of a single checkpoint (no deltas) get their own charts; the others' charts leave them out
+    paired = set(deltas["family"])
+    singles = [f for f in dict.fromkeys(layers["family"]) if f not in paired]
+    single_layers = choice_rows(layers[layers["family"].isin(singles)], definition, prompt_format)
+    layers = layers[layers["family"].isin(paired)]
+    heads = heads[heads["family"].isin(paired)]
+    single_mass = attention_mass[attention_mass["family"].isin(singles) & (attention_mass["format"] == prompt_format)]
+    if "language" in single_mass:
+        single_mass = single_mass[single_mass["language"] == SOURCE_LANGUAGE]
+    attention_mass = attention_mass[attention_mass["family"].isin(paired)]
+    patching = patching[patching["family"].isin(paired)]
     charts = {
         "layer_entropy": layer_entropy(choice_rows(layers, definition, prompt_format), width, columns),
         "delta_profiles": delta_profiles(choice_rows(deltas, definition, prompt_format), width, columns),
@@ -259,4 +302,7 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
         mass = mass[mass["language"] == SOURCE_LANGUAGE]
     charts["where_heads_look"] = where_heads_look(mass, headline_heads[headline_heads["position"] <= top_k], width, columns)
     charts["patch_effects"] = patch_effects(patching, width, columns)
+    if singles:
+        charts["checkpoint_rfc"] = checkpoint_rfc(single_layers, width, columns)
+        charts["sink_mass"] = sink_mass(single_mass, width, columns)
     return {name: save(chart, folder, name) for name, chart in charts.items()}

@@ -325,6 +325,24 @@ class Executed:
         return "".join(out)
 
 
+INCLUDE = re.compile(r"^\{\{<\s*include\s+(\S+)\s*>\}\}[ \t]*$", re.MULTILINE)
+
+
+def expand_includes(source: str, folder: Path, where: str, depth: int = 0) -> str:
+    """Quarto's `{{< include file >}}` shortcode: the named file's text in place of the line (relative to the
+    including document's folder; included files may include others)."""
+    if depth > 8:
+        raise UserError(f"{where}: includes nest more than 8 deep; is a file including itself?")
+
+    def expand(match: re.Match) -> str:
+        path = folder / match.group(1)
+        if not path.is_file():
+            raise UserError(f"{where}: `{{{{< include {match.group(1)} >}}}}` names no file ({path}); fix the name")
+        return expand_includes(path.read_text(encoding="utf-8"), path.parent, str(path), depth + 1).rstrip("\n")
+
+    return INCLUDE.sub(expand, source)
+
+
 def execute_document(qmd: Path, workdir: Path, root: Path) -> Executed:
     """Run the document's Python in a kernel started in the document's folder, as Quarto does; every
     cell is replaced by its output and every inline expression by its value."""
@@ -332,7 +350,7 @@ def execute_document(qmd: Path, workdir: Path, root: Path) -> Executed:
     from nbclient.exceptions import CellExecutionError
 
     where = str(qmd)
-    source = qmd.read_text(encoding="utf-8")
+    source = expand_includes(qmd.read_text(encoding="utf-8"), qmd.parent, where)
     meta, body = split_front_matter(source, where)
     parts = chunks(body, where, first_line=source.count("\n") - body.count("\n") + 1)
     floats = _floats(parts, where)
