@@ -7,6 +7,7 @@ entropies while the batch is on the device, so memory does not grow with the pro
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -218,6 +219,14 @@ class EntropyRunner:
 
     def __init__(self, bridge: Any, n_layers: int, n_heads: int, pad_id: int, device: str):
         self.bridge, self.n_layers, self.n_heads, self.pad_id, self.device = bridge, n_layers, n_heads, pad_id, device
+        # Without a logit reducer the vocabulary projection of every position is wasted work (Gemma 3's 262k-token
+        # vocabulary made it 80% of a forward pass on a CPU): ask the model for the last position's logits only,
+        # where its forward takes `logits_to_keep` (Hugging Face causal LMs); attention is computed before it.
+        model = getattr(bridge, "original_model", None)
+        try:
+            self.skips_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError, AttributeError):
+            self.skips_logits = False
 
     def _forward(self, prompts: list[EncodedPrompt], batch: list[int], batch_hooks: BatchHooks | None = None,
                  logits: LogitReducer | None = None) -> dict[str, np.ndarray]:
@@ -239,9 +248,10 @@ class EntropyRunner:
         extras: dict[str, torch.Tensor] = {}
         if batch_hooks is not None:
             hooks += batch_hooks(batch, ids, attention, extras)
+        extra_kwargs = {"logits_to_keep": 1} if logits is None and self.skips_logits else {}
         with torch.inference_mode():
             out = self.bridge.run_with_hooks(ids, attention_mask=attention, fwd_hooks=hooks,
-                                             return_type="logits" if logits is not None else None)
+                                             return_type="logits" if logits is not None else None, **extra_kwargs)
         missing = sorted(set(range(self.n_layers)) - set(per_layer))
         if missing:
             raise UserError(f"no attention pattern reached the hooks of layers {missing}")
