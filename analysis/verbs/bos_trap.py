@@ -39,7 +39,7 @@ def run(config: Config) -> None:
         order = pd.Categorical(correct["prompt_id"], categories=list(prompts["prompt_id"])).codes
         correct = correct.assign(_o=order).sort_values(["_o", "layer", "head"])[ENTROPY_COLUMNS["raw"]]
         correct = correct.to_numpy(dtype=float).reshape(len(prompts), n_layers, n_heads)
-        trap = trap_entropies(loaded.runner, list(prompts["text"]))
+        trap = trap_entropies(loaded.runner, list(prompts["text"]), config.extract.batch_size)
         rows = trap_table(name, correct, trap)
         ours, theirs = first_tokens(loaded.runner.bridge, loaded.tokenizer, prompts["text"].iloc[0])
         metrics[name] = {"n_prompts": int(len(prompts)), "first_token": ours, "first_token_trap": theirs,
