@@ -47,6 +47,12 @@ def summary_json(family: str, table, selection, definition: str, prompt_format: 
     return out
 
 
+def heads_table(config: Config, family: str) -> str:
+    """The stats table whose ranking names a family's candidate heads: `heads` (the change base -> instruct) for a
+    family with both, `self_focus_heads` (self vs neutral within the model) for a family of a single checkpoint."""
+    return "self_focus_heads" if len(config.stages[family]) == 1 else "heads"
+
+
 def selection_for(config: Config, family: str, heads: pd.DataFrame) -> pd.DataFrame:
     """The family's candidate heads and their controls (the other heads of each candidate's layer), from the stats
     stage's heads table (a family of a single checkpoint: its self_focus_heads table, its most self-focused heads)."""

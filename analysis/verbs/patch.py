@@ -13,7 +13,7 @@ from analysis.core.config import Config
 from analysis.core.errors import UserError
 from analysis.extraction.runner import encode_prompts, open_checkpoint
 from analysis.interventions.patching import PATCH_CATEGORIES, check_identical_ids, interventions_for, run_interventions
-from analysis.interventions.summary import HEADS_COLUMNS, selection_for, summaries
+from analysis.interventions.summary import HEADS_COLUMNS, heads_table, selection_for, summaries
 from analysis.core.prompts import load_prompts
 from analysis.core.quantities import SOURCE_LANGUAGE, VARIANTS
 
@@ -25,8 +25,8 @@ def run(config: Config, family: str) -> None:
     started = time.perf_counter()
     variants = [v for v in VARIANTS if v in config.stages[family]]
     single = len(variants) == 1  # a family of one checkpoint: its most self-focused heads, ablation only
-    table_name = "self_focus_heads" if single else "heads"
-    selection = selection_for(config, family, read_parquet(paths.stats_table(table_name), HEADS_COLUMNS))
+    selection = selection_for(config, family, read_parquet(paths.stats_table(heads_table(config, family)),
+                                                           HEADS_COLUMNS))
 
     every = load_prompts(paths.prompts, config.prompts.min_per_category)
     texts = list(every["text"])  # a demo tokenizer is trained on every language's prompts, as `pull` did
