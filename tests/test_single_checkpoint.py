@@ -113,7 +113,7 @@ def test_chat_minus_raw_is_paired_over_prompts_of_the_instruct_checkpoint():
 
 
 def test_a_single_checkpoint_is_ablated_never_patched():
-    assert [iv.name for iv in interventions_for(["base"])] == ["mean_ablation@base", "zero_ablation@base"]
+    assert [iv.name for iv in interventions_for(["base"])] == ["mean_ablation@base"]
     assert len(interventions_for(["base", "instruct"])) == 6
 
 

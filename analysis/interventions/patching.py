@@ -55,9 +55,12 @@ INTERVENTIONS = (
 
 
 def interventions_for(variants) -> tuple[Intervention, ...]:
-    """The interventions a family's checkpoints allow: ablations of each variant it has, and patching between
-    variants only where it has both (a family of a single checkpoint is ablated, never patched)."""
+    """The interventions a family's checkpoints allow: for base and instruct every one of INTERVENTIONS; a family of
+    a single checkpoint is mean-ablated only (never patched: there is no other variant; zero ablation is kept for
+    the pairs only to compare with the original study's plan, and would double the stage's time on real weights)."""
     have = set(variants)
+    if len(have) == 1:
+        return tuple(iv for iv in INTERVENTIONS if iv.variant in have and iv.kind == "mean_ablation")
     return tuple(iv for iv in INTERVENTIONS if iv.variant in have and (iv.kind != "patch" or OTHER[iv.variant] in have))
 
 
