@@ -147,7 +147,13 @@ class Artefacts:
 
     @property
     def families(self) -> list[str]:
-        return self.config.families
+        """The families with a base and an instruct checkpoint: what the comparison sections report. A family of a
+        single checkpoint (`single_families`) has the section on real checkpoints (report/real_checkpoints.qmd)."""
+        return compared_families(self.config)
+
+    @property
+    def single_families(self) -> list[str]:
+        return [f for f in self.config.families if f not in self.families]
 
     @property
     def is_demo(self) -> bool:
@@ -164,6 +170,11 @@ class Artefacts:
 
     def headline(self, frame: pd.DataFrame) -> pd.DataFrame:
         return choice_rows(frame, self.config.stats.headline_definition, self.config.stats.headline_format)
+
+
+def compared_families(config: config_mod.Config) -> list[str]:
+    """The families with more than one checkpoint, in params order."""
+    return [f for f, stages in config.stages.items() if len(stages) > 1]
 
 
 def load(paths: ProjectPaths | None = None) -> Artefacts:
@@ -186,11 +197,11 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         language_contrast_peaks=pd.read_parquet(paths.stats_table("language_contrast_peaks")),
         language_token_counts=pd.read_parquet(paths.stats_table("language_token_counts")),
         attention_mass=pd.read_parquet(paths.stats_table("attention_mass")),
-        patching=pd.concat([pd.read_parquet(paths.patch_table(f)) for f in config.families
+        patching=pd.concat([pd.read_parquet(paths.patch_table(f)) for f in compared_families(config)
                             if paths.patch_table(f).exists()] or [pd.DataFrame()], ignore_index=True),
         patch_numbers={f: Numbers(json.loads(paths.patch_summary(f).read_text()),
                                   source=paths.relative(paths.patch_summary(f)))
-                       for f in config.families if paths.patch_summary(f).exists()},
+                       for f in compared_families(config) if paths.patch_summary(f).exists()},
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
         original=Numbers(json.loads(paths.reanalysis.read_text()), source=paths.relative(paths.reanalysis)),
