@@ -225,13 +225,13 @@ def checkpoint_rfc(layers: pd.DataFrame, width: int, columns: int) -> alt.Chart:
     """RFC per layer with its prompt-bootstrap interval, one panel per single-checkpoint model (English prompts):
     a profile within one model, never a change. data/stats/layers.parquet."""
     data = layers.assign(model=layers["family"] + " (" + layers["variant"] + ")")
-    base = alt.Chart(data).encode(x=alt.X("layer:Q", title="layer"))
+    base = alt.Chart().encode(x=alt.X("layer:Q", title="layer"))  # data on the layer, so the facet splits it
     band = base.mark_area(opacity=0.25, color="#1f77b4").encode(y=alt.Y("rfc_lo:Q", title="RFC = 1 − H_self / H_neutral"),
                                                               y2="rfc_hi:Q")
     line = base.mark_line(point=True, color="#1f77b4").encode(
         y="rfc:Q", tooltip=["model", "layer", alt.Tooltip("rfc:Q", format=".4f"), alt.Tooltip("rfc_lo:Q", format=".4f"),
                             alt.Tooltip("rfc_hi:Q", format=".4f"), "low_neutral"])
-    zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="#777", strokeDash=[4, 3]).encode(y="y:Q")
+    zero = alt.Chart().mark_rule(color="#777", strokeDash=[4, 3]).encode(y=alt.datum(0.0))
     panels = max(1, min(columns, data["model"].nunique()))
     return alt.layer(band, line, zero, data=data).properties(width=panel_width(width, panels), height=180).facet(
         facet=alt.Facet("model:N", title=None), columns=panels).resolve_scale(x="independent", y="independent")
