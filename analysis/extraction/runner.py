@@ -248,7 +248,10 @@ class EntropyRunner:
         extras: dict[str, torch.Tensor] = {}
         if batch_hooks is not None:
             hooks += batch_hooks(batch, ids, attention, extras)
-        extra_kwargs = {"logits_to_keep": 1} if logits is None and self.skips_logits else {}
+        last = attention.sum(dim=1) - 1  # each row's last real position (right padding)
+        extra_kwargs = {}
+        if self.skips_logits:  # one position's logits per row: the last one, or (no reducer) any
+            extra_kwargs["logits_to_keep"] = 1 if logits is None else last.view(-1, 1)
         with torch.inference_mode():
             out = self.bridge.run_with_hooks(ids, attention_mask=attention, fwd_hooks=hooks,
                                              return_type="logits" if logits is not None else None, **extra_kwargs)
@@ -260,8 +263,8 @@ class EntropyRunner:
         names = [*DEFINITIONS, *(MASS_COLUMNS[m] for m in MASSES)]
         result = {name: values[i] for i, name in enumerate(names)}
         if logits is not None:
-            last = attention.sum(dim=1) - 1
-            rows = out[torch.arange(out.shape[0], device=out.device), last.to(out.device)]
+            rows = (out[:, 0] if extra_kwargs else
+                    out[torch.arange(out.shape[0], device=out.device), last.to(out.device)])
             kept = logits(batch, torch.log_softmax(rows.double(), dim=-1))
             result.update({k: v.detach().double().cpu().numpy() for k, v in kept.items()})
         result.update({k: v.detach().float().cpu().numpy() for k, v in extras.items()})
