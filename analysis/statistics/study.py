@@ -86,7 +86,10 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     out["language_summary"] = language_statistics.language_summary(out["deltas"], out["language_contrasts"])
     headline = choice_rows(out["language_contrasts"], settings.headline_definition, settings.headline_format,
                            None) if len(out["language_contrasts"]) else out["language_contrasts"]
-    out["language_contrast_peaks"] = selections.language_contrast_peaks(headline, settings.rank_decimals)
+    # the comparison section's peaks: ΔRFC contrasts of families with base and instruct (a single checkpoint's RFC
+    # contrasts are reported in its own section)
+    pairs = headline[headline["quantity"] == "delta_rfc"] if len(headline) else headline
+    out["language_contrast_peaks"] = selections.language_contrast_peaks(pairs, settings.rank_decimals)
     lengths = out["token_lengths"]
     out["language_token_counts"] = selections.language_token_counts(
         lengths[lengths["format"] == settings.headline_format])
