@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from analysis.core.quantities import MASS_COLUMNS
 from analysis.interventions.patching import interventions_for
 from analysis.report.rendering import expand_includes
 from analysis.statistics.heads import self_focus_heads
@@ -22,7 +23,11 @@ CATS = np.repeat(["self_referent", "neutral", "third_person", "confounder"], 8)
 
 def _single(family: str, variant: str, values: np.ndarray) -> pd.DataFrame:
     table = long_table(family, values, values, CATS)
-    return table[table["variant"] == "base"].assign(variant=variant).reset_index(drop=True)
+    table = table[table["variant"] == "base"].assign(variant=variant).reset_index(drop=True)
+    for column in MASS_COLUMNS.values():  # attention masses: any values in [0, 1] (marker missing on neutral)
+        table[column] = np.where((column == MASS_COLUMNS["marker"]) & (table["category"] == "neutral"), np.nan,
+                                 table["entropy"] / 2)
+    return table
 
 
 def _values(seed: int = 1, focus: tuple[int, int] | None = (1, 2)) -> np.ndarray:
@@ -129,3 +134,18 @@ def test_the_fallback_renderer_expands_includes(tmp_path):
 
     with pytest.raises(UserError, match="names no file"):
         expand_includes("{{< include nope.qmd >}}", tmp_path, "sub.qmd")
+
+
+def test_a_suite_of_single_checkpoints_alone_goes_through_the_whole_study():
+    """`selfref suite use real`: no family with base and instruct; the comparison tables are empty, not an error."""
+    from analysis.statistics.study import build_study
+
+    raw = pd.concat([_single("solo", "instruct", _values(10)), _single("other", "base", _values(11))],
+                    ignore_index=True)
+    chat = _single("solo", "instruct", _values(12))
+    study = build_study({"raw": raw, "chat": chat}, settings(split_half_splits=10),
+                        {"solo": ("instruct",), "other": ("base",)})
+    assert study["deltas"].empty and study["length_control"].empty and study["split_half"].empty
+    assert set(study["metrics"]["checkpoints"]) == {"solo", "other"} and not study["metrics"]["families"]
+    assert set(study["format_contrasts"]["family"]) == {"solo"}  # chat exists only where there is an instruct model
+    assert set(study["self_focus_heads"]["family"]) == {"solo", "other"}
