@@ -115,6 +115,15 @@ def stats() -> None:
     stage.run(_config())
 
 
+@app.command("bos-trap")
+def bos_trap() -> None:
+    """The to_tokens trap: entropies with TransformerBridge's default BOS against the pipeline's, per layer, for the
+    checkpoints named in `bos_trap.checkpoints`: data/bos_trap/layers.parquet, metrics.json"""
+    from analysis.verbs import bos_trap as stage
+
+    stage.run(_config())
+
+
 @app.command()
 def probe() -> None:
     """Linear probes of the prompt category on the pooled residual stream of every checkpoint: data/probes/*"""

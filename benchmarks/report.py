@@ -129,6 +129,9 @@ def tables(r: dict[str, Any]) -> dict[str, str]:
                                   "forward rows": v["forward_rows"], "forward passes (s)": v["forward_s"],
                                   "ms / row": v["ms_per_row"], "summaries (s)": v["summaries_s"],
                                   "total (s)": v["total_s"]} for k, v in runs.items()], ".2f")
+    real = r.get("real", {})
+    if "stages" in real:
+        out["real"] = table([{"stage": f"`{k}`", "wall (s)": v} for k, v in real["stages"].items()], ".1f")
     return out
 
 

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     import extraction
     import patching
     import pipeline
+    import real
     import stats_stage
 
     start = time.perf_counter()
@@ -107,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         r["pipeline"] = attempt("pipeline", lambda: pipeline.measure(log))
     r["stats"] = attempt("stats stage", lambda: {s: stats_stage.measure(s, args.quick) for s in ("demo", "paper")})
     r["patching"] = attempt("patching", lambda: patching.measure(args.quick, log))
+    if args.quick:
+        r["real"] = {"not_run": "left out of this run (--quick)"}
+    else:
+        r["real"] = attempt("real checkpoints", lambda: real.measure(log))
     r["machine"]["load average at end"] = [round(x, 2) for x in os.getloadavg()]
     r["seconds"] = time.perf_counter() - start
     write(r, args.output)
     log(f"wrote {args.output} and {args.output.with_suffix('.md').name}")
-    failed = [k for k in ("extraction", "gpu", "pipeline", "stats", "patching") if "error" in r[k]]
+    failed = [k for k in ("extraction", "gpu", "pipeline", "stats", "patching", "real") if "error" in r[k]]
     if failed:
         log(f"benchmark incomplete, failed: {', '.join(failed)} (see {args.output.with_suffix('.md').name})")
     return 1 if failed else 0

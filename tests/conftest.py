@@ -38,12 +38,15 @@ def prompt_subset(prompts) -> pd.DataFrame:
 
 @pytest.fixture
 def project(tmp_path, monkeypatch):
-    """A project root in tmp_path with this repo's params.yaml and prompts; SELFREF_ROOT points there."""
+    """A project root in tmp_path with this repo's params.yaml and prompts, its active suite the demo families
+    (the default suite adds the real GGUF checkpoints, which only the tests marked slow load); SELFREF_ROOT
+    points there."""
     (tmp_path / "data").mkdir()
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copy(REPO / "data" / "prompts.csv", tmp_path / "data" / "prompts.csv")
     monkeypatch.setenv("SELFREF_DEMO_MODELS", str(tmp_path / "models"))
     monkeypatch.setenv("SELFREF_ROOT", str(tmp_path))
+    config.use_suite("demo", project_paths(tmp_path))
     return tmp_path
 
 

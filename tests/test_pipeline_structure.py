@@ -17,7 +17,7 @@ from stage_modules import REPO, WIRING, imported_modules, stage_dependencies, st
 
 STAGE_MODULES = {"prompts": "prompts_check", "pull": "pull", "extract": "extract",
                  "stats": "stats", "original": "original", "figures": "figures", "report": "report",
-                 "patch": "patch", "probe": "probe"}
+                 "patch": "patch", "probe": "probe", "bos_trap": "bos_trap"}
 DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
 
 

@@ -26,6 +26,7 @@ FAM = r"families\.(?P<family>[A-Za-z0-9_]+)\."
 LANGUAGE = r"languages\.(?P<language>[a-z]{2})\."  # metrics.json: the study of one translation language
 PATCHING = r"patching\.(?P<family>[A-Za-z0-9_]+)\."
 INTERVENTION = r"interventions\.(?P<intervention>[A-Za-z_@]+)\.(?P<metric>[a-z_]+)\."
+CKPT = r"checkpoints\.(?P<family>[A-Za-z0-9_]+)\."  # metrics.json: a family of a single checkpoint
 CONTRAST = r"language_contrasts\.(?P<family>[A-Za-z0-9_]+)\.(?P<language>[a-z]{2})\."
 
 
@@ -121,12 +122,34 @@ def in_language(source: Source) -> Source:
                   source.meaning + "; the prompts in language {language} (translations of the English set)")
 
 
-TRANSLATED = tuple(in_language(s) for s in ENGLISH if s.pattern.startswith((FAM, r"pairs\.")))
+# A family of a single checkpoint (metrics.json `checkpoints`): its profile within the one model.
+SINGLE: tuple[Source, ...] = (
+    Source(CKPT + r"(variant|n_layers|n_heads|n_prompts\.\w+)$", "metrics",
+           "data/entropy/raw/<checkpoint>.parquet: variant, layer, head, category",
+           "analysis.statistics.layers:checkpoint_metrics", (), "stats", "the checkpoint, its shape and prompts"),
+    Source(CKPT + r"mean_(?P<stat>rfc|rsi)(_lo|_hi)?$", "metrics", "data/stats/layers.parquet: {stat} (mean over layers)",
+           "analysis.statistics.layers:checkpoint_metrics", HEADLINE + BOOT, "stats",
+           "mean {stat} over layers of the one checkpoint; _lo/_hi: percentile interval of the prompt-bootstrap means"),
+    Source(CKPT + r"n_layers_rfc_(above|below)_0$", "metrics", "data/stats/layers.parquet: rfc_lo, rfc_hi",
+           "analysis.statistics.layers:checkpoint_metrics", HEADLINE + BOOT, "stats",
+           "layers whose RFC interval lies wholly above (below) 0"),
+    Source(CKPT + r"n_low_neutral$", "metrics", "data/stats/layers.parquet: low_neutral",
+           "analysis.statistics.layers:checkpoint_metrics", HEADLINE + ("stats.neutral_floor",), "stats",
+           "layers with H_neutral below the floor"),
+    Source(CKPT + r"(n_heads_significant|top_heads\.rank_\d+)$", "metrics",
+           "data/stats/self_focus_heads.parquet: q_value, position, rank, tied",
+           "analysis.statistics.heads:self_focus_heads", HEADLINE + PERM + ("stats.top_k_heads", "stats.rank_decimals"),
+           "stats", "heads whose self-referent and neutral entropies differ (two-sample permutation test, BH across "
+           "the model's heads), and the most self-focused heads by −log(H_self / H_neutral)"),
+)
 
-REGISTRY: tuple[Source, ...] = ENGLISH + TRANSLATED + (
+TRANSLATED = tuple(in_language(s) for s in ENGLISH + SINGLE if s.pattern.startswith((FAM, CKPT, r"pairs\.")))
+
+REGISTRY: tuple[Source, ...] = ENGLISH + SINGLE + TRANSLATED + (
     Source(CONTRAST + r"mean_contrast$", "metrics", "data/stats/language_contrasts.parquet: contrast "
            "(mean over layers, language {language})", "analysis.statistics.languages:contrast_metrics",
-           HEADLINE, "stats", "mean over layers of ΔRFC_{language} − ΔRFC_en on translation-matched prompts"),
+           HEADLINE, "stats", "mean over layers of ΔRFC_{language} − ΔRFC_en on translation-matched prompts (RFC_{language} − "
+           "RFC_en for a family of a single checkpoint)"),
     Source(CONTRAST + r"n_layers_significant$", "metrics", "data/stats/language_contrasts.parquet: significant "
            "(language_summary.parquet: n_layers_differ_from_en)", "analysis.statistics.languages:language_contrasts",
            HEADLINE + PERM, "stats", "layers where ΔRFC_{language} differs from ΔRFC_en (language-swap permutation "

@@ -176,10 +176,11 @@ def _compare_tree(result: Verification, paths: ProjectPaths, copy: ProjectPaths)
         _compare_files(result, str(relative), paths.root / relative, written)
 
 
-def _recompute_patching(result: Verification, config: config_mod.Config, heads: pd.DataFrame, copy: ProjectPaths) -> None:
+def _recompute_patching(result: Verification, config: config_mod.Config, study: dict, copy: ProjectPaths) -> None:
     """Each family's patching table and summary from its stored per-prompt effects (the forward passes that
-    made those need the models, like the entropy tables) and the recomputed heads table."""
-    from analysis.interventions.summary import selection_for, summaries
+    made those need the models, like the entropy tables) and the recomputed heads table (for a family of a single
+    checkpoint its self_focus_heads table)."""
+    from analysis.interventions.summary import heads_table, selection_for, summaries
 
     paths = config.paths
     for family in config.families:
@@ -188,6 +189,7 @@ def _recompute_patching(result: Verification, config: config_mod.Config, heads: 
                                 f"(run `selfref patch {family}`)")
             continue
         per_prompt = pd.read_parquet(paths.patch_prompts(family))
+        heads = study[heads_table(config, family)]
         table, summary = summaries(config, family, per_prompt, selection_for(config, family, heads))
         write_parquet(table, copy.patch_table(family))
         write_json(summary, copy.patch_summary(family))
@@ -219,7 +221,7 @@ def verify_workspace(keep: Path | None = None, paths: ProjectPaths | None = None
             write_reanalysis(reanalysis, copy)
         else:
             result.notes.append(f"{paths.relative(paths.reanalysis)}: absent, not checked (run `selfref original`)")
-        _recompute_patching(result, config, study["heads"], copy)
+        _recompute_patching(result, config, study, copy)
         _compare_tree(result, paths, copy)
         if keep is not None:
             result.notes.append(f"recomputed artefacts kept in {tmp}")

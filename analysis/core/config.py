@@ -73,6 +73,7 @@ class ExtractSettings:
     device_map: str | None
     chat_system: str  # default (each template's own), none, or one fixed system text for every family
     chat_date: str | None  # `date_string` given to chat templates that write today's date
+    cpu_threads: int | None = None  # torch threads on a CPU (None: torch's default, one per core)
 
 
 @dataclass(frozen=True)
@@ -153,6 +154,7 @@ class Config:
     probe: ProbeSettings
     preflight: PreflightSettings
     paths: ProjectPaths
+    bos_trap: tuple[str, ...] = ()  # checkpoints of the active suite the bos_trap stage measures
 
     @property
     def families(self) -> list[str]:
@@ -234,7 +236,7 @@ def _section(params: dict[str, Any], name: str, cls: type) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise UserError(f"{_where(name)}: missing or not a mapping; restore the `{name}:` section")
     expected = [f.name for f in fields(cls)]
-    optional = {"device_map", "chat_date"}
+    optional = {"device_map", "chat_date", "cpu_threads"}
     missing = [k for k in expected if k not in section and k not in optional]
     unknown = [k for k in section if k not in expected]
     if missing or unknown:
@@ -278,7 +280,9 @@ def _extract_settings(params: dict[str, Any]) -> ExtractSettings:
                            trust_remote_code=_boolean(s["trust_remote_code"], "extract.trust_remote_code"),
                            device_map=device_map,
                            chat_system=chat_system,
-                           chat_date=chat_date)
+                           chat_date=chat_date,
+                           cpu_threads=None if s.get("cpu_threads") is None else
+                           _integer(s["cpu_threads"], "extract.cpu_threads", 1, 1024))
 
 
 def _preflight_settings(params: dict[str, Any]) -> PreflightSettings:
@@ -545,6 +549,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return params
 
 
+def _bos_trap(params: dict[str, Any], suites: dict[str, tuple[Checkpoint, ...]],
+              active: tuple[Checkpoint, ...]) -> tuple[str, ...]:
+    """`bos_trap.checkpoints`: checkpoints of any suite (a misspelt one is refused); the active suite's are measured."""
+    names = (params.get("bos_trap") or {}).get("checkpoints") or []
+    if not isinstance(names, list):
+        raise UserError(f"{_where('bos_trap.checkpoints')}: use a list of checkpoint names (<family>-<variant>)")
+    known = {c.name for cs in suites.values() for c in cs}
+    for name in names:
+        if name not in known:
+            raise UserError(f"{_where('bos_trap.checkpoints')}: {name!r} is no checkpoint of any suite; use "
+                            "<family>-<variant> of a suite in params.yaml")
+    return tuple(c.name for c in active if c.name in set(names))
+
+
 def parse(params: dict[str, Any], paths: ProjectPaths, *, check_active: bool = True) -> Config:
     """Validate a params dict into a Config. With `check_active`, `checkpoints:` must match the suite."""
     suites = params.get("suites")
@@ -562,7 +580,8 @@ def parse(params: dict[str, Any], paths: ProjectPaths, *, check_active: bool = T
     return Config(suite=suite, checkpoints=parsed[suite], suites=parsed, prompts=_prompt_settings(params),
                   extract=_extract_settings(params), stats=_stats_settings(params),
                   patch=_patch_settings(params), figures=_figure_settings(params), probe=_probe_settings(params),
-                  preflight=_preflight_settings(params), paths=paths)
+                  preflight=_preflight_settings(params), paths=paths,
+                  bos_trap=_bos_trap(params, parsed, parsed[suite]))
 
 
 def load(paths: ProjectPaths | None = None, *, check_active: bool = True) -> Config:

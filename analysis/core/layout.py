@@ -18,7 +18,8 @@ CHECKOUT = Path(__file__).resolve().parents[2]  # analysis/core/layout.py -> the
 STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "robustness", "length_control",
                 "split_half", "head_families", "candidate_heads", "length_disagreements", "correlation_pairs",
                 "stage_deltas", "stage_shares", "stage_heads", "language_contrasts", "language_summary",
-                "language_contrast_peaks", "language_token_counts", "attention_mass")
+                "language_contrast_peaks", "language_token_counts", "attention_mass", "self_focus_heads",
+                "format_contrasts")
 
 # The probe stage's tables: data/probes/<name>.parquet (analysis.statistics.probes).
 PROBE_TABLES = ("probes", "probe_changes", "probe_correlations")
@@ -173,6 +174,11 @@ class ProjectPaths:
     def entropy_tables(self, checkpoint: str) -> Path:
         """The folder of one checkpoint's entropy tables, one per prompt format (the output of its extract stage)."""
         return self.entropy / checkpoint
+
+    @property
+    def bos_trap(self) -> Path:
+        """data/bos_trap: the to_tokens trap against the pipeline's entropies (stage bos_trap)."""
+        return self.data / "bos_trap"
 
     def entropy_table(self, checkpoint: str, prompt_format: str) -> Path:
         """Per (prompt, layer, head) entropy table of one checkpoint with prompts in one format (raw or chat)."""

@@ -7,6 +7,7 @@ entropies while the batch is on the device, so memory does not grow with the pro
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -220,6 +221,14 @@ class EntropyRunner:
 
     def __init__(self, bridge: Any, n_layers: int, n_heads: int, pad_id: int, device: str):
         self.bridge, self.n_layers, self.n_heads, self.pad_id, self.device = bridge, n_layers, n_heads, pad_id, device
+        # Without a logit reducer the vocabulary projection of every position is wasted work (Gemma 3's 262k-token
+        # vocabulary made it 80% of a forward pass on a CPU): ask the model for the last position's logits only,
+        # where its forward takes `logits_to_keep` (Hugging Face causal LMs); attention is computed before it.
+        model = getattr(bridge, "original_model", None)
+        try:
+            self.skips_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError, AttributeError):
+            self.skips_logits = False
 
     def _forward(self, prompts: list[EncodedPrompt], batch: list[int], batch_hooks: BatchHooks | None = None,
                  logits: LogitReducer | None = None) -> dict[str, np.ndarray]:
@@ -241,9 +250,13 @@ class EntropyRunner:
         extras: dict[str, torch.Tensor] = {}
         if batch_hooks is not None:
             hooks += batch_hooks(batch, ids, attention, extras)
+        last = attention.sum(dim=1) - 1  # each row's last real position (right padding)
+        extra_kwargs = {}
+        if self.skips_logits:  # one position's logits per row: the last one, or (no reducer) any
+            extra_kwargs["logits_to_keep"] = 1 if logits is None else last.view(-1, 1)
         with torch.inference_mode():
             out = self.bridge.run_with_hooks(ids, attention_mask=attention, fwd_hooks=hooks,
-                                             return_type="logits" if logits is not None else None)
+                                             return_type="logits" if logits is not None else None, **extra_kwargs)
         missing = sorted(set(range(self.n_layers)) - set(per_layer))
         if missing:
             raise UserError(f"no attention pattern reached the hooks of layers {missing}")
@@ -252,8 +265,8 @@ class EntropyRunner:
         names = [*DEFINITIONS, *(MASS_COLUMNS[m] for m in MASSES)]
         result = {name: values[i] for i, name in enumerate(names)}
         if logits is not None:
-            last = attention.sum(dim=1) - 1
-            rows = out[torch.arange(out.shape[0], device=out.device), last.to(out.device)]
+            rows = (out[:, 0] if extra_kwargs else
+                    out[torch.arange(out.shape[0], device=out.device), last.to(out.device)])
             kept = logits(batch, torch.log_softmax(rows.double(), dim=-1))
             result.update({k: v.detach().double().cpu().numpy() for k, v in kept.items()})
         result.update({k: v.detach().float().cpu().numpy() for k, v in extras.items()})
@@ -375,6 +388,10 @@ def open_checkpoint(local_dir: Path, *, checkpoint: str, settings: ExtractSettin
     trust = settings.trust_remote_code
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
+    if device == "cpu" and settings.cpu_threads:
+        # More threads than free cores make every op wait on the busiest one: on a shared 2-core machine 2 threads
+        # ran 7x slower than 1 (benchmarks/results.md, "Real checkpoints")
+        torch.set_num_threads(settings.cpu_threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local_dir), trust_remote_code=trust)
         chat_tokenizer = AutoTokenizer.from_pretrained(str(chat_dir), trust_remote_code=trust) if chat_dir else None

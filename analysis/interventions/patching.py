@@ -52,6 +52,18 @@ INTERVENTIONS = (
     Intervention("patch_base_into_instruct", "instruct", "patch"),
     Intervention("patch_instruct_into_base", "base", "patch"),
 )
+
+
+def interventions_for(variants) -> tuple[Intervention, ...]:
+    """The interventions a family's checkpoints allow: for base and instruct every one of INTERVENTIONS; a family of
+    a single checkpoint is mean-ablated only (never patched: there is no other variant; zero ablation is kept for
+    the pairs only to compare with the original study's plan, and would double the stage's time on real weights)."""
+    have = set(variants)
+    if len(have) == 1:
+        return tuple(iv for iv in INTERVENTIONS if iv.variant in have and iv.kind == "mean_ablation")
+    return tuple(iv for iv in INTERVENTIONS if iv.variant in have and (iv.kind != "patch" or OTHER[iv.variant] in have))
+
+
 # The prompts intervened on: the categories the effects and their specificity compare (English prompts only).
 PATCH_CATEGORIES = (SELF, NEUTRAL)
 # Per-prompt effect sizes summarised per head: KL of the next-token distribution, and the absolute change of
@@ -221,7 +233,7 @@ def intervened_runs(runners: dict[str, EntropyRunner], encoded: list[EncodedProm
     n, n_sel = len(encoded), len(unique)
     replicated = [e for _ in unique for e in encoded]
     runs = {}
-    for iv in INTERVENTIONS:
+    for iv in interventions_for(runners):
         runner = runners[iv.variant]
         out = runner.run(replicated, batch_size, label=f"{family} {iv.name}", progress=False,
                          logits=kl_from(clean[iv.variant].log_probs, n),
@@ -246,8 +258,8 @@ def run_interventions(runners: dict[str, EntropyRunner], encoded: list[EncodedPr
     is_neutral = (prompts["category"] == NEUTRAL).to_numpy()
     clean, runs = intervened_runs(runners, encoded, is_neutral, unique, batch_size, definition, family)
     frames = []
-    for iv in INTERVENTIONS:
-        own, other = clean[iv.variant], clean[OTHER[iv.variant]]
+    for iv in interventions_for(runners):
+        own, other = clean[iv.variant], clean.get(OTHER[iv.variant])
         for i, (layer, head) in enumerate(unique):
             frames.append(pd.DataFrame({
                 "intervention": iv.name, "variant": iv.variant, "kind": iv.kind,
@@ -256,7 +268,8 @@ def run_interventions(runners: dict[str, EntropyRunner], encoded: list[EncodedPr
                 "kl": runs[iv.name]["kl"][i],
                 "h_later_clean": later_entropy(own.entropy, layer),
                 "h_later": later_entropy(runs[iv.name]["entropy"][i], layer),
-                "h_later_other": later_entropy(other.entropy, layer),
+                "h_later_other": (later_entropy(other.entropy, layer) if other is not None
+                                  else np.full(len(prompts), np.nan)),
             }))
     table = pd.concat(frames, ignore_index=True)
     table.insert(0, "family", family)
@@ -327,7 +340,7 @@ def summarise(per_prompt: pd.DataFrame, selection: pd.DataFrame, *, seed: int, n
     chosen = set(zip(selection["layer"].astype(int), selection["head"].astype(int)))
     per_prompt = per_prompt[[(int(l), int(h)) in chosen for l, h in zip(per_prompt["layer"], per_prompt["head"])]]
     rows_out = []
-    for iv in INTERVENTIONS:
+    for iv in [iv for iv in INTERVENTIONS if iv.name in set(per_prompt["intervention"])]:
         sub = per_prompt[per_prompt["intervention"] == iv.name]
         first = sub[(sub["layer"] == sub["layer"].iloc[0]) & (sub["head"] == sub["head"].iloc[0])]
         categories = first["category"].to_numpy()

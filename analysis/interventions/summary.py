@@ -32,7 +32,7 @@ def summary_json(family: str, table, selection, definition: str, prompt_format: 
            "n_controls": int(selection.loc[selection["role"] == "control", ["layer", "head"]].drop_duplicates().shape[0]),
            "interventions": {}}
     cands = table[table["role"] == "candidate"]
-    for iv in INTERVENTIONS:
+    for iv in [iv for iv in INTERVENTIONS if iv.name in set(table["intervention"])]:
         entry = {}
         for metric in METRICS:
             rows = cands[(cands["intervention"] == iv.name) & (cands["metric"] == metric)]
@@ -47,9 +47,15 @@ def summary_json(family: str, table, selection, definition: str, prompt_format: 
     return out
 
 
+def heads_table(config: Config, family: str) -> str:
+    """The stats table whose ranking names a family's candidate heads: `heads` (the change base -> instruct) for a
+    family with both, `self_focus_heads` (self vs neutral within the model) for a family of a single checkpoint."""
+    return "self_focus_heads" if len(config.stages[family]) == 1 else "heads"
+
+
 def selection_for(config: Config, family: str, heads: pd.DataFrame) -> pd.DataFrame:
     """The family's candidate heads and their controls (the other heads of each candidate's layer), from the stats
-    stage's heads table."""
+    stage's heads table (a family of a single checkpoint: its self_focus_heads table, its most self-focused heads)."""
     stats = config.stats
     heads = choice_rows(heads, stats.headline_definition, stats.headline_format)
     heads = heads[heads["family"] == family]

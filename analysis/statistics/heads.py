@@ -14,12 +14,54 @@ import pandas as pd
 
 from analysis.core.quantities import NEUTRAL, NO_CHANGE, SELF, did as entropy_did
 from analysis.core.ranking import positions_and_ranks
-from analysis.statistics.resampling import fdr_bh, paired_permutation_test
+from analysis.statistics.resampling import fdr_bh, paired_permutation_test, two_sample_permutation_test
 
 EPS = 1e-6  # nats added to every mean entropy inside the log-ratio, so a head with zero entropy stays finite
 COLUMNS = ["layer", "head", "base_self", "base_neutral", "instruct_self", "instruct_neutral", "delta_self",
            "delta_neutral", "did", "did_log_ratio", "consistency", "base_entropy", "score", "p_value", "q_value",
            "p_reason", "rank", "position", "tied", "top_k"]
+
+
+# Within one checkpoint (a family of a single checkpoint): how much more focused a head is on self-referent prompts
+# than on neutral ones (data/stats/self_focus_heads.parquet). `base_entropy` is the checkpoint's mean entropy over all
+# prompts (the column the patch stage reads, whatever the variant), `position` the head's place in the ranking.
+SELF_FOCUS_COLUMNS = ["layer", "head", "h_self", "h_neutral", "self_minus_neutral", "log_ratio", "base_entropy",
+                      "score", "p_value", "q_value", "p_reason", "rank", "position", "tied", "top_k"]
+
+
+def self_focus_heads(values: np.ndarray, categories: np.ndarray, labels: np.ndarray, *, top_k: int, decimals: int,
+                     floor: float = 0.0) -> pd.DataFrame:
+    """Head table of one checkpoint and one entropy definition: the most self-focused heads.
+
+    values: [n_prompts, n_layers, n_heads] entropies; categories: [n_prompts]; labels: relabellings of the
+    self-referent and neutral prompts (`label_permutations`, self first). Columns: h_self, h_neutral (mean entropy
+    over the category's prompts); self_minus_neutral; log_ratio = log((h_self+EPS)/(h_neutral+EPS));
+    base_entropy = mean over every prompt of the checkpoint; score = −log_ratio (> 0: attention on self-referent
+    prompts is more focused, scale-free as in `head_scores`); p_value = two-sample permutation test of
+    self_minus_neutral = 0 (self-referent and neutral are different prompts: their labels are permuted), null
+    where |self_minus_neutral| <= `floor`; q_value = BH over the checkpoint's heads; rank, position, tied, top_k
+    as in `head_scores` (the score rounded to `decimals` orders the heads).
+    """
+    values = np.asarray(values, dtype=float)
+    categories = np.asarray(categories)
+    _, n_layers, n_heads = values.shape
+    is_self, is_neutral = categories == SELF, categories == NEUTRAL
+    h_self, h_neutral = values[is_self].mean(axis=0), values[is_neutral].mean(axis=0)
+    log_ratio = np.log((h_self + EPS) / (h_neutral + EPS))
+    diff, p = two_sample_permutation_test(values[is_self], values[is_neutral], labels)
+    still = (np.abs(diff) <= floor).ravel()
+    p = np.where(still, np.nan, p.ravel())
+    layer, head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
+    table = pd.DataFrame({
+        "layer": layer.ravel(), "head": head.ravel(), "h_self": h_self.ravel(), "h_neutral": h_neutral.ravel(),
+        "self_minus_neutral": diff.ravel(), "log_ratio": log_ratio.ravel(),
+        "base_entropy": values.mean(axis=0).ravel(), "score": -log_ratio.ravel(),
+        "p_value": p, "q_value": fdr_bh(p), "p_reason": np.where(still, NO_CHANGE, None),
+    })
+    position, rank, tied = positions_and_ranks(table, "score", decimals)
+    table["rank"], table["position"], table["tied"] = rank, position, tied
+    table["top_k"] = position <= int(top_k)
+    return table[SELF_FOCUS_COLUMNS]
 
 
 def zscore(x: np.ndarray) -> np.ndarray:

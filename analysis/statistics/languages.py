@@ -20,14 +20,17 @@ from analysis.core.quantities import (CATEGORIES, ENTROPY_COLUMNS, LANGUAGES, NE
 from analysis.statistics.resampling import (bootstrap_group_means, fdr_bh, paired_permutation_test, percentile_ci, rng_for,
                                  sign_flips, stratified_bootstrap_indices)
 
-CONTRAST_COLUMNS = ["definition", "family", "language", "layer", "n_layers", "depth", "n_prompts",
+CONTRAST_COLUMNS = ["definition", "family", "quantity", "language", "layer", "n_layers", "depth", "n_prompts",
                     "delta_rfc_en", "delta_rfc_language", "contrast", "contrast_lo", "contrast_hi",
                     "contrast_diff", "contrast_diff_lo", "contrast_diff_hi", "p_value", "q_value", "significant"]
 
 
 def _changes(means: dict) -> np.ndarray:
-    """[k, 2, L]: ΔRFC and Δ(H_self − H_neutral), instruct − base, from category means [k, variant, L]."""
+    """[k, 2, L]: ΔRFC and Δ(H_self − H_neutral), instruct − base, from category means [k, variant, L]; for a family
+    of a single checkpoint (one variant) RFC and H_self − H_neutral themselves."""
     self_, neutral = means[SELF], means[NEUTRAL]
+    if self_.shape[1] == 1:
+        return np.stack([rfc(self_[:, 0], neutral[:, 0]), self_[:, 0] - neutral[:, 0]], axis=1)
     delta_rfc = rfc(self_[:, 1], neutral[:, 1]) - rfc(self_[:, 0], neutral[:, 0])
     delta_diff = (self_[:, 1] - neutral[:, 1]) - (self_[:, 0] - neutral[:, 0])
     return np.stack([delta_rfc, delta_diff], axis=1)
@@ -38,20 +41,27 @@ def language_change(english: dict, other: dict) -> np.ndarray:
     return _changes(other) - _changes(english)
 
 
-def _prompt_layers(rows: pd.DataFrame, column: str, order: pd.Index) -> np.ndarray:
-    """[P, 2, L]: per source prompt (in `order`), base and instruct, the layer entropy (mean over query heads)."""
+def _prompt_layers(rows: pd.DataFrame, column: str, order: pd.Index, variants: tuple[str, ...] = VARIANTS) -> np.ndarray:
+    """[P, V, L]: per source prompt (in `order`), each variant (base and instruct, or the single checkpoint), the
+    layer entropy (mean over query heads)."""
     per = rows.groupby(["variant", "source_id", "layer"])[column].mean()
-    out = [per.loc[variant].unstack("layer").reindex(order).to_numpy() for variant in VARIANTS]
+    out = [per.loc[variant].unstack("layer").reindex(order).to_numpy() for variant in variants]
     return np.stack(out, axis=1)
 
 
-def language_contrasts(entropy: pd.DataFrame, settings: StatsSettings) -> pd.DataFrame:
+def language_contrasts(entropy: pd.DataFrame, settings: StatsSettings,
+                       stages: dict[str, tuple[str, ...]] | None = None) -> pd.DataFrame:
     """Rows of CONTRAST_COLUMNS for every definition, family, translation language and layer (empty without
-    translations). Only source prompts present in both languages are used."""
+    translations). Only source prompts present in both languages are used. A family of a single checkpoint
+    (`stages`: family -> (variant,)) is contrasted on RFC itself, RFC_L − RFC_en within the one model (`quantity`
+    rfc; the columns delta_rfc_en and delta_rfc_language then hold RFC), with the same resampling and test."""
     if "language" not in entropy or not (entropy["language"] != SOURCE_LANGUAGE).any():
         return pd.DataFrame(columns=CONTRAST_COLUMNS)
     frames = []
     for family, rows in entropy.groupby("family", sort=True):
+        variants = tuple((stages or {}).get(str(family), VARIANTS))
+        variants = variants if len(variants) == 1 else VARIANTS
+        quantity = "rfc" if len(variants) == 1 else "delta_rfc"
         english = rows[rows["language"] == SOURCE_LANGUAGE]
         for language in [x for x in LANGUAGES if x != SOURCE_LANGUAGE and (rows["language"] == x).any()]:
             other = rows[rows["language"] == language]
@@ -67,15 +77,15 @@ def language_contrasts(entropy: pd.DataFrame, settings: StatsSettings) -> pd.Dat
                                rng_for(settings.seed, "language-permutation", language, design))
             for definition in settings.definitions:
                 column = ENTROPY_COLUMNS[definition]
-                a = _prompt_layers(english, column, prompts.index)
-                b = _prompt_layers(other, column, prompts.index)
+                a = _prompt_layers(english, column, prompts.index, variants)
+                b = _prompt_layers(other, column, prompts.index, variants)
                 observed, p = paired_permutation_test(a, b, categories, language_change, signs)
                 boot = language_change(bootstrap_group_means(a, categories, indices),
                                        bootstrap_group_means(b, categories, indices))
                 changes_en = _changes({c: m[None] for c, m in _means(a, categories).items()})[0]
                 changes_l = _changes({c: m[None] for c, m in _means(b, categories).items()})[0]
                 n_layers = a.shape[2]
-                frame = {"definition": definition, "family": family, "language": language,
+                frame = {"definition": definition, "family": family, "quantity": quantity, "language": language,
                          "layer": np.arange(n_layers), "n_layers": n_layers, "depth": relative_depth(n_layers),
                          "n_prompts": len(prompts), "delta_rfc_en": changes_en[0], "delta_rfc_language": changes_l[0],
                          "contrast": observed[0], "contrast_diff": observed[1]}

@@ -22,14 +22,16 @@ from scipy import stats
 
 from analysis.statistics.correlation import cross_family_table
 from analysis.core.errors import UserError
-from analysis.statistics.heads import head_scores
+from analysis.statistics.heads import COLUMNS as HEAD_COLUMNS
+from analysis.statistics.heads import SELF_FOCUS_COLUMNS, head_scores, self_focus_heads
 from analysis.core.config import StatsSettings
 from analysis.core.ranking import ordered, rounded, tie_label
 from analysis.core.quantities import (CATEGORIES, DELTAS, RATIOS, ENTROPY_COLUMNS, NEUTRAL, NO_CHANGE, SELF, VARIANTS,
                                  layer_ratios, head_label, original_class, relative_depth, rfc)
 from analysis.core.quantities import deltas as ratio_deltas
-from analysis.statistics.resampling import (bootstrap_group_means, fdr_bh, group_means, paired_permutation_test,
-                                 percentile_ci, rng_for, sign_flips, stratified_bootstrap_indices)
+from analysis.statistics.resampling import (bootstrap_group_means, fdr_bh, group_means, label_permutations,
+                                            paired_permutation_test, percentile_ci, rng_for, sign_flips,
+                                            stratified_bootstrap_indices)
 
 REQUIRED_COLUMNS = ("family", "variant", "prompt_id", "category", "layer", "head")
 SIGNIFICANT_DIGITS = 6
@@ -50,7 +52,8 @@ DELTA_COLUMNS = ["definition", "family", "layer", "n_layers", "depth",
 @dataclass
 class FamilyArrays:
     """One family's entropies as arrays: stages[stage][definition] is [prompts, layers, heads], stages in
-    training order (base first, instruct last); `base` and `instruct` are the two endpoints.
+    training order (base first, instruct last); `base` and `instruct` are the two endpoints. A family of a single
+    checkpoint (`single`) has one stage, base or instruct: `only` is its arrays.
 
     Prompts are ordered by category (CATEGORIES order) then prompt id; `design` names that prompt set.
     """
@@ -69,12 +72,25 @@ class FamilyArrays:
         return self.stages[VARIANTS[1]]
 
     @property
+    def single(self) -> bool:
+        return len(self.stages) == 1
+
+    @property
+    def variant(self) -> str:
+        """The first stage: the checkpoint of a single-checkpoint family."""
+        return next(iter(self.stages))
+
+    @property
+    def only(self) -> dict[str, np.ndarray]:
+        return self.stages[self.variant]
+
+    @property
     def n_layers(self) -> int:
-        return next(iter(self.base.values())).shape[1]
+        return next(iter(self.only.values())).shape[1]
 
     @property
     def n_heads(self) -> int:
-        return next(iter(self.base.values())).shape[2]
+        return next(iter(self.only.values())).shape[2]
 
     @property
     def design(self) -> str:
@@ -89,7 +105,7 @@ def family_arrays(entropy: pd.DataFrame, definitions: list[str],
     """Check the entropy table and reshape it per family; raises UserError naming what is wrong.
 
     `stages`: family -> its stages in training order; a family not named there (or None) must have
-    exactly a base and an instruct checkpoint.
+    exactly a base and an instruct checkpoint. A family named with one stage is a single checkpoint.
     """
     missing = [c for c in REQUIRED_COLUMNS + tuple(ENTROPY_COLUMNS[d] for d in definitions)
                if c not in entropy.columns]
@@ -103,6 +119,8 @@ def family_arrays(entropy: pd.DataFrame, definitions: list[str],
         order = tuple((stages or {}).get(str(family), VARIANTS))
         variants = sorted(frame["variant"].unique())
         if variants != sorted(order):
+            if len(order) == 1:
+                raise UserError(f"{where}: is the single checkpoint {order[0]}, found variants {variants}")
             if order == VARIANTS:
                 raise UserError(f"{where}: needs exactly a base and an instruct checkpoint, found variants {variants}")
             raise UserError(f"{where}: needs one checkpoint per stage {', '.join(order)}, found variants {variants}")
@@ -217,6 +235,26 @@ def contrast_statistics(before: tuple[np.ndarray, dict, dict], after: tuple[np.n
     return columns, resampled
 
 
+def checkpoint_layers(arrays: FamilyArrays, variant: str, definition: str, values: np.ndarray, indices: np.ndarray,
+                      settings: StatsSettings) -> tuple[pd.DataFrame, dict, dict]:
+    """Layers rows of one checkpoint (category means, RFC, RSI, H_self − H_neutral with prompt-bootstrap
+    intervals) from its prompt-level layer entropies [P, L], with its point and bootstrap ratios."""
+    n_layers = values.shape[1]
+    point, boot, means, resampled = stage_ratios(values, arrays.categories, indices)
+    frame = {"definition": definition, "family": arrays.family, "variant": variant, "layer": np.arange(n_layers),
+             "n_layers": n_layers, "depth": relative_depth(n_layers)}
+    for c in CATEGORIES:
+        frame[f"h_{c}"] = means[c]
+        frame[f"h_{c}_lo"], frame[f"h_{c}_hi"] = percentile_ci(resampled[c], settings.confidence)
+    for metric in RATIOS:
+        frame[metric] = point[metric]
+        frame[f"{metric}_lo"], frame[f"{metric}_hi"] = percentile_ci(boot[metric], settings.confidence)
+    for c in CATEGORIES:
+        frame[f"n_prompts_{c}"] = arrays.n_prompts(c)
+    frame["low_neutral"] = means[NEUTRAL] < settings.neutral_floor
+    return pd.DataFrame(frame)[LAYER_COLUMNS], point, boot
+
+
 def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.ndarray, signs: np.ndarray,
                             settings: StatsSettings) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray]:
     """Layers and deltas rows of one family and definition, plus its bootstrap ΔRFC and Δdiff [B, L]."""
@@ -231,19 +269,9 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
 
     point, boot, layer_frames = {}, {}, []
     for variant, values in (("base", base_prompt), ("instruct", instruct_prompt)):
-        point[variant], boot[variant], means, resampled = stage_ratios(values, cats, indices)
-        frame = {"definition": definition, "family": arrays.family, "variant": variant, "layer": layer,
-                 "n_layers": n_layers, "depth": depth}
-        for c in CATEGORIES:
-            frame[f"h_{c}"] = means[c]
-            frame[f"h_{c}_lo"], frame[f"h_{c}_hi"] = percentile_ci(resampled[c], confidence)
-        for metric in RATIOS:
-            frame[metric] = point[variant][metric]
-            frame[f"{metric}_lo"], frame[f"{metric}_hi"] = percentile_ci(boot[variant][metric], confidence)
-        for c in CATEGORIES:
-            frame[f"n_prompts_{c}"] = arrays.n_prompts(c)
-        frame["low_neutral"] = means[NEUTRAL] < floor
-        layer_frames.append(pd.DataFrame(frame)[LAYER_COLUMNS])
+        frame, point[variant], boot[variant] = checkpoint_layers(arrays, variant, definition, values, indices,
+                                                                 settings)
+        layer_frames.append(frame)
 
     deltas = {"definition": definition, "family": arrays.family, "layer": layer, "n_layers": n_layers,
               "depth": depth}
@@ -261,6 +289,46 @@ def family_layer_statistics(arrays: FamilyArrays, definition: str, indices: np.n
     deltas["low_neutral"] = (point["base"]["h_neutral"] < floor) | (point["instruct"]["h_neutral"] < floor)
     return (pd.concat(layer_frames, ignore_index=True), pd.DataFrame(deltas)[DELTA_COLUMNS],
             resampled_delta["delta_rfc"], resampled_delta["delta_diff"])
+
+
+FORMAT_CONTRAST_COLUMNS = ["definition", "family", "variant", "layer", "n_layers", "depth", "n_prompts",
+                           "rfc_raw", "rfc_chat", "delta_rfc", "delta_rfc_lo", "delta_rfc_hi", "delta_rsi",
+                           "delta_rsi_lo", "delta_rsi_hi", "delta_diff", "delta_diff_lo", "delta_diff_hi",
+                           "p_value", "q_value", "p_reason", "p_value_diff", "q_value_diff"]
+
+
+def format_contrasts(raw: pd.DataFrame, chat: pd.DataFrame, settings: StatsSettings,
+                     variant: str = VARIANTS[1]) -> pd.DataFrame:
+    """Chat minus raw within each family's instruct checkpoint, per definition and layer: the same prompts alone
+    and inside the chat template (paired over prompts: `contrast_statistics` with the prompt format in place of
+    the checkpoint; its permutation swaps the two formats of a prompt, BH across the family's layers). A format
+    contrast is no tuning effect and gets no compression/gain class."""
+    raw, chat = raw[raw["variant"] == variant], chat[chat["variant"] == variant]
+    common = sorted(set(raw["family"]) & set(chat["family"]))
+    if not common:
+        return pd.DataFrame(columns=FORMAT_CONTRAST_COLUMNS)
+    only = {f: (variant,) for f in common}
+    before = family_arrays(raw[raw["family"].isin(common)], list(settings.definitions), only)
+    after = family_arrays(chat[chat["family"].isin(common)], list(settings.definitions), only)
+    indices, signs = resampling_draws(before, settings)
+    frames = []
+    for family in common:
+        a, b = before[family], after[family]
+        if a.design != b.design:
+            raise UserError(f"family {family}: the raw and chat entropy tables of {variant} hold different prompts")
+        for definition in settings.definitions:
+            values = [x.only[definition].mean(axis=2) for x in (a, b)]
+            (pa, ba), (pb, bb) = [stage_ratios(v, a.categories, indices[a.design])[:2] for v in values]
+            columns, _ = contrast_statistics((values[0], pa, ba), (values[1], pb, bb), a.categories,
+                                             signs[a.design], settings)
+            columns.pop("layer_class")
+            n_layers = values[0].shape[1]
+            frames.append(pd.DataFrame({"definition": definition, "family": family, "variant": variant,
+                                        "layer": np.arange(n_layers), "n_layers": n_layers,
+                                        "depth": relative_depth(n_layers), "n_prompts": len(a.prompt_ids),
+                                        "rfc_raw": pa["rfc"], "rfc_chat": pb["rfc"], **columns})
+                          [FORMAT_CONTRAST_COLUMNS])
+    return pd.concat(frames, ignore_index=True)
 
 
 def metric_value(value):
@@ -323,6 +391,26 @@ def family_metrics(arrays: FamilyArrays, deltas: pd.DataFrame, boot_rfc: np.ndar
     return out
 
 
+def checkpoint_metrics(arrays: FamilyArrays, layers: pd.DataFrame, boot: dict, heads: pd.DataFrame,
+                       settings: StatsSettings) -> dict:
+    """metrics.json `checkpoints` entry of a single-checkpoint family (headline definition): its profile within
+    the one model (mean RFC and RSI over layers with prompt-bootstrap intervals, RFC > 0 and < 0 layers by their
+    interval) and its most self-focused heads. No change, no class: there is nothing to compare it with."""
+    d = layers.sort_values("layer")
+    out = {"variant": arrays.variant, "n_layers": arrays.n_layers, "n_heads": arrays.n_heads,
+           "n_prompts": {c: arrays.n_prompts(c) for c in CATEGORIES}}
+    out.update(_mean_with_ci(d["rfc"].to_numpy(), boot["rfc"], settings.confidence, "mean_rfc"))
+    out.update(_mean_with_ci(d["rsi"].to_numpy(), boot["rsi"], settings.confidence, "mean_rsi"))
+    out["n_layers_rfc_above_0"] = int((d["rfc_lo"] > 0).sum())
+    out["n_layers_rfc_below_0"] = int((d["rfc_hi"] < 0).sum())
+    out["n_low_neutral"] = int(d["low_neutral"].sum())
+    out["n_heads_significant"] = int((heads["q_value"] < settings.alpha).sum())
+    top = heads[heads["top_k"]].sort_values("position")
+    out["top_heads"] = {f"rank_{int(p)}": tie_label(head_label(l, h), r, t)
+                        for p, l, h, r, t in zip(top["position"], top["layer"], top["head"], top["rank"], top["tied"])}
+    return out
+
+
 PAIR_KEYS = ("pearson_r", "pearson_p", "pearson_p_shift", "pearson_r_lo", "pearson_r_hi", "spearman_r",
              "spearman_p", "spearman_p_shift", "spearman_r_lo", "spearman_r_hi", "n_points", "grid", "n_layers_a",
              "n_layers_b", "undefined_reason", "parametric_p_reason")
@@ -342,8 +430,26 @@ def resampling_draws(families: dict[str, FamilyArrays],
     return indices, signs
 
 
-def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
+def self_focus_labels(families: dict[str, FamilyArrays], settings: StatsSettings) -> dict[str, np.ndarray]:
+    """Relabellings of self-referent and neutral prompts (self first) per prompt set of a single-checkpoint family,
+    from the seed and the prompt set only (`label_permutations`)."""
+    out = {}
+    for arrays in families.values():
+        if arrays.single and arrays.design not in out:
+            out[arrays.design] = label_permutations(arrays.n_prompts(SELF), arrays.n_prompts(NEUTRAL),
+                                                    settings.n_permutations,
+                                                    rng_for(settings.seed, "self-focus", arrays.design))
+    return out
+
+
+def build_statistics(entropy: pd.DataFrame, settings: StatsSettings,
+                     stages: dict[str, tuple[str, ...]] | None = None) -> dict:
     """All statistics of the study from the entropy table.
+
+    `stages` names the families of a single checkpoint (family -> (variant,)); the others must have a base and an
+    instruct checkpoint. A single checkpoint goes through the same layer statistics (its `layers` rows) with every
+    comparison left out: no deltas, no cross-family row, no head change; instead its most self-focused heads
+    (`self_focus_heads`, analysis.statistics.heads.self_focus_heads) and metrics["checkpoints"] (`checkpoint_metrics`).
 
     Returns {"layers", "deltas", "cross_family", "heads": DataFrames with a `definition` column, one
     block per definition in settings.definitions; "metrics": the headline definition's numbers,
@@ -367,15 +473,35 @@ def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
     heads: see analysis.statistics.heads.head_scores, plus definition and family.
     """
     definitions = settings.definitions
-    families = family_arrays(entropy, definitions)
+    singles = {f: tuple(s) for f, s in (stages or {}).items() if len(s) == 1}
+    families = family_arrays(entropy, definitions, singles)
     indices, signs = resampling_draws(families, settings)
+    labels = self_focus_labels(families, settings)
 
-    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads")}
-    metrics: dict = {"families": {}, "pairs": {}}
+    tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads",
+                                                             "self_focus_heads")}
+    metrics: dict = {"families": {}, "pairs": {}, "checkpoints": {}}
     summaries: dict[str, dict] = {d: {} for d in definitions}
     for definition in definitions:
         profiles, resamples = {}, {}
         for family, arrays in families.items():
+            if arrays.single:
+                values = arrays.only[definition]
+                layers, _, boot = checkpoint_layers(arrays, arrays.variant, definition, values.mean(axis=2),
+                                                    indices[arrays.design], settings)
+                order = np.concatenate([np.flatnonzero(arrays.categories == SELF),
+                                        np.flatnonzero(arrays.categories == NEUTRAL)])
+                heads = self_focus_heads(values[order], arrays.categories[order], labels[arrays.design],
+                                         top_k=settings.top_k_heads, decimals=settings.rank_decimals,
+                                         floor=settings.noise_floor["delta_diff"])
+                heads.insert(0, "variant", arrays.variant)
+                heads.insert(0, "family", family)
+                heads.insert(0, "definition", definition)
+                tables["layers"].append(layers)
+                tables["self_focus_heads"].append(heads)
+                if definition == settings.headline_definition:
+                    metrics["checkpoints"][family] = checkpoint_metrics(arrays, layers, boot, heads, settings)
+                continue
             layers, deltas, boot_rfc, boot_diff = family_layer_statistics(
                 arrays, definition, indices[arrays.design], signs[arrays.design], settings)
             heads = head_scores(arrays.base[definition], arrays.instruct[definition], arrays.categories,
@@ -398,7 +524,10 @@ def build_statistics(entropy: pd.DataFrame, settings: StatsSettings) -> dict:
             for row in cross.to_dict("records"):
                 metrics["pairs"][f"{row['family_a']}~{row['family_b']}"] = {k: metric_value(row[k]) for k in PAIR_KEYS}
     metrics["families"] = summaries[settings.headline_definition]
-    out = {k: pd.concat(v, ignore_index=True) for k, v in tables.items()}
+    empty = {"self_focus_heads": ["definition", "family", "variant", *SELF_FOCUS_COLUMNS],
+             "deltas": DELTA_COLUMNS, "heads": ["definition", "family", *HEAD_COLUMNS]}
+    out = {k: pd.concat(v, ignore_index=True) if v else pd.DataFrame(columns=empty.get(k, []))
+           for k, v in tables.items()}
     out["metrics"] = metrics
     out["summaries"] = summaries
     return out

@@ -191,3 +191,30 @@ def fdr_bh(p_values: np.ndarray) -> np.ndarray:
     if finite.any():
         q[finite] = multipletests(p[finite], method="fdr_bh")[1]
     return q
+
+
+def label_permutations(n_a: int, n_b: int, n_permutations: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_permutations, n_a + n_b] of +1 (group a) / -1 (group b): random relabellings of two independent groups
+    with their sizes kept (the null of a two-sample test: the labels do not matter)."""
+    labels = np.concatenate([np.ones(int(n_a), dtype=np.int8), -np.ones(int(n_b), dtype=np.int8)])
+    return rng.permuted(np.tile(labels, (int(n_permutations), 1)), axis=1)
+
+
+def two_sample_permutation_test(a: np.ndarray, b: np.ndarray, labels: np.ndarray,
+                                chunk_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """mean(a) − mean(b) for every cell of a [n_a, ...] and b [n_b, ...] at once, and its two-sided permutation p
+    over relabellings of the pooled rows (`labels` from `label_permutations`): p = (1 + #{|T*| >= |T|}) / (1 + n_perm),
+    as scipy.stats.permutation_test with permutation_type='independent' on the same relabellings."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    shape = a.shape[1:]
+    pooled = np.concatenate([a, b]).reshape(a.shape[0] + b.shape[0], -1)
+    observed = a.mean(axis=0).ravel() - b.mean(axis=0).ravel()
+    weights_a, weights_b = 1.0 / a.shape[0], 1.0 / b.shape[0]
+    hits = np.zeros(observed.shape, dtype=np.int64)
+    labels = np.asarray(labels)
+    for start in range(0, labels.shape[0], chunk_size):
+        chunk = labels[start:start + chunk_size]
+        weights = np.where(chunk > 0, weights_a, -weights_b)
+        hits += _exceedances(observed, weights @ pooled)
+    p = (1.0 + hits) / (1.0 + labels.shape[0])
+    return observed.reshape(shape), np.where(np.isnan(observed), np.nan, p).reshape(shape)

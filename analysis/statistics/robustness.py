@@ -46,6 +46,12 @@ def _interaction(frame: pd.DataFrame) -> tuple[float, float, float]:
     return float(fit.params[INTERACTION]), float(fit.bse[INTERACTION]), float(fit.pvalues[INTERACTION])
 
 
+LENGTH_COLUMNS = ["family", "layer", "interaction", "interaction_se", "p_value", "adjusted_delta_rfc", "reason",
+                  "q_value", "adjusted_class", "delta_rfc", "layer_class", "disagrees"]
+SPLIT_COLUMNS = ["family", "n_layers", "n_splits", "n_splits_defined", "reason", "split_half_r", "split_half_r_sd",
+                 "spearman_brown"]
+
+
 def length_control(entropy: pd.DataFrame, column: str, deltas: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Per family and layer: the length-adjusted change beside ΔRFC, and whether their conclusions differ.
 
@@ -54,6 +60,8 @@ def length_control(entropy: pd.DataFrame, column: str, deltas: pd.DataFrame, alp
     RFC scale. `adjusted_delta_rfc` divides minus the interaction by the base H_neutral of the layer.
     """
     data = prompt_layer_entropy(entropy[entropy["category"].isin([SELF, NEUTRAL])], column)
+    if data.empty:  # no family with base and instruct (a suite of single checkpoints)
+        return pd.DataFrame(columns=LENGTH_COLUMNS)
     rows = []
     for (family, layer), frame in data.groupby(["family", "layer"], sort=True):
         estimate, se, p = _interaction(frame)
@@ -90,6 +98,8 @@ def split_half(entropy: pd.DataFrame, column: str, n_splits: int, seed: int) -> 
     splits are left out, and a family with no usable split has an undefined (NaN) reliability.
     """
     data = prompt_layer_entropy(entropy[entropy["category"].isin([SELF, NEUTRAL])], column)
+    if data.empty:  # no family with base and instruct
+        return pd.DataFrame(columns=SPLIT_COLUMNS)
     rows = []
     for family, frame in data.groupby("family", sort=True):
         rng = rng_for(seed, "split_half", str(family))

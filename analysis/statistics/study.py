@@ -20,13 +20,15 @@ from analysis.core.artefacts import read_parquet, write_json, write_parquet
 from analysis.core.config import Config
 from analysis.core.errors import UserError
 from analysis.core.layout import STATS_TABLES, ProjectPaths
-from analysis.statistics.layers import REQUIRED_COLUMNS, build_statistics, metric_value
+from analysis.statistics.layers import (FORMAT_CONTRAST_COLUMNS, REQUIRED_COLUMNS, build_statistics, format_contrasts,
+                                        metric_value)
 from analysis.core.quantities import (CATEGORIES, ENTROPY_COLUMNS, LANGUAGES, MASS_COLUMNS, PROMPT_FORMATS, SOURCE_LANGUAGE,
                                  VARIANTS, choice_rows)
 
 STAGE_TABLES = ("stage_deltas", "stage_shares", "stage_heads")
 # Tables computed per prompt language (a `language` column); the others describe the headline language, English.
-LANGUAGE_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "attention_mass", *STAGE_TABLES)
+LANGUAGE_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "attention_mass", "self_focus_heads",
+                   "format_contrasts", *STAGE_TABLES)
 
 
 def token_length_table(entropy: pd.DataFrame) -> pd.DataFrame:
@@ -73,17 +75,21 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     for key in LANGUAGE_TABLES:
         out[key] = pd.concat([studies[x][key].assign(language=x) for x in languages], ignore_index=True)
     out["metrics"]["languages"] = {x: {"families": studies[x]["metrics"]["families"],
-                                       "pairs": studies[x]["metrics"]["pairs"]}
+                                       "pairs": studies[x]["metrics"]["pairs"],
+                                       "checkpoints": studies[x]["metrics"]["checkpoints"]}
                                    for x in languages if x != SOURCE_LANGUAGE}
     contrasts = []
     for prompt_format, entropy in entropy_by_format.items():
-        contrasts.append(language_statistics.language_contrasts(endpoints(entropy), settings)
+        contrasts.append(language_statistics.language_contrasts(endpoints(entropy), settings, stages)
                          .assign(format=prompt_format))
     out["language_contrasts"] = pd.concat(contrasts, ignore_index=True)
     out["language_summary"] = language_statistics.language_summary(out["deltas"], out["language_contrasts"])
     headline = choice_rows(out["language_contrasts"], settings.headline_definition, settings.headline_format,
                            None) if len(out["language_contrasts"]) else out["language_contrasts"]
-    out["language_contrast_peaks"] = selections.language_contrast_peaks(headline, settings.rank_decimals)
+    # the comparison section's peaks: ΔRFC contrasts of families with base and instruct (a single checkpoint's RFC
+    # contrasts are reported in its own section)
+    pairs = headline[headline["quantity"] == "delta_rfc"] if len(headline) else headline
+    out["language_contrast_peaks"] = selections.language_contrast_peaks(pairs, settings.rank_decimals)
     lengths = out["token_lengths"]
     out["language_token_counts"] = selections.language_token_counts(
         lengths[lengths["format"] == settings.headline_format])
@@ -110,10 +116,10 @@ def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: Stat
     if headline_format not in entropy_by_format:
         raise UserError(f"stats.headline_format {headline_format!r}: use one of {', '.join(entropy_by_format)}")
     tables: dict[str, list[pd.DataFrame]] = {k: [] for k in ("layers", "deltas", "cross_family", "heads",
-                                                                "attention_mass", *STAGE_TABLES)}
+                                                                "self_focus_heads", "attention_mass", *STAGE_TABLES)}
     summaries, lengths = [], []
     for prompt_format, entropy in entropy_by_format.items():
-        result = build_statistics(entropy, settings)
+        result = build_statistics(entropy, settings, stages)
         result.update(stage_statistics.stage_statistics(full_by_format[prompt_format], stages, result["heads"],
                                                         settings, prompt_format))
         result["attention_mass"] = mass_changes(entropy, n_resamples=settings.n_resamples,
@@ -125,8 +131,13 @@ def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: Stat
         if prompt_format == headline_format:
             metrics = result["metrics"]
     out: dict = {key: pd.concat(frames, ignore_index=True) for key, frames in tables.items()}
+    out["format_contrasts"] = (format_contrasts(entropy_by_format["raw"], entropy_by_format["chat"], settings)
+                               if {"raw", "chat"} <= set(entropy_by_format) else
+                               pd.DataFrame(columns=FORMAT_CONTRAST_COLUMNS))
     headline = choice_rows(out["deltas"], definition, headline_format)
     entropy, column = entropy_by_format[headline_format], ENTROPY_COLUMNS[definition]
+    # length control and split-half test a change between base and instruct: families with both only
+    entropy = entropy[entropy["family"].isin(set(headline["family"]))]
     out["length_control"] = robustness.length_control(entropy, column, headline, settings.alpha)
     out["split_half"] = robustness.split_half(entropy, column, settings.split_half_splits,
                                               settings.seed)

@@ -19,4 +19,8 @@ def run(config: Config) -> dict:
         typer.echo(f"{family}: mean ΔRFC {values['mean_delta_rfc']:+.4f} "
                    f"[{values['mean_delta_rfc_lo']:+.4f}, {values['mean_delta_rfc_hi']:+.4f}], "
                    f"compression in {values['share_compression']:.0%}, gain in {values['share_gain']:.0%} of layers")
+    for family, values in study["metrics"]["checkpoints"].items():
+        typer.echo(f"{family} ({values['variant']} alone): mean RFC {values['mean_rfc']:+.4f} "
+                   f"[{values['mean_rfc_lo']:+.4f}, {values['mean_rfc_hi']:+.4f}], "
+                   f"{values['n_heads_significant']} heads self vs neutral at q < alpha")
     return study
