@@ -1,31 +1,41 @@
-"""Cost of the probe stage: wall time of probing each checkpoint of the active suite (both tasks, every pool and
-layer, real and control labels, the token baseline), from its residual file. Run: python benchmarks/probes.py"""
+"""Cost of the probe stage: wall time of probing each checkpoint of the demo suite (both tasks, every pool and
+layer, real and control labels, the token baseline), from the residual files `dvc repro` wrote. Part of
+`make bench`; alone: python benchmarks/run.py --only probes."""
 
 from __future__ import annotations
 
 import time
+from typing import Any, Callable
 
-from analysis.core.config import load
+from analysis.core import config as config_mod
+from analysis.core.errors import UserError
 from analysis.core.prompts import load_prompts
 from analysis.extraction.residuals import read_residuals
 from analysis.statistics.probes import probe_checkpoint
 
+SUITE = "demo"
 
-def main() -> None:
-    config = load()
+
+def measure(log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Seconds of probing each demo checkpoint and in all, with the `probe` settings of params.yaml."""
+    config = config_mod.load(check_active=False)
     prompts = load_prompts(config.paths.prompts, config.prompts.min_per_category)
-    total = 0.0
-    for ckpt in config.checkpoints:
-        residuals = read_residuals(config.paths.residual_file(ckpt.name))
+    rows, total = [], 0.0
+    for ckpt in config.suites[SUITE]:
+        path = config.paths.residual_file(ckpt.name)
+        if not path.exists():
+            raise UserError(f"{config.paths.relative(path)}: missing; run `dvc repro` first (the probe benchmark reads "
+                            "the residual files of the extract stages)")
+        residuals = read_residuals(path)
         started = time.perf_counter()
         probe_checkpoint(residuals, prompts, config.probe, config.stats, ckpt.family, ckpt.variant)
         elapsed = time.perf_counter() - started
         total += elapsed
-        size = config.paths.residual_file(ckpt.name).stat().st_size / 1e6
-        print(f"{ckpt.name}: {residuals.n_layers} layers, k = {residuals.features['mean'].shape[2]}, "
-              f"{size:.2f} MB residual file, probed in {elapsed:.1f} s")
-    print(f"suite {config.suite}: {len(config.checkpoints)} checkpoints probed in {total:.0f} s")
+        rows.append({"checkpoint": ckpt.name, "layers": residuals.n_layers,
+                     "residual file (MB)": round(path.stat().st_size / 1e6, 2), "probe (s)": round(elapsed, 1)})
+        log(f"probing {ckpt.name}: {elapsed:.1f} s")
+    return {"suite": SUITE, "checkpoints": rows, "seconds": round(total, 1)}
 
 
 if __name__ == "__main__":
-    main()
+    print(measure())

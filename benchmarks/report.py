@@ -132,6 +132,9 @@ def tables(r: dict[str, Any]) -> dict[str, str]:
     real = r.get("real", {})
     if "stages" in real:
         out["real"] = table([{"stage": f"`{k}`", "wall (s)": v} for k, v in real["stages"].items()], ".1f")
+    probes = r.get("probes", {})
+    if "checkpoints" in probes:
+        out["probes"] = table(probes["checkpoints"], ".1f")
     return out
 
 

@@ -77,12 +77,17 @@ def write(results: dict[str, Any], json_path: Path) -> None:
         tmp.write_text(report.render(results), encoding="utf-8")
 
 
+PARTS = ("extraction", "gpu", "pipeline", "stats", "patching", "real", "probes")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small checkpoint, one run, no pipeline")
     parser.add_argument("--skip-pipeline", action="store_true", help="leave out the `dvc repro` timings")
     parser.add_argument("--threads", type=int, help="torch CPU threads for extraction")
     parser.add_argument("--output", type=Path, default=HERE / "results.json", help="JSON file (Markdown beside it)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, help="measure only these parts and keep the others' "
+                        "results from the existing JSON file (each part records its own date and commit)")
     args = parser.parse_args(argv)
 
     import torch
@@ -90,33 +95,42 @@ def main(argv: list[str] | None = None) -> int:
     import extraction
     import patching
     import pipeline
+    import probes
     import real
     import stats_stage
 
     start = time.perf_counter()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    r: dict[str, Any] = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                         "commit": commit or "unknown", "quick": args.quick, "machine": machine()}
-    r["extraction"] = attempt("extraction (CPU)", lambda: extraction.measure(args.quick, args.threads, log))
-    if torch.cuda.is_available():
-        r["gpu"] = attempt("extraction (GPU)", lambda: gpu_part(args.quick))
-    else:
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    wanted = set(args.only or PARTS)
+    r: dict[str, Any] = json.loads(args.output.read_text()) if args.only and args.output.exists() else {}
+    r.update({"date": date, "commit": commit or "unknown", "quick": args.quick, "machine": machine()})
+
+    def part(name: str, label: str, run: Callable[[], dict[str, Any]]) -> None:
+        if name in wanted:
+            r[name] = {**attempt(label, run), "measured": f"{date}, commit {(commit or 'unknown')[:10]}"}
+
+    part("extraction", "extraction (CPU)", lambda: extraction.measure(args.quick, args.threads, log))
+    if "gpu" in wanted and not torch.cuda.is_available():
         r["gpu"] = {"not_run": "no CUDA GPU on this machine (none was lent to the session that made these figures)"}
-    if args.quick or args.skip_pipeline:
+    else:
+        part("gpu", "extraction (GPU)", lambda: gpu_part(args.quick))
+    if "pipeline" in wanted and (args.quick or args.skip_pipeline):
         r["pipeline"] = {"not_run": "left out of this run (%s)" % ("--quick" if args.quick else "--skip-pipeline")}
     else:
-        r["pipeline"] = attempt("pipeline", lambda: pipeline.measure(log))
-    r["stats"] = attempt("stats stage", lambda: {s: stats_stage.measure(s, args.quick) for s in ("demo", "paper")})
-    r["patching"] = attempt("patching", lambda: patching.measure(args.quick, log))
-    if args.quick:
+        part("pipeline", "pipeline", lambda: pipeline.measure(log))
+    part("stats", "stats stage", lambda: {s: stats_stage.measure(s, args.quick) for s in ("demo", "paper")})
+    part("patching", "patching", lambda: patching.measure(args.quick, log))
+    if "real" in wanted and args.quick:
         r["real"] = {"not_run": "left out of this run (--quick)"}
     else:
-        r["real"] = attempt("real checkpoints", lambda: real.measure(log))
+        part("real", "real checkpoints", lambda: real.measure(log))
+    part("probes", "probes", lambda: probes.measure(log))
     r["machine"]["load average at end"] = [round(x, 2) for x in os.getloadavg()]
     r["seconds"] = time.perf_counter() - start
     write(r, args.output)
     log(f"wrote {args.output} and {args.output.with_suffix('.md').name}")
-    failed = [k for k in ("extraction", "gpu", "pipeline", "stats", "patching", "real") if "error" in r[k]]
+    failed = [k for k in PARTS if "error" in r.get(k, {})]
     if failed:
         log(f"benchmark incomplete, failed: {', '.join(failed)} (see {args.output.with_suffix('.md').name})")
     return 1 if failed else 0
