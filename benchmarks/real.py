@@ -59,9 +59,7 @@ def measure(log: Callable[[str], None] = print) -> dict[str, Any]:
             log(f"  pull {ckpt.name}")
             times[f"pull@{ckpt.name}"] = _run(["pull", ckpt.name], root, env)
             log(f"  extract {ckpt.name}")
-            times[f"extract@{ckpt.name}"] = _run(["extract", ckpt.name, "--format", "raw"], root, env)
-            if "instruct" in stages[ckpt.family]:
-                times[f"extract_chat@{ckpt.name}"] = _run(["extract", ckpt.name, "--format", "chat"], root, env)
+            times[f"extract@{ckpt.name}"] = _run(["extract", ckpt.name], root, env)  # every format it has
         log("  stats (default suite)")
         stats_default = _run(["stats"], root, env)
         times["bos_trap"] = _run(["bos-trap"], root, env)

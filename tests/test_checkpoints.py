@@ -156,7 +156,7 @@ def test_extract_verifies_hub_files_against_the_manifest(hub_project):
     assert result.returncode == 2, result.stderr
     assert weights.name in result.stderr and "does not match data/models/tiny-base.json" in result.stderr
     assert "selfref pull tiny-base" in result.stderr and "Traceback" not in result.stderr
-    assert not (root / "data" / "entropy" / "raw" / "tiny-base.parquet").exists()
+    assert not (root / "data" / "entropy" / "tiny-base").exists()
 
     manifest = json.loads(manifest_path.read_text())
     for entry in manifest["files"]:

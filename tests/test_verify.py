@@ -193,7 +193,7 @@ def test_data_readme_documents_every_registry_function_and_key():
 @pytest.mark.parametrize("key, expect", [
     ("families.demo_llama.mean_delta_rfc", ["data/stats/metrics.json", "deltas.parquet: delta_rfc",
                                             "analysis.statistics.layers:family_metrics", "stats.n_resamples=100",
-                                            "dep data/entropy/raw"]),
+                                            "dep data/entropy"]),
     ("pairs.demo_llama~demo_mistral.pearson_p_shift", ["cross_family.parquet: pearson_p_shift",
                                                        "analysis.statistics.correlation:compare_profiles", "stats.depth_grid=20"]),
     ("robustness.demo_null.split_half_r", ["split_half.parquet: split_half_r", "analysis.statistics.robustness:split_half",

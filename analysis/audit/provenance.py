@@ -125,7 +125,7 @@ def in_language(source: Source) -> Source:
 # A family of a single checkpoint (metrics.json `checkpoints`): its profile within the one model.
 SINGLE: tuple[Source, ...] = (
     Source(CKPT + r"(variant|n_layers|n_heads|n_prompts\.\w+)$", "metrics",
-           "data/entropy/raw/<checkpoint>.parquet: variant, layer, head, category",
+           "data/entropy/<checkpoint>/raw.parquet: variant, layer, head, category",
            "analysis.statistics.layers:checkpoint_metrics", (), "stats", "the checkpoint, its shape and prompts"),
     Source(CKPT + r"mean_(?P<stat>rfc|rsi)(_lo|_hi)?$", "metrics", "data/stats/layers.parquet: {stat} (mean over layers)",
            "analysis.statistics.layers:checkpoint_metrics", HEADLINE + BOOT, "stats",
