@@ -266,3 +266,17 @@ def test_demo_known_answer_the_planted_direction_is_found_at_its_layer_and_not_b
     last = changes[(changes["pool"] == "last") & (changes["task"] == "self_vs_neutral")].set_index("layer")
     assert list(last["significant"]) == [False, False, True]
     assert (last.loc[[0, 1], "delta_selectivity"] == 0).all() and last.loc[2, "delta_selectivity"] < -0.3
+
+
+def test_probe_metrics_write_a_missing_correlation_reason_as_null():
+    """An undefined correlation whose reason reads back from parquet as NaN is JSON null, not a NaN the metrics
+    file cannot hold."""
+    import json
+
+    corr = pd.DataFrame({"family": ["f"], "task": ["t"], "pool": ["p"], "pearson_r": [np.nan],
+                         "pearson_p_shift": [np.nan], "undefined_reason": [np.nan]})
+    changes = pd.DataFrame({"family": ["f"], "task": ["t"], "pool": ["p"], "significant": [False],
+                            "delta_selectivity": [0.0]})
+    out = probes.probe_metrics(pd.DataFrame(columns=["language", "checkpoint", "task", "pool"]), changes, corr)
+    entry = json.loads(json.dumps(out, allow_nan=False))["families"]["f"]["t"]["p"]
+    assert entry["correlation_undefined_reason"] is None and entry["pearson_r_with_delta_rfc"] is None

@@ -369,6 +369,7 @@ def probe_metrics(probes: pd.DataFrame, changes: pd.DataFrame, correlations: pd.
         if len(corr):
             entry["pearson_r_with_delta_rfc"] = metric_value(corr["pearson_r"].iloc[0])
             entry["pearson_p_shift"] = metric_value(corr["pearson_p_shift"].iloc[0])
-            entry["correlation_undefined_reason"] = corr["undefined_reason"].iloc[0]
+            reason = corr["undefined_reason"].iloc[0]  # a missing reason reads back from parquet as NaN
+            entry["correlation_undefined_reason"] = reason if isinstance(reason, str) else None
         out["families"].setdefault(family, {}).setdefault(task, {})[pool] = entry
     return out
