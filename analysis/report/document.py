@@ -25,7 +25,7 @@ from analysis.core.config import Config, StatsSettings
 from analysis.core.layout import ProjectPaths, project_paths
 from analysis.core.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows, head_label, words
 from analysis.report.rendering import Markdown, chart_markdown, escape_markup
-from analysis.report.findings import head_role
+from analysis.report.findings import compared_families, head_role
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
             "statsmodels", "pandas", "pyarrow", "altair", "vl-convert-python", "dvc")
@@ -229,11 +229,6 @@ class Artefacts:
 
     def headline(self, frame: pd.DataFrame) -> pd.DataFrame:
         return choice_rows(frame, self.config.stats.headline_definition, self.config.stats.headline_format)
-
-
-def compared_families(config: config_mod.Config) -> list[str]:
-    """The families with more than one checkpoint, in params order."""
-    return [f for f, stages in config.stages.items() if len(stages) > 1]
 
 
 def load(paths: ProjectPaths | None = None) -> Artefacts:

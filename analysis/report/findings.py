@@ -121,6 +121,12 @@ def _flags(summary: dict | None, intervention: str, alpha: float, suffix: str = 
     return [h + suffix for h, v in heads.items() if v.get("q_value") is not None and v["q_value"] < alpha]
 
 
+def compared_families(config: Config) -> list[str]:
+    """The families with more than one checkpoint, in params order: those the comparison findings are about (a
+    family of a single checkpoint has the real-checkpoint section)."""
+    return [f for f, stages in config.stages.items() if len(stages) > 1]
+
+
 def family_findings(config: Config, deltas: pd.DataFrame, robustness: pd.DataFrame, head_families: pd.DataFrame,
                     patching: pd.DataFrame, patch_summaries: dict[str, dict]) -> pd.DataFrame:
     """One row per family: the headline conclusion, its layers of each class (FDR), whether it names candidate heads,
@@ -132,7 +138,7 @@ def family_findings(config: Config, deltas: pd.DataFrame, robustness: pd.DataFra
     headline = robustness[robustness["headline"]] if "headline" in robustness else robustness
     names = dict(zip(head_families["family"], head_families["names_candidates"]))
     rows = []
-    for family in config.families:
+    for family in compared_families(config):
         conclusion = headline.loc[headline["family"] == family, "conclusion"]
         layers = english[english["family"] == family]
         tested = patching[(patching["family"] == family) & (patching["role"] == "candidate")] if len(patching) else patching
