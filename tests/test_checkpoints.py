@@ -41,7 +41,7 @@ def hub_project(tmp_path, demo_dir):
         "instruct": {"repo": "selfref-test/tiny-instruct", "revision": "main"},
     }}}
     params["suite"] = "local"
-    params["checkpoints"] = {f"tiny-{v}": {"family": "tiny", "variant": v} for v in ("base", "instruct")}
+    params["checkpoints"] = {f"tiny-{v}": {"family": "tiny", "variant": v, "chat_from": "tiny-instruct"} for v in ("base", "instruct")}
     params["families"] = ["tiny"]  # what `selfref suite use local` writes beside `checkpoints`
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cache = tmp_path / "hub"

@@ -83,9 +83,11 @@ def headline(deltas):
 
 
 def test_the_demo_suite_has_every_kind_of_family():
-    """Two compression families, one gain family, one family whose planted heads keep their focus and one null
-    family among the base-vs-instruct families; the staged family is tested in tests/test_stages.py."""
-    assert [len(BY_KIND[k]) for k in ("compression", "gain", "kept_focus", "null")] == [2, 1, 1, 1]
+    """Two compression families, one gain family, one family whose planted heads keep their focus and two null
+    families among the base-vs-instruct families (demo_null, and demo_probe, whose base and instruct differ only in
+    what a head writes to the residual stream: tests/test_probes.py); the staged family is tested in
+    tests/test_stages.py."""
+    assert [len(BY_KIND[k]) for k in ("compression", "gain", "kept_focus", "null")] == [2, 1, 1, 2]
 
 
 @pytest.mark.parametrize("family", BY_KIND["gain"])

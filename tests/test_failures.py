@@ -104,7 +104,7 @@ def stats_project(project):
 def _tracked_study() -> dict:
     study = {name: pd.read_parquet(REPO / "data" / "stats" / f"{name}.parquet") for name in STATS_TABLES}
     study["delta_rfc_plot"] = pd.read_csv(REPO / "data" / "stats" / "plots" / "delta_rfc.csv")
-    study["metrics"] = {"families": {}, "pairs": {}, "marker": "new"}
+    study["metrics"] = {"families": {}, "pairs": {}, "checkpoints": {}, "marker": "new"}
     return study
 
 
@@ -169,7 +169,7 @@ def test_what_a_killed_run_left_in_scratch_is_removed_next_time(project):
     from analysis.core.artefacts import clean_scratch
 
     scratch = project / ".selfref-tmp"
-    scratch.mkdir()
+    scratch.mkdir(exist_ok=True)  # the project fixture's `selfref suite use` already wrote through it
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (scratch / f"{dead.pid}-abc-layers.parquet").write_text("partial")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pypandoc
 import pytest
+import yaml
 from pypdf import PdfReader
 
 from analysis.core import config
@@ -24,9 +25,9 @@ from analysis.verbs import report as report_stage
 pytestmark = pytest.mark.slow  # renders the report with both renderers and screenshots it (make test-fast leaves it out)
 
 REPO = Path(__file__).resolve().parent.parent
-INPUTS = ["params.yaml", "dvc.lock", "_quarto.yml", "data/stats", "data/models", "data/prompts/summary.json", "data/original",
-          "data/patching",
-          "report/index.qmd", "report/report.css", "report/format-links.html", "report/figures"]
+# what the report stage reads: its dvc.yaml deps (the document, its includes, the artefacts) and the settings
+INPUTS = ["params.yaml", "dvc.lock"] + [d for d in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]["deps"]
+                                        if not d.startswith("analysis/")]
 SECTIONS = ["The question", "What this build found", "Method", "Results", "Candidate heads",
             "Where along post-training does it change?", "Does the language of the question matter?",
             "Do the candidate heads matter?", "Does it hold?", "Comparison with the original study",
@@ -37,7 +38,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars",
                   "--virtual-time-budget=20000", "--window-size=1200,1600"]
 FLOAT_NAMES = {"fig": "Figure", "tbl": "Table"}
-LABELS = re.findall(r"^#\|\s*label:\s*((fig|tbl)-[\w-]+)", (REPO / "report/index.qmd").read_text(), re.M)
+LABELS = re.findall(r"^#\|\s*label:\s*((fig|tbl)-[\w-]+)", rendering.expand_includes(REPO / "report/index.qmd"), re.M)
 N_FIGURES = sum(kind == "fig" for _, kind in LABELS)  # every figure is one chart
 NBSP = re.compile(r"&nbsp;|&#160;|\xa0")
 
@@ -256,7 +257,7 @@ def test_pdf_has_the_sections_and_numbered_captions(built):
     text = text.replace("\x13 ", "").replace("\x13", "-")  # a hyphen as Quarto's typst PDF encodes it (and at a line break)
     for title in SECTIONS:
         assert title in text, title
-    source = (REPO / "report/index.qmd").read_text()
+    source = rendering.expand_includes(REPO / "report/index.qmd")
     for label, number in expected_numbers().items():
         caption = re.search(rf"#\|\s*label:\s*{label}\n#\|\s*(?:fig|tbl)-cap:\s*\"([^\"]+)\"", source).group(1)
         words = " ".join(caption.split()[:4])
