@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from analysis.core import config as config_mod  # noqa: E402
-from analysis import synthetic  # noqa: E402
+from analysis.models import synthetic  # noqa: E402
 from analysis.core.artefacts import write_parquet  # noqa: E402
 from analysis.extraction.runner import (  # noqa: E402
     EncodedPrompt,

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from analysis.models import checkpoints
-from analysis import synthetic  # noqa: E402
+from analysis.models import synthetic  # noqa: E402
 from analysis.core import config as config_mod  # noqa: E402
 from analysis.core.artefacts import read_parquet  # noqa: E402
 from analysis.extraction.runner import encode_prompts, open_checkpoint  # noqa: E402

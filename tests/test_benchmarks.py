@@ -113,3 +113,12 @@ def test_a_failed_part_is_named_with_its_error(results):
     for goal in ("dvc repro from scratch", "no-op dvc repro (s)", "stages re-run by a no-op"):
         assert "| not measured |" in _goal_row(md, goal)
     assert md.count("RuntimeError: dvc repro --force exited 1") >= 3
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in BENCH.glob("*.py")))
+def test_every_benchmark_module_imports(module):
+    """`make bench` starts by importing every part: a module that names a moved library module fails here, not
+    at the end of a long benchmark run."""
+    import importlib
+
+    importlib.import_module(module)
