@@ -103,12 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     wanted = set(args.only or PARTS)
+    here = machine()
     r: dict[str, Any] = json.loads(args.output.read_text()) if args.only and args.output.exists() else {}
-    r.update({"date": date, "commit": commit or "unknown", "quick": args.quick, "machine": machine()})
+    if not r:  # a whole run: its date, commit and machine head results.md; --only keeps the last whole run's
+        r.update({"date": date, "commit": commit or "unknown", "quick": args.quick, "machine": here})
 
     def part(name: str, label: str, run: Callable[[], dict[str, Any]]) -> None:
         if name in wanted:
-            r[name] = {**attempt(label, run), "measured": f"{date}, commit {(commit or 'unknown')[:10]}"}
+            r[name] = {**attempt(label, run), "measured": f"{date}, commit {(commit or 'unknown')[:10]}, "
+                       f"{here.get('cpu', 'cpu unknown')}, load average {here.get('load average at start')}"}
 
     part("extraction", "extraction (CPU)", lambda: extraction.measure(args.quick, args.threads, log))
     if "gpu" in wanted and not torch.cuda.is_available():
@@ -126,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         part("real", "real checkpoints", lambda: real.measure(log))
     part("probes", "probes", lambda: probes.measure(log))
-    r["machine"]["load average at end"] = [round(x, 2) for x in os.getloadavg()]
-    r["seconds"] = time.perf_counter() - start
+    if not args.only:
+        r["machine"]["load average at end"] = [round(x, 2) for x in os.getloadavg()]
+        r["seconds"] = time.perf_counter() - start
     write(r, args.output)
     log(f"wrote {args.output} and {args.output.with_suffix('.md').name}")
     failed = [k for k in PARTS if "error" in r.get(k, {})]
