@@ -12,6 +12,7 @@ import pytest
 from analysis.models import checkpoints
 from analysis import cli
 from analysis.core import config
+from analysis.core.layout import project_paths
 from analysis.extraction.runner import EntropyRunner
 from analysis.core.prompts import load_prompts
 
@@ -84,7 +85,8 @@ def test_dvc_repro_from_a_clean_clone_rebuilds_every_artefact(tmp_path):
     _run(["dvc", "repro", "--force"], clone, env)
     for name in ("demo_llama-base", "demo_qwen-instruct", "demo_null-instruct"):
         for fmt in ("raw", "chat"):
-            assert (clone / "data" / "entropy" / fmt / f"{name}.parquet").exists()
+            assert project_paths(clone).entropy_table(name, fmt).exists()
+    assert not project_paths(clone).entropy_table("gemma3_270m_q4-base", "chat").exists()  # a base alone: raw only
     diff = subprocess.run(["git", "diff", "--stat", "--", "data/models", "data/prompts"], cwd=clone,
                           capture_output=True, text=True)
     assert diff.stdout.strip() == "", diff.stdout
