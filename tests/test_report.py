@@ -15,6 +15,7 @@ import pypandoc
 import pytest
 import yaml
 from pypdf import PdfReader
+from pypdf.generic import ContentStream
 
 from analysis.core import config
 from analysis.report import rendering
@@ -32,7 +33,7 @@ SECTIONS = ["The question", "What this build found", "Method", "Results", "Candi
             "Where along post-training does it change?", "Does the language of the question matter?",
             "Do the candidate heads matter?", "Does it hold?", "Comparison with the original study",
             "What it means, and what it does not", "Limitations and next steps", "Appendix"]
-PAGE_BUDGET = 12  # pages of main text (before the appendix) with the demo suite (issue 23)
+PAGE_BUDGET = 12  # pages of main text (before the appendix), the tracked default build (issue 23)
 MARGIN_PT = 90    # the PDF's page margins, 1.25 in (Quarto's typst page; the fallback uses the same)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars",
@@ -136,7 +137,16 @@ def test_every_stated_number_equals_its_artefact_at_its_precision(built):
     patching = {f"data/patching/{f}.json" for f in metrics["families"]}  # the patching table (tbl-patching)
     tables = {"report/figures/findings.parquet", "report/figures/planted.parquet", "report/figures/tested_mass.parquet"}
     assert {"data/stats/metrics.json", "data/original/reanalysis.json"} | patching | tables <= sources, sources
-    assert all(s.startswith(("data/stats/", "data/original/", "data/patching/", "report/figures/")) for s in sources)
+    if metrics["checkpoints"]:  # the real-checkpoint section and its appendix tables print from their artefacts too
+        single = {"data/stats/self_focus_heads.parquet", "report/figures/single_checkpoints.parquet",
+                  "data/bos_trap/metrics.json"} | {f"data/patching/{f}.json" for f in metrics["checkpoints"]}
+        assert single <= sources, single - sources
+        keys = {key for src, key, _, _ in parser.found if src == "data/stats/metrics.json"}
+        assert {f"checkpoints.{f}.{k}" for f in metrics["checkpoints"] for k in ("mean_rfc", "mean_rfc_lo", "mean_rfc_hi",
+                "n_layers_rfc_above_0", "n_layers_rfc_below_0")} <= keys
+    assert "data/probes/metrics.json" in sources  # the probe section (and its appendix table)
+    assert all(s.startswith(("data/stats/", "data/original/", "data/patching/", "data/probes/", "data/bos_trap/",
+                             "report/figures/")) for s in sources)
     for src, key, style, text in parser.found:
         if src.endswith(".parquet"):  # a table cell: `id=value;...::column`
             frame = pd.read_parquet(root / src)
@@ -308,8 +318,6 @@ def pdf_pages_text(pdf: Path) -> list[str]:
     return [page.extract_text() for page in PdfReader(pdf).pages]
 
 
-@pytest.mark.xfail(strict=True, reason="known shortfall: since the real-checkpoint and residual-stream sections landed, "
-                   "the main text of the default build is 18 pages; their detail tables belong in the appendix (issue 23)")
 def test_pdf_main_text_fits_the_page_budget(built):
     """The main text, everything before the appendix, takes at most PAGE_BUDGET pages."""
     _, result = built
@@ -319,37 +327,52 @@ def test_pdf_main_text_fits_the_page_budget(built):
 
 
 def placed_images(pdf: Path) -> list[tuple[int, tuple[float, float, float, float], list[float]]]:
-    """(page, (x0, y0, x1, y1), media box) of every image and form XObject drawn on a page, in points: its box
-    transformed by its own matrix and the page's transformation at the moment it is drawn."""
+    """(page, (x0, y0, x1, y1), media box) of every image and form XObject the page's own content stream draws, in
+    points: its box transformed by its own matrix and the transformation in force where it is drawn (q/Q/cm tracked
+    here; the forms' inner drawings, which reuse names like /x0 in their own resources, are not the page's)."""
     out = []
-    for i, page in enumerate(PdfReader(pdf).pages):
+    reader = PdfReader(pdf)
+    for i, page in enumerate(reader.pages):
         resources = page.get("/Resources")
         xobjects = resources.get_object().get("/XObject", {}) if resources is not None else {}
         xobjects = xobjects.get_object() if xobjects else {}
-        drawn = []
-        page.extract_text(visitor_operand_before=lambda op, args, cm, tm: drawn.append((args[0], list(cm)))
-                          if op == b"Do" else None)
-        for name, cm in drawn:
-            if name not in xobjects:
-                continue
-            x = xobjects[name].get_object()
-            if x.get("/Subtype") == "/Form":
-                a, b, c, d, e, f = [float(v) for v in x.get("/Matrix", [1, 0, 0, 1, 0, 0])]
-                x0, y0, x1, y1 = [float(v) for v in x["/BBox"]]
-                corners = [(a * px + c * py + e, b * px + d * py + f) for px in (x0, x1) for py in (y0, y1)]
-            else:
-                corners = [(px, py) for px in (0, 1) for py in (0, 1)]
-            A, B, C, D, E, F = [float(v) for v in cm]
-            points = [(A * px + C * py + E, B * px + D * py + F) for px, py in corners]
-            xs, ys = [p[0] for p in points], [p[1] for p in points]
-            out.append((i, (min(xs), min(ys), max(xs), max(ys)), [float(v) for v in page.mediabox]))
+        contents = page.get_contents()
+        if contents is None:
+            continue
+        ctm, stack = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0], []
+        for operands, operator in ContentStream(contents, reader).operations:
+            if operator == b"q":
+                stack.append(ctm)
+            elif operator == b"Q":
+                ctm = stack.pop() if stack else ctm
+            elif operator == b"cm":
+                a, b, c, d, e, f = [float(v) for v in operands]
+                A, B, C, D, E, F = ctm
+                ctm = [a * A + b * C, a * B + b * D, c * A + d * C, c * B + d * D, e * A + f * C + E, e * B + f * D + F]
+            elif operator == b"Do" and operands[0] in xobjects:
+                x = xobjects[operands[0]].get_object()
+                if x.get("/Subtype") == "/Form":
+                    a, b, c, d, e, f = [float(v) for v in x.get("/Matrix", [1, 0, 0, 1, 0, 0])]
+                    x0, y0, x1, y1 = [float(v) for v in x["/BBox"]]
+                    corners = [(a * px + c * py + e, b * px + d * py + f) for px in (x0, x1) for py in (y0, y1)]
+                else:
+                    corners = [(px, py) for px in (0, 1) for py in (0, 1)]
+                A, B, C, D, E, F = ctm
+                points = [(A * px + C * py + E, B * px + D * py + F) for px, py in corners]
+                xs, ys = [p[0] for p in points], [p[1] for p in points]
+                out.append((i, (min(xs), min(ys), max(xs), max(ys)), [float(v) for v in page.mediabox]))
     return out
 
 
 def test_every_pdf_figure_fits_the_text_area(built):
-    """Every chart placed as one image (Quarto's typst) lies inside the page's text area."""
+    """Every chart placed as one image (Quarto's typst: one per figure) lies inside the page's text area. The
+    fallback's typst draws a chart's SVG as many small vector forms whose boxes are not its ink; its charts are
+    checked by their ink (test_nothing_is_drawn_outside_the_text_area)."""
     _, result = built
+    if not result.renderer.startswith("quarto"):
+        pytest.skip("the fallback draws each chart as vector paths; test_nothing_is_drawn_outside_the_text_area checks it")
     placed = [p for p in placed_images(result.pdf) if p[1][2] - p[1][0] >= 200]  # the charts (not glyph groups)
+    assert len(placed) == N_FIGURES, f"{len(placed)} charts placed as one image each, {N_FIGURES} figures"
     for page, (x0, y0, x1, y1), (mx0, my0, mx1, my1) in placed:
         area = (mx0 + MARGIN_PT - 1, my0 + MARGIN_PT - 1, mx1 - MARGIN_PT + 1, my1 - MARGIN_PT + 1)
         assert area[0] <= x0 and area[1] <= y0 and x1 <= area[2] and y1 <= area[3], \

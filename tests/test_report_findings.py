@@ -4,6 +4,7 @@ recovered, and one meaning of "candidate heads" for the charts, the tables and t
 import json
 
 import pandas as pd
+import pytest
 
 from analysis.core import config
 from analysis.core.layout import project_paths
@@ -80,3 +81,31 @@ def test_code_names_have_words():
     from analysis.interventions.patching import INTERVENTIONS
     for code in ["compression", "gain", "no_change", *[iv.name for iv in INTERVENTIONS], "en", "zh", "es"]:
         assert code in WORDS and "_" not in words(code) and "@" not in words(code)
+
+
+def test_single_checkpoint_summary_by_hand():
+    """The real-checkpoint row of report/figures/single_checkpoints.parquet: the first-token mass is the mean of the
+    variant's column over layers, heads and categories (headline format, English only), chat minus raw the mean and
+    the count of layers at q < alpha; a base checkpoint without a chat format says why."""
+    cfg = config.load(project_paths())
+    single = [f for f, stages in cfg.stages.items() if len(stages) == 1]
+    assert single, "the default suite has real single-checkpoint families"
+    instruct = next(f for f in single if cfg.stages[f][0] == "instruct")
+    base = next(f for f in single if cfg.stages[f][0] == "base")
+    fmt, definition, alpha = cfg.stats.headline_format, cfg.stats.headline_definition, cfg.stats.alpha
+    rows = [{"family": instruct, "category": c, "mass": m, "layer": 0, "head": h, "base": None, "instruct": v,
+             "format": f, "language": lang}
+            for c, m, h, v, f, lang in [("neutral", "first", 0, 0.2, fmt, "en"), ("self_referent", "first", 1, 0.6, fmt, "en"),
+                                        ("neutral", "first", 0, 0.9, fmt, "zh"), ("neutral", "marker", 0, 0.9, fmt, "en"),
+                                        ("neutral", "first", 0, 0.9, "other", "en")]]
+    rows.append({"family": base, "category": "neutral", "mass": "first", "layer": 0, "head": 0, "base": 0.5,
+                 "instruct": None, "format": fmt, "language": "en"})
+    contrasts = pd.DataFrame({"family": instruct, "definition": definition, "language": "en", "layer": [0, 1, 2],
+                              "delta_rfc": [0.1, -0.4, 0.0], "q_value": [alpha / 2, alpha, 0.5]})
+    table = findings.single_checkpoints(cfg, pd.DataFrame(rows), contrasts).set_index("family")
+    assert table.loc[instruct, "first_token_mass"] == pytest.approx(0.4)  # (0.2 + 0.6) / 2
+    assert table.loc[instruct, "chat_mean_delta_rfc"] == pytest.approx(-0.1)
+    assert table.loc[instruct, ["chat_n_layers_significant", "chat_n_layers"]].tolist() == [1, 3]  # q < alpha, strictly
+    assert table.loc[base, "first_token_mass"] == pytest.approx(0.5) and pd.isna(table.loc[base, "chat_mean_delta_rfc"])
+    assert "no chat template" in table.loc[base, "chat_reason"]
+    assert set(table.index) == set(single)

@@ -25,7 +25,7 @@ from analysis.core.config import Config, StatsSettings
 from analysis.core.layout import ProjectPaths, project_paths
 from analysis.core.quantities import CATEGORIES, LANGUAGES, SOURCE_LANGUAGE, choice_rows, head_label, words
 from analysis.report.rendering import Markdown, chart_markdown, escape_markup
-from analysis.report.findings import compared_families, head_role
+from analysis.report.findings import SINGLE_CHECKPOINTS_FILE, compared_families, head_role
 
 PACKAGES = ("torch", "transformers", "transformer-lens", "tokenizers", "huggingface_hub", "numpy", "scipy",
             "statsmodels", "pandas", "pyarrow", "altair", "vl-convert-python", "dvc")
@@ -108,7 +108,7 @@ class Numbers:
         """The number as markdown: a span with its key, for inline `{python}` expressions and tables; an
         undefined number prints as "undefined (reason)" (or "no effect")."""
         value = self.value(key)
-        text = undefined(self.reason(key)) if value is None else format_number(value, style)
+        text = undefined(self.reason(key)) if value is None else escape_markup(format_number(value, style))
         return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" artefact="{self.source}" '
                         f'title="{self.source}: {key}"}}')
 
@@ -121,9 +121,9 @@ class Numbers:
 
 
 # One precision per quantity, wherever it is printed (text, tables): the style `format_number` takes.
-STYLES = {"delta_rfc": "f4", "delta_rsi": "f4", "entropy": "f3", "did": "f4", "log_ratio": "f4", "score": "f3",
-          "share": "pct1", "p": "p", "q": "p", "r": "f3", "mass": "f3", "effect": "e2", "specificity": "f1",
-          "percentile": "f0", "tokens": "f1", "count": "int", "contrast": "f4"}
+STYLES = {"rfc": "f4", "delta_rfc": "f4", "delta_rsi": "f4", "entropy": "f3", "did": "f4", "log_ratio": "f4",
+          "score": "f3", "share": "pct1", "p": "p", "q": "p", "r": "f3", "mass": "f3", "effect": "e2",
+          "specificity": "f1", "percentile": "f0", "tokens": "f1", "count": "int", "contrast": "f4"}
 
 
 @dataclass
@@ -151,7 +151,7 @@ class Table:
     def show(self, row: pd.Series, column: str, style: str = "f4") -> Markdown:
         value = row[column]
         missing = value is None or (isinstance(value, float) and value != value)
-        text = undefined(self.reason(row, column)) if missing else format_number(value, style)
+        text = undefined(self.reason(row, column)) if missing else escape_markup(format_number(value, style))
         key = self.key(row, column)
         return Markdown(f'[{text}]{{.num key="{key}" fmt="{style}" artefact="{self.source}" '
                         f'title="{self.source}: {key}"}}')
@@ -198,6 +198,10 @@ class Artefacts:
     findings: Table  # report/figures/findings.parquet: each family's findings (the figures stage)
     planted: Table   # report/figures/planted.parquet: demo families, planted against recovered
     tested_mass: Table  # report/figures/tested_mass.parquet: where the patched heads attend
+    single: Table  # report/figures/single_checkpoints.parquet: each family of one checkpoint (the real ones)
+    single_patch_numbers: dict[str, Numbers]  # data/patching/<family>.json of each family of one checkpoint
+    bos_trap: Numbers | None  # data/bos_trap/metrics.json, where the build ran the bos_trap stage
+    probes: Numbers  # data/probes/metrics.json: the residual-stream probes (stage probe)
     tables: dict[str, Table]  # data/stats tables the report prints cell by cell
 
     @property
@@ -253,24 +257,34 @@ def load(paths: ProjectPaths | None = None) -> Artefacts:
         attention_mass=pd.read_parquet(paths.stats_table("attention_mass")),
         patching=pd.concat([pd.read_parquet(paths.patch_table(f)) for f in compared_families(config)
                             if paths.patch_table(f).exists()] or [pd.DataFrame()], ignore_index=True),
-        patch_numbers={f: Numbers(json.loads(paths.patch_summary(f).read_text()),
-                                  source=paths.relative(paths.patch_summary(f)))
+        patch_numbers={f: _numbers(paths, paths.patch_summary(f))
                        for f in compared_families(config) if paths.patch_summary(f).exists()},
         manifests=manifests,
         prompt_summary=json.loads(paths.prompt_summary.read_text()),
-        original=Numbers(json.loads(paths.reanalysis.read_text()), source=paths.relative(paths.reanalysis)),
+        original=_numbers(paths, paths.reanalysis),
         original_claims=pd.read_parquet(paths.reanalysis_claims),
         findings=_table(paths, paths.findings, ("family",)),
         planted=_table(paths, paths.planted, ("family",)),
         tested_mass=_table(paths, paths.tested_mass, ("family", "layer", "head")),
+        single=_table(paths, paths.figures / SINGLE_CHECKPOINTS_FILE, ("family",)),
+        single_patch_numbers={f: _numbers(paths, paths.patch_summary(f)) for f in config.families
+                              if f not in compared_families(config) and paths.patch_summary(f).exists()},
+        bos_trap=_numbers(paths, trap) if (trap := paths.bos_trap / "metrics.json").exists() else None,
+        probes=_numbers(paths, paths.probe_metrics),
         tables={"candidate_heads": _table(paths, paths.stats_table("candidate_heads"), ("family", "layer", "head")),
                 "split_half": _table(paths, paths.stats_table("split_half"), ("family",)),
                 "language_contrast_peaks": _table(paths, paths.stats_table("language_contrast_peaks"),
                                                   ("family", "language")),
                 "language_token_counts": _table(paths, paths.stats_table("language_token_counts"),
                                                 ("family", "language")),
-                "robustness": _table(paths, paths.stats_table("robustness"), ("family", "format", "definition"))},
+                "robustness": _table(paths, paths.stats_table("robustness"), ("family", "format", "definition")),
+                "self_focus_heads": _table(paths, paths.stats_table("self_focus_heads"),
+                                           ("family", "definition", "format", "language", "layer", "head"))},
     )
+
+
+def _numbers(paths: ProjectPaths, path: Path) -> Numbers:
+    return Numbers(json.loads(path.read_text()), source=paths.relative(path))
 
 
 def _table(paths: ProjectPaths, path: Path, ids: tuple[str, ...]) -> Table:
@@ -666,14 +680,14 @@ def stage_intro(art: Artefacts) -> Markdown:
     """The opening of the training-stage section: how steps are tested, or that this build has none."""
     if not staged_families(art):
         return Markdown("No family in this build has more than two training stages, so there are no steps to compare "
-                        "(@tbl-stages, @fig-stages).")
+                        "(@fig-stages and @tbl-stages in the appendix).")
     return Markdown(
         "Some families were run at every stage of their post-training line, not only base and instruct. Each step (a "
         "stage against the one before it) gets the same paired tests as base against instruct; the steps add up to "
         "the total change, prompt resample by prompt resample, so each step's share of the total has an interval "
-        "(@tbl-stages, @fig-stages). Shares are given of the mean ΔRFC, a ratio whose denominator can drift from step "
-        "to step, and of the additive mean Δ(H_self − H_neutral). A step whose change is within the noise floor has "
-        "share 0.")
+        "(@fig-stages and @tbl-stages in the appendix). Shares are given of the mean ΔRFC, a ratio whose "
+        "denominator can drift from step to step, and of the additive mean Δ(H_self − H_neutral). A step whose "
+        "change is within the noise floor has share 0.")
 
 
 def language_specific_text(art: Artefacts) -> str:
@@ -696,3 +710,95 @@ def original_correlation_verdict(art: Artefacts) -> str:
     if p >= art.stats.alpha:
         return "Its tables therefore give no evidence that the two families change in the same layers."
     return "The agreement survives that test."
+
+
+# The real checkpoints (families of one checkpoint): report/real_checkpoints.qmd and its appendix tables.
+
+def single_findings(art: Artefacts) -> Markdown:
+    """Per checkpoint of a one-checkpoint family, one item: mean RFC [CI] and the layers whose interval excludes 0,
+    the attention mass on the first token, the language contrasts of RFC, the chat template against the prompt alone
+    and the mean ablation of its most self-focused heads; every number a span with its artefact and key."""
+    items, num, t = [], art.numbers, art.single
+    for row in t.rows():
+        f, k, s = row["family"], f"checkpoints.{row['family']}", STYLES
+        parts = [f"mean RFC {num.interval(f'{k}.mean_rfc', s['rfc'])}, above 0 in "
+                 f"{num.show(f'{k}.n_layers_rfc_above_0', 'int')} and below 0 in "
+                 f"{num.show(f'{k}.n_layers_rfc_below_0', 'int')} of its {num.show(f'{k}.n_layers', 'int')} layers",
+                 f"{t.show(row, 'first_token_mass', s['share'])} of a query's attention on the first token"]
+        contrasts = num.metrics.get("language_contrasts", {}).get(f, {})
+        if contrasts:
+            parts.append("against English, RFC differs in " + " and ".join(
+                f"{num.show(f'language_contrasts.{f}.{x}.n_layers_significant', 'int')} of "
+                f"{num.show(f'language_contrasts.{f}.{x}.n_layers', 'int')} layers in {words(x)}" for x in contrasts))
+        if pd.notna(row["chat_mean_delta_rfc"]):
+            parts.append(f"the chat template changes RFC by {t.show(row, 'chat_mean_delta_rfc', s['delta_rfc'])} on "
+                         f"average, significantly in {t.show(row, 'chat_n_layers_significant', 'int')} of "
+                         f"{t.show(row, 'chat_n_layers', 'int')} layers")
+        patch = art.single_patch_numbers.get(f)
+        for intervention in (patch.value("interventions") if patch else {}):
+            k = f"interventions.{intervention}"
+            parts.append(f"under {words(intervention)}, {patch.show(f'{k}.kl.n_significant', 'int')} of its "
+                         f"{patch.show(f'{k}.kl.n_tested', 'int')} most self-focused heads move the next token (KL) and "
+                         f"{patch.show(f'{k}.entropy_later.n_significant', 'int')} the later layers' entropy more than "
+                         f"the other heads of their layers do (q < {art.stats.alpha})")
+        items.append(f"- **{row['checkpoint']}**: " + "; ".join(parts) + ".")
+    return Markdown("\n".join(items) + "\n")
+
+
+def bos_trap_text(art: Artefacts) -> Markdown:
+    """The to_tokens trap measured per checkpoint (data/bos_trap/metrics.json), or why it was not."""
+    trap = art.bos_trap
+    if trap is None or not trap.value("checkpoints"):
+        return Markdown("No checkpoint of this build is named in `bos_trap.checkpoints` (params.yaml).")
+    items = []
+    for name in trap.value("checkpoints"):
+        k = f"checkpoints.{name}"
+        items.append(f"- **{name}**: fed first {trap.show(f'{k}.first_token_trap', 'text')} instead of "
+                     f"{trap.show(f'{k}.first_token', 'text')}, its mean layer entropy is "
+                     f"{trap.show(f'{k}.h_trap', STYLES['entropy'])} nats against "
+                     f"{trap.show(f'{k}.h_correct', STYLES['entropy'])}; a prompt's layer entropy is off by "
+                     f"{trap.show(f'{k}.mean_abs_diff', STYLES['entropy'])} nats on average and by up to "
+                     f"{trap.show(f'{k}.max_abs_diff', STYLES['entropy'])} (layer {trap.show(f'{k}.layer_of_max', 'int')}).")
+    return Markdown("\n".join(items) + "\n")
+
+
+def single_model_rows(art: Artefacts) -> pd.DataFrame:
+    """The real checkpoints' architecture, GGUF tensor types, source packages and licence (data/models/*.json)."""
+    rows = []
+    for name in art.single.frame["checkpoint"]:
+        m = art.manifests[name]
+        gguf = m.get("gguf", {})
+        rows.append({"checkpoint": name, "layers × heads": f"{m['n_layers']} × {m['n_heads']}",
+                     "tensor types (count)": ", ".join(f"{k} ({v})" for k, v in sorted(gguf.get("tensor_types", {}).items())),
+                     "source": source_label(m), "licence": gguf.get("licence", "")})
+    return pd.DataFrame(rows)
+
+
+def single_head_rows(art: Artefacts) -> pd.DataFrame:
+    """The most self-focused heads of each real checkpoint (the patch stage's top_k): mean entropy on self-referent
+    and neutral prompts, their difference and its permutation q (data/stats/self_focus_heads.parquet)."""
+    t, s = art.tables["self_focus_heads"], STYLES
+    heads = art.headline(t.frame)
+    heads = heads[heads["family"].isin(art.single_families) & heads["top_k"]
+                  & (heads["position"] <= art.config.patch.top_k)].sort_values(["family", "position"])
+    return pd.DataFrame([{"family": r["family"], "head": head_label(r["layer"], r["head"]),
+                          "H self": t.show(r, "h_self", s["entropy"]), "H neutral": t.show(r, "h_neutral", s["entropy"]),
+                          "self − neutral": t.show(r, "self_minus_neutral", s["entropy"]), "q": t.show(r, "q_value", s["q"])}
+                         for _, r in heads.iterrows()])
+
+
+def probe_change_rows(art: Artefacts) -> pd.DataFrame:
+    """Per family and pool, self-referent against neutral: layers whose selectivity changes significantly from base
+    to instruct (FDR), the mean change, and its correlation with the ΔRFC profile with the circular-shift p
+    (data/probes/metrics.json)."""
+    num, rows = art.probes, []
+    for family, tasks in num.value("families").items():
+        for pool in tasks.get("self_vs_neutral", {}):
+            k = f"families.{family}.self_vs_neutral.{pool}"
+            rows.append({"family": family, "pool": words(pool),
+                         "layers with a significant change": f"{num.show(f'{k}.n_layers_significant', 'int')} of "
+                                                             f"{num.show(f'{k}.n_layers', 'int')}",
+                         "mean Δselectivity": num.show(f"{k}.mean_delta_selectivity", "f3"),
+                         "r with ΔRFC": num.show(f"{k}.pearson_r_with_delta_rfc", STYLES["r"]),
+                         "shift p": num.show(f"{k}.pearson_p_shift", STYLES["p"])})
+    return pd.DataFrame(rows)

@@ -177,3 +177,33 @@ def tested_mass(attention_mass: pd.DataFrame, tested: pd.DataFrame, prompt_forma
     order = {f: i for i, f in enumerate(dict.fromkeys(tested["family"]))}
     out = out.assign(_o=out["family"].map(order)).sort_values(["_o", "layer", "head"]).drop(columns="_o")
     return out[MASS_COLUMNS].reset_index(drop=True)
+
+
+SINGLE_CHECKPOINTS_FILE = "single_checkpoints.parquet"  # in report/figures, beside findings.parquet
+SINGLE_COLUMNS = ["family", "checkpoint", "first_token_mass", "chat_mean_delta_rfc", "chat_n_layers_significant",
+                  "chat_n_layers", "chat_reason"]
+
+
+def single_checkpoints(config: Config, attention_mass: pd.DataFrame, format_contrasts: pd.DataFrame) -> pd.DataFrame:
+    """One row per family of a single checkpoint (the real ones): the mean attention mass on the first token over its
+    layers, heads, prompt categories and prompts (headline format, English), and for a checkpoint with a chat format
+    the chat template minus the prompt alone: the mean change of RFC over layers and the layers where it is
+    significant (q < alpha, headline definition, English). `chat_reason` says why a checkpoint has no such change."""
+    stats, rows, compared = config.stats, [], compared_families(config)
+    for family, stages in config.stages.items():
+        if family in compared:
+            continue
+        mass = attention_mass[(attention_mass["family"] == family) & (attention_mass["mass"] == "first")
+                              & (attention_mass["format"] == stats.headline_format)
+                              & (attention_mass["language"] == SOURCE_LANGUAGE)]
+        level = mass["base"].fillna(mass["instruct"])
+        chat = format_contrasts[(format_contrasts["family"] == family)
+                                & (format_contrasts["definition"] == stats.headline_definition)
+                                & (format_contrasts["language"] == SOURCE_LANGUAGE)]
+        rows.append({"family": family, "checkpoint": f"{family}-{stages[0]}",
+                     "first_token_mass": float(level.mean()) if len(level) else None,
+                     "chat_mean_delta_rfc": float(chat["delta_rfc"].mean()) if len(chat) else None,
+                     "chat_n_layers_significant": int((chat["q_value"] < stats.alpha).sum()) if len(chat) else None,
+                     "chat_n_layers": int(len(chat)) if len(chat) else None,
+                     "chat_reason": None if len(chat) else "no chat format: the checkpoint has no chat template"})
+    return pd.DataFrame(rows, columns=SINGLE_COLUMNS)

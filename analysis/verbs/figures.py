@@ -16,9 +16,9 @@ from analysis.report import charts, findings
 def run(config: Config) -> None:
     """Build every chart of the report for the headline definition and prompt format."""
     paths = config.paths
-    tables = {name: read_parquet(paths.stats_table(name)) for name in ("layers", "deltas", "heads", "token_lengths",
-                                                                       "stage_deltas", "attention_mass",
-                                                                       "head_families", "robustness")}
+    read = ("layers", "deltas", "heads", "token_lengths", "stage_deltas", "attention_mass", "head_families",
+            "robustness", "format_contrasts")
+    tables = {name: read_parquet(paths.stats_table(name)) for name in read}
     # one patch@<family> table per family of the suite (the figures stage runs after all of them)
     patching = pd.concat([read_parquet(paths.patch_table(f)) for f in config.families], ignore_index=True)
     summaries = {f: json.loads(paths.patch_summary(f).read_text()) for f in config.families}
@@ -36,6 +36,8 @@ def run(config: Config) -> None:
         names = dict(zip(tables["head_families"]["family"], tables["head_families"]["names_candidates"]))
         write_parquet(findings.tested_mass(tables["attention_mass"], charts.tested_heads(patching, names),
                                            config.stats.headline_format), staging / paths.tested_mass.name)
+        write_parquet(findings.single_checkpoints(config, tables["attention_mass"], tables["format_contrasts"]),
+                      staging / findings.SINGLE_CHECKPOINTS_FILE)
         write_parquet(findings.planted_vs_recovered(config, tables["deltas"], tables["heads"], tables["head_families"],
                                                     metrics), staging / paths.planted.name)
     typer.echo(f"{len(built)} charts -> {paths.relative(paths.figures)}/")
