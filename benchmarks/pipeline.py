@@ -18,6 +18,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parent.parent
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 TIMEOUT_S = 3600
+SUITE = "demo"  # what the from-scratch goal of benchmarks/goals.yaml is about
 
 
 def _git(*args: str) -> str:
@@ -62,7 +63,10 @@ def measure(log: Callable[[str], None] = print) -> dict[str, Any]:
                "PYTHONPATH": str(clone),  # the clone's `analysis`, not this checkout's editable install
                "SELFREF_ROOT": str(clone), "SELFREF_DEMO_MODELS": str(Path(tmp) / "models"), "TQDM_DISABLE": "1"}
         env.pop("HF_TOKEN", None)
-        log(f"dvc repro --force in a fresh clone of {commit[:10]} (demo suite)")
+        # the issue's goal is about the demo suite: the default suite adds the real checkpoints (benchmarks/real.py)
+        subprocess.run([sys.executable, "-m", "analysis.cli", "suite", "use", SUITE], cwd=clone, env=env, check=True,
+                       capture_output=True)
+        log(f"dvc repro --force in a fresh clone of {commit[:10]} ({SUITE} suite)")
         scratch = timed_run(["dvc", "repro", "--force"], clone, env)
         log(f"  {scratch['seconds']:.1f} s, exit status {scratch['rc']}")
         if scratch["rc"] != 0:
