@@ -52,6 +52,8 @@ def test_the_tracked_params_parse():
     ("extract__batch_size", -4, r"extract.batch_size: -4 is out of range"),
     ("extract__dtype", "fp8", r"extract.dtype: 'fp8' is not allowed; use one of auto, float32, bfloat16, float16"),
     ("extract__trust_remote_code", "yes", r"extract.trust_remote_code: 'yes' is not true or false"),
+    ("extract__cpu_threads", "all", r"extract.cpu_threads: 'all' is not allowed; use auto, a number of threads"),
+    ("extract__cpu_threads", 0, r"extract.cpu_threads: 0 is out of range; use a whole number from 1 to 1024"),
     ("prompts__min_per_category", 1.5, r"prompts.min_per_category: 1.5 is not a whole number"),
     ("patch__max_controls", 1, r"patch.max_controls: 1 is out of range; use a whole number >= 2"),
     ("patch__top_k", 0, r"patch.top_k: 0 is out of range"),

@@ -474,6 +474,40 @@ def test_a_missing_folder_is_rebuilt_from_the_pinned_file_and_a_changed_file_ref
     assert not folder.exists()
 
 
+def test_a_gguf_file_is_dequantised_once_per_download_cache(tmp_path, demo_gguf, monkeypatch):
+    """A second project sharing the download cache links the dequantised folder instead of dequantising again; a
+    dequantisation that fails leaves no folder in the cache."""
+    monkeypatch.setenv("SELFREF_GGUF_DOWNLOADS", str(tmp_path / "downloads"))
+    local = tmp_path / "mine.gguf"
+    shutil.copy(demo_gguf["F32"], local)
+    first, ckpt = _local(tmp_path / "one", local)
+    manifest = gguf_source.pull_gguf(ckpt, first)
+    [cached] = (tmp_path / "downloads" / "dequantised").iterdir()
+    assert cached.name.startswith(gguf_source.file_sha256(local) + "-transformers")
+
+    def refuse(*args):
+        raise AssertionError("dequantised a second time")
+
+    monkeypatch.setattr(gguf_source, "dequantise", refuse)
+    second, _ = _local(tmp_path / "two", local)
+    again = gguf_source.pull_gguf(ckpt, second)
+    assert again["files"] == manifest["files"] and again["revision"] == manifest["revision"]
+    weights = [p.gguf_model_dir(ckpt.name) / "model.safetensors" for p in (first, second)]
+    assert weights[0].stat().st_ino == weights[1].stat().st_ino == (cached / "model.safetensors").stat().st_ino
+
+    def fail(gguf_path, target):
+        (target / "config.json").write_text("{}")
+        raise UserError(f"{gguf_path}: cannot read it")
+
+    monkeypatch.setattr(gguf_source, "dequantise", fail)
+    shutil.copy(demo_gguf["Q8_0"], local)
+    third, _ = _local(tmp_path / "three", local)
+    with pytest.raises(UserError, match=r"mine\.gguf: cannot read it"):
+        gguf_source.pull_gguf(ckpt, third)
+    assert [p.name for p in (tmp_path / "downloads" / "dequantised").iterdir()] == [cached.name]
+    _nothing_written(third, ckpt.name)
+
+
 def test_the_bos_trap_measures_to_tokens_default_against_the_pipeline(smollm2_loaded):
     """analysis/extraction/bos_trap.py on real weights: the trap's ids are `<|im_start|>` + ours, its entropies are
     the one-prompt-at-a-time entropies of those ids, and the table compares them with ours layer by layer."""

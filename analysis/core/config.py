@@ -73,7 +73,7 @@ class ExtractSettings:
     device_map: str | None
     chat_system: str  # default (each template's own), none, or one fixed system text for every family
     chat_date: str | None  # `date_string` given to chat templates that write today's date
-    cpu_threads: int | None = None  # torch threads on a CPU (None: torch's default, one per core)
+    cpu_threads: int | str | None = None  # torch threads on a CPU: a number, "auto" (the idle cores) or None (torch's)
 
 
 @dataclass(frozen=True)
@@ -281,8 +281,17 @@ def _extract_settings(params: dict[str, Any]) -> ExtractSettings:
                            device_map=device_map,
                            chat_system=chat_system,
                            chat_date=chat_date,
-                           cpu_threads=None if s.get("cpu_threads") is None else
-                           _integer(s["cpu_threads"], "extract.cpu_threads", 1, 1024))
+                           cpu_threads=_cpu_threads(s.get("cpu_threads")))
+
+
+def _cpu_threads(value: Any) -> int | str | None:
+    """extract.cpu_threads: empty (torch's default), "auto" (one per idle core) or a number of threads."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str):
+        raise UserError(f"{_where('extract.cpu_threads')}: {value!r} is not allowed; use auto, a number of "
+                        "threads, or leave it empty for torch's default")
+    return _integer(value, "extract.cpu_threads", 1, 1024)
 
 
 def _preflight_settings(params: dict[str, Any]) -> PreflightSettings:

