@@ -482,13 +482,16 @@ def test_a_gguf_file_is_dequantised_once_per_download_cache(tmp_path, demo_gguf,
     shutil.copy(demo_gguf["F32"], local)
     first, ckpt = _local(tmp_path / "one", local)
     manifest = gguf_source.pull_gguf(ckpt, first)
-    [cached] = (tmp_path / "downloads" / "dequantised").iterdir()
+    cache = tmp_path / "downloads" / "dequantised"
+    [cached] = [p for p in cache.iterdir() if p.is_dir()]
     assert cached.name.startswith(gguf_source.file_sha256(local) + "-transformers")
+    assert json.loads((cache / f"{cached.name}.json").read_text()) == gguf_source.inspect_gguf(local)
 
     def refuse(*args):
-        raise AssertionError("dequantised a second time")
+        raise AssertionError("dequantised or inspected a second time")
 
     monkeypatch.setattr(gguf_source, "dequantise", refuse)
+    monkeypatch.setattr(gguf_source, "inspect_gguf", refuse)
     second, _ = _local(tmp_path / "two", local)
     again = gguf_source.pull_gguf(ckpt, second)
     assert again["files"] == manifest["files"] and again["revision"] == manifest["revision"]
@@ -499,12 +502,14 @@ def test_a_gguf_file_is_dequantised_once_per_download_cache(tmp_path, demo_gguf,
         (target / "config.json").write_text("{}")
         raise UserError(f"{gguf_path}: cannot read it")
 
+    monkeypatch.undo()
+    monkeypatch.setenv("SELFREF_GGUF_DOWNLOADS", str(tmp_path / "downloads"))
     monkeypatch.setattr(gguf_source, "dequantise", fail)
     shutil.copy(demo_gguf["Q8_0"], local)
     third, _ = _local(tmp_path / "three", local)
     with pytest.raises(UserError, match=r"mine\.gguf: cannot read it"):
         gguf_source.pull_gguf(ckpt, third)
-    assert [p.name for p in (tmp_path / "downloads" / "dequantised").iterdir()] == [cached.name]
+    assert sorted(p.name for p in cache.iterdir()) == [cached.name, f"{cached.name}.json"]
     _nothing_written(third, ckpt.name)
 
 

@@ -18,7 +18,6 @@ from analysis.core.config import Checkpoint
 from analysis.core.prompts import load_prompts
 from analysis.core.errors import UserError
 from analysis.core.layout import ProjectPaths
-from analysis.models import synthetic
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +165,8 @@ def tokenizer_corpus(paths: ProjectPaths, min_per_category: int) -> list[str]:
 
 def pull_demo(ckpt: Checkpoint, prompt_texts: list[str], paths: ProjectPaths) -> dict[str, Any]:
     """Generate a demo checkpoint deterministically and write its manifest."""
+    from analysis.models import synthetic  # torch and transformers: imported only where a demo is generated
+
     target = paths.demo_model_dir(ckpt.name)
     with atomic_dir(target) as tmp:
         synthetic.generate(ckpt.demo, prompt_texts, tmp, where=f"params.yaml suites: {ckpt.family}.{ckpt.variant}")
@@ -277,6 +278,8 @@ def local_dir(manifest: dict[str, Any], demo_spec: dict[str, Any] | None, prompt
             raise UserError(f"{name}: params.yaml's demo spec differs from {paths.manifest(name)}; "
                             f"run `selfref pull {name}` (or `dvc repro`)")
         log.info("%s: regenerating demo checkpoint in %s", name, target)
+        from analysis.models import synthetic
+
         with atomic_dir(target) as tmp:
             synthetic.generate(demo_spec, prompt_texts, tmp, where=name)
         if not matches():

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from analysis.core.artefacts import atomic_dir, atomic_path, file_sha256, write_json
+from analysis.core.artefacts import atomic_dir, atomic_path, file_sha256, read_json, write_json
 from analysis.models.checkpoints import describe, verify_files
 from analysis.core.config import Checkpoint
 from analysis.core.errors import UserError
@@ -314,17 +314,18 @@ def gguf_file(spec: dict[str, Any], paths: ProjectPaths, name: str) -> tuple[Pat
 
 
 def build_folder(spec: dict[str, Any], paths: ProjectPaths, name: str,
-                 expect_sha256: str | None = None) -> tuple[Path, dict[str, Any], list]:
-    """Fetch, verify and dequantise: the checkpoint's folder appears complete or not at all."""
+                 expect_sha256: str | None = None) -> tuple[Path, str, dict[str, Any], list]:
+    """Fetch, verify and dequantise: the GGUF file, its SHA-256, what it holds and where it came from; the
+    checkpoint's folder appears complete or not at all."""
     path, sources = gguf_file(spec, paths, name)
-    if expect_sha256 is not None and file_sha256(path) != expect_sha256:
+    digest = file_sha256(path)
+    if expect_sha256 is not None and digest != expect_sha256:
         raise UserError(f"{name}: {path} is not the GGUF file its manifest pins ({expect_sha256[:12]}...); run "
                         f"`selfref pull {name}` to pin the file as it is now")
-    info = inspect_gguf(path)
-    cached = dequantised_folder(path, paths)
+    info, cached = dequantised_folder(path, digest, paths)
     with atomic_dir(paths.gguf_model_dir(name)) as tmp:
         link_files(cached, tmp)
-    return path, info, sources
+    return path, digest, info, sources
 
 
 def dequantiser_versions() -> dict[str, str]:
@@ -334,17 +335,21 @@ def dequantiser_versions() -> dict[str, str]:
     return {"transformers": version("transformers"), "gguf": version("gguf")}
 
 
-def dequantised_folder(path: Path, paths: ProjectPaths) -> Path:
-    """The float32 folder of a verified GGUF file, dequantised once per file hash and library versions into the
-    download cache (gguf_downloads/dequantised/), so a rebuild or a fresh clone that shares that cache does not
-    dequantise again; the folder appears complete or not at all."""
-    versions = dequantiser_versions()
-    key = f"{file_sha256(path)}-" + "-".join(f"{k}{v}" for k, v in versions.items())
+def dequantised_folder(path: Path, digest: str, paths: ProjectPaths) -> tuple[dict[str, Any], Path]:
+    """What a verified GGUF file holds (`inspect_gguf`) and its float32 folder, both made once per file hash and
+    library versions in the download cache (gguf_downloads/dequantised/<key>/ and <key>.json), so a rebuild or a
+    fresh clone that shares that cache neither parses the file's vocabulary nor dequantises again. Each appears
+    complete or not at all; the record is written last, so a folder without it is made again."""
+    key = f"{digest}-" + "-".join(f"{k}{v}" for k, v in dequantiser_versions().items())
     folder = paths.gguf_downloads / "dequantised" / key
-    if not folder.is_dir():
-        with atomic_dir(folder) as tmp:
-            dequantise(path, tmp)
-    return folder
+    record = folder.with_name(f"{key}.json")
+    if folder.is_dir() and record.is_file():
+        return read_json(record), folder
+    info = inspect_gguf(path)  # refuses a damaged file or one without a tokenizer before dequantising
+    with atomic_dir(folder) as tmp:
+        dequantise(path, tmp)
+    write_json(info, record)
+    return info, folder
 
 
 def link_files(source: Path, target: Path) -> None:
@@ -362,8 +367,7 @@ def link_files(source: Path, target: Path) -> None:
 def pull_gguf(ckpt: Checkpoint, paths: ProjectPaths) -> dict[str, Any]:
     """Pull a `gguf:` checkpoint into the model cache and write its manifest."""
     spec = ckpt.gguf
-    path, info, sources = build_folder(spec, paths, ckpt.name)
-    digest = file_sha256(path)
+    path, digest, info, sources = build_folder(spec, paths, ckpt.name)
     licence = spec.get("licence") or info["license"]
     folder = describe(paths.gguf_model_dir(ckpt.name))
     manifest = {
