@@ -124,3 +124,12 @@ def test_dvc_status_reports_a_stage_changed_when_a_module_it_runs_changes(tmp_pa
     (clone / "analysis" / "statistics" / "__pycache__").mkdir(exist_ok=True)
     (clone / "analysis" / "statistics" / "__pycache__" / "heads.cpython-311.pyc").write_bytes(b"cache")
     assert changed_deps() == before
+    # a family taken out of the suite's checkpoint list re-runs no other checkpoint's pull or extract stage
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    gone = next(iter(params["checkpoints"].values()))["family"]
+    lines = (clone / "params.yaml").read_text().splitlines(keepends=True)
+    kept = [line for line in lines if f"{{family: {gone}," not in line]
+    assert len(kept) < len(lines)
+    (clone / "params.yaml").write_text("".join(kept))
+    rerun = [s for s, deps in changed_deps().items() if s.split("@")[0] in ("pull", "extract") and "params.yaml" in deps]
+    assert rerun == [], f"taking {gone} out of the suite re-runs {rerun}"
