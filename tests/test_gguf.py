@@ -415,14 +415,20 @@ def test_a_demo_family_comes_back_through_the_gguf_source(tmp_path_factory, demo
 
 
 def test_an_architecture_the_bridge_does_not_support_is_refused(tmp_path, demo_gguf, monkeypatch):
-    """transformers loads the file, but TransformerBridge has no adapter for it (its registry, emptied of Llama)."""
+    """transformers loads the file, but TransformerBridge has no adapter for it (its registry, emptied of Llama):
+    refused whether the file is dequantised now or its folder was cached while the adapter existed."""
     from transformer_lens.factories import architecture_adapter_factory as factory
 
+    monkeypatch.setenv("SELFREF_GGUF_DOWNLOADS", str(tmp_path / "downloads"))
+    cached, ckpt = _local(tmp_path / "cached", demo_gguf["F32"])
+    gguf_source.pull_gguf(ckpt, cached)  # the adapter exists: the dequantised folder is kept in the cache
     monkeypatch.delitem(factory.SUPPORTED_ARCHITECTURES, "LlamaForCausalLM")
-    paths, ckpt = _local(tmp_path, demo_gguf["F32"])
-    with pytest.raises(UserError, match=r"demo_F32\.gguf: TransformerBridge has no adapter for LlamaForCausalLM"):
-        gguf_source.pull_gguf(ckpt, paths)
-    _nothing_written(paths, ckpt.name)
+    for downloads in ("downloads", "empty-downloads"):
+        monkeypatch.setenv("SELFREF_GGUF_DOWNLOADS", str(tmp_path / downloads))
+        paths, ckpt = _local(tmp_path / f"project-{downloads}", demo_gguf["F32"])
+        with pytest.raises(UserError, match=r"demo_F32\.gguf: TransformerBridge has no adapter for LlamaForCausalLM"):
+            gguf_source.pull_gguf(ckpt, paths)
+        _nothing_written(paths, ckpt.name)
 
 
 def test_chat_extraction_of_a_family_without_instruct_checkpoint_is_refused(project):

