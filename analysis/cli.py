@@ -85,26 +85,30 @@ def pull(
     checkpoint: str = typer.Argument(..., help="<family>-<variant> of the active suite"),
     update: bool = typer.Option(False, help="Re-resolve the revision instead of re-using the pinned SHA."),
 ) -> None:
-    """Download (hub), generate (demo) or pin (local) a checkpoint and write data/models/<checkpoint>.json."""
-    from analysis.verbs import pull as stage
+    """Download (hub), generate (demo), pin (local) or dequantise (gguf) a checkpoint and write its manifest,
+    data/models/<family>/<checkpoint>.json."""
+    from analysis.models.sources import manifest_line, pull_checkpoint
 
-    stage.run(_config(), checkpoint, update)
+    config = _config()
+    typer.echo(manifest_line(pull_checkpoint(config.checkpoint(checkpoint), config.paths,
+                                             config.prompts.min_per_category, update)))
 
 
 @app.command()
 def extract(
-    checkpoint: str = typer.Argument(..., help="<family>-<variant> of the active suite"),
+    name: str = typer.Argument(..., help="a family of the active suite (pull and extract each of its checkpoints: "
+                                         "the extract@<family> stage), or one <family>-<variant> pulled before"),
     prompt_format: str | None = typer.Option(None, "--format", help="only this format (default: every format "
                                                 "the checkpoint has). raw: the prompt alone; chat: inside the "
                                                 "family's instruct chat template, entropy over the user's text only"),
 ) -> None:
-    """Attention entropy of every head for every prompt: data/entropy/<checkpoint>/<format>.parquet."""
+    """Attention entropy of every head for every prompt: data/entropy/<family>/<checkpoint>/<format>.parquet."""
     from analysis.core.quantities import PROMPT_FORMATS
     from analysis.verbs import extract as stage
 
     if prompt_format is not None and prompt_format not in PROMPT_FORMATS:
         raise UserError(f"--format {prompt_format!r}: use one of {', '.join(PROMPT_FORMATS)}")
-    stage.run(_config(), checkpoint, prompt_format)
+    stage.run(_config(), name, prompt_format)
 
 
 @app.command()

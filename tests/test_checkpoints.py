@@ -41,7 +41,7 @@ def hub_project(tmp_path, demo_dir):
         "instruct": {"repo": "selfref-test/tiny-instruct", "revision": "main"},
     }}}
     params["suite"] = "local"
-    params["checkpoints"] = {f"tiny-{v}": {"family": "tiny", "variant": v, "chat_from": "tiny-instruct"} for v in ("base", "instruct")}
+    params["checkpoints"] = {f"tiny-{v}": {"family": "tiny", "variant": v} for v in ("base", "instruct")}
     params["families"] = ["tiny"]  # what `selfref suite use local` writes beside `checkpoints`
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     cache = tmp_path / "hub"
@@ -154,7 +154,7 @@ def test_extract_verifies_hub_files_against_the_manifest(hub_project):
     weights.write_bytes(bytes(data))
     result = _selfref(root, cache, "extract", "tiny-base")
     assert result.returncode == 2, result.stderr
-    assert weights.name in result.stderr and "does not match data/models/tiny-base.json" in result.stderr
+    assert weights.name in result.stderr and "does not match data/models/tiny/tiny-base.json" in result.stderr
     assert "selfref pull tiny-base" in result.stderr and "Traceback" not in result.stderr
     assert not (root / "data" / "entropy" / "tiny-base").exists()
 
@@ -205,7 +205,7 @@ def test_a_local_folder_is_pinned_verified_and_refused_once_changed(project, dem
         checkpoints.pull_local(cfg.checkpoint("tiny-instruct"), cfg.paths)
     weights = next(folder.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(UserError, match=rf"{weights.name} does not match data/models/tiny-base.json .*restore the "
+    with pytest.raises(UserError, match=rf"{weights.name} does not match data/models/tiny/tiny-base.json .*restore the "
                                         r"folder, or run `selfref pull tiny-base`"):
         checkpoints.local_dir(manifest, None, [], cfg.paths)
     weights.unlink()

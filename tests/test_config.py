@@ -156,8 +156,8 @@ def test_suite_use_rewrites_suite_and_checkpoints_keeping_comments(tmp_path):
 
 
 def test_the_chat_format_reads_the_family_instruct_template_and_a_family_without_one_has_none(tmp_path):
-    """extract@<checkpoint> depends on the manifest whose template its chat format uses (`chat_from`), and a family
-    without an instruct checkpoint is extracted in the raw format only."""
+    """The chat format of every checkpoint of a family reads the family's instruct template, and a family without
+    an instruct checkpoint is extracted in the raw format only."""
     from analysis.verbs.extract import formats_of
 
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
@@ -165,9 +165,9 @@ def test_the_chat_format_reads_the_family_instruct_template_and_a_family_without
     config.use_suite("real", paths)
     cfg = config.load(paths)
     entries = yaml.safe_load((tmp_path / "params.yaml").read_text())["checkpoints"]
-    assert entries["gemma3_270m_q4-base"] == {"family": "gemma3_270m_q4", "variant": "base",
-                                              "chat_from": "gemma3_270m_q4-base"}
-    assert entries["smollm2_135m_q4-instruct"]["chat_from"] == "smollm2_135m_q4-instruct"
+    assert entries["gemma3_270m_q4-base"] == {"family": "gemma3_270m_q4", "variant": "base"}
+    assert cfg.chat_template_source(cfg.checkpoint("gemma3_270m_q4-base")) is None
+    assert cfg.chat_template_source(cfg.checkpoint("smollm2_135m_q4-instruct")).name == "smollm2_135m_q4-instruct"
     assert formats_of(cfg, "gemma3_270m_q4-base") == ("raw",)
     assert formats_of(cfg, "smollm2_135m_q4-instruct") == ("raw", "chat")
     config.use_suite("demo", paths)

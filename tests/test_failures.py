@@ -54,7 +54,7 @@ def _restore(clone: Path) -> None:
      "params.yaml stats.n_resamples: 0 is out of range"),
     (("data/prompts.csv", "prompt_id,category", "prompt,category"), "prompts", "data/prompts",
      "missing column(s) prompt_id"),
-    (("params.yaml", "suite: default", "suite: nosuch"), "pull@demo_llama-base", "data/models", "nosuch"),
+    (("params.yaml", "suite: default", "suite: nosuch"), "extract@demo_llama", "data/models", "nosuch"),
 ])
 def test_a_refused_input_under_dvc_repro_deletes_nothing(clone, edit, stage, outputs, message):
     """The recipes of the issue: every previous output is byte-identical after the failed stage, and

@@ -107,6 +107,6 @@ def test_stats_without_entropy_tables_names_the_missing_file_and_writes_nothing(
     """The stats verb refuses to run on missing inputs and says which stage makes them."""
     from analysis.core.errors import UserError
 
-    with pytest.raises(UserError, match=r"data/entropy/demo_\w+-base/raw.parquet: missing; run `selfref extract"):
+    with pytest.raises(UserError, match=r"data/entropy/demo_\w+/demo_\w+-base/raw.parquet: missing; run `selfref extract"):
         cli.stats()
     assert not (project / "data" / "stats").exists()

@@ -15,7 +15,7 @@ import yaml
 
 from stage_modules import REPO, WIRING, imported_modules, stage_dependencies, stage_modules
 
-STAGE_MODULES = {"prompts": "prompts_check", "pull": "pull", "extract": "extract",
+STAGE_MODULES = {"prompts": "prompts_check", "extract": "extract",
                  "stats": "stats", "original": "original", "figures": "figures", "report": "report",
                  "patch": "patch", "probe": "probe", "bos_trap": "bos_trap"}
 DVC = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
@@ -124,12 +124,23 @@ def test_dvc_status_reports_a_stage_changed_when_a_module_it_runs_changes(tmp_pa
     (clone / "analysis" / "statistics" / "__pycache__").mkdir(exist_ok=True)
     (clone / "analysis" / "statistics" / "__pycache__" / "heads.cpython-311.pyc").write_bytes(b"cache")
     assert changed_deps() == before
-    # a family taken out of the suite's checkpoint list re-runs no other checkpoint's pull or extract stage
+    # a family taken out of the suite's lists re-runs no other family's extract stage
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    gone = next(iter(params["checkpoints"].values()))["family"]
+    gone = params["families"][0]
     lines = (clone / "params.yaml").read_text().splitlines(keepends=True)
     kept = [line for line in lines if f"{{family: {gone}," not in line]
     assert len(kept) < len(lines)
-    (clone / "params.yaml").write_text("".join(kept))
-    rerun = [s for s, deps in changed_deps().items() if s.split("@")[0] in ("pull", "extract") and "params.yaml" in deps]
+    text = "".join(kept).replace(f"families: [{gone}, ", "families: [")
+    assert text.count("families: [") == 1 and f"[{gone}," not in text
+    (clone / "params.yaml").write_text(text)
+    changed = changed_deps()
+    assert f"extract@{gone}" not in changed and f"extract@{params['families'][1]}" in _stage_names(clone)
+    rerun = [s for s, deps in changed.items() if s.startswith("extract@") and "params.yaml" in deps]
     assert rerun == [], f"taking {gone} out of the suite re-runs {rerun}"
+
+
+def _stage_names(root: Path) -> list[str]:
+    """The stages of the project at `root`, foreach stages expanded, as `dvc stage list` names them."""
+    done = subprocess.run([DVC, "stage", "list", "--name-only"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()

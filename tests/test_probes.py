@@ -17,7 +17,7 @@ from analysis.statistics import probes
 sklearn = pytest.importorskip("sklearn")
 
 SETTINGS = ProbeSettings(pools=("mean", "last"), outer_folds=5, inner_folds=3, c_grid=(0.01, 0.1, 1.0, 10.0),
-                         max_iter=200, n_resamples=500, n_permutations=500)
+                         max_iter=200, n_resamples=500, n_permutations=500, workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,10 @@ def test_the_residual_file_round_trips_at_float16_precision(tmp_path):
         np.testing.assert_allclose(back.features[pool], made.features[pool], rtol=2e-3,
                                    atol=2e-3 * np.abs(made.features[pool]).max())
     assert not any(p.suffix != ".safetensors" for p in tmp_path.iterdir())  # nothing half-written left beside it
+    # equal content, equal bytes: DVC hashes the file, and a stage that reads it must not re-run for nothing
+    for attempt in range(3):
+        res.write_residuals(made, tmp_path / f"again{attempt}.safetensors")
+        assert (tmp_path / f"again{attempt}.safetensors").read_bytes() == (tmp_path / "x.safetensors").read_bytes()
 
 
 def test_grouped_folds_never_split_a_matching_unit(prompts, config):

@@ -131,7 +131,7 @@ def test_a_threshold_crossed_within_tolerance_is_borderline(tmp_path):
 def test_published_artefacts_are_the_built_ones():
     assert is_published("data/stats/heads.parquet") and is_published("data/patching/demo_llama.json")
     assert not is_published("data/patching/demo_llama.prompts.parquet")
-    assert not is_published("data/prompts.csv") and not is_published("data/models/demo_llama-base.json")
+    assert not is_published("data/prompts.csv") and not is_published("data/models/demo_llama/demo_llama-base.json")
     assert is_published("data/original/reanalysis.json") and not is_published("data/original/claims.yaml")
 
 

@@ -142,7 +142,7 @@ def test_local_checkpoint_changed_after_pull_is_refused(realshape_project, reals
     manifest = json.loads(paths.manifest("qwen25_05b-base").read_text())
     assert local_dir(manifest, None, [], paths) == realshape_dir("qwen25_05b", "base")
     manifest["files"][0]["sha256"] = "0" * 64
-    with pytest.raises(UserError, match=r"does not match data/models/qwen25_05b-base.json .*restore the folder, "
+    with pytest.raises(UserError, match=r"does not match data/models/qwen25_05b/qwen25_05b-base.json .*restore the folder, "
                                         r"or run `selfref pull qwen25_05b-base`"):
         local_dir(manifest, None, [], paths)
 

@@ -44,7 +44,7 @@ def test_stages_are_the_order_of_the_family_mapping_and_two_stage_families_keep_
                                                                                        "demo_llama-instruct"]
     assert REPO_CONFIG.checkpoint("demo_stages-dpo").variant == "dpo"
     assert config.checkpoint_entries(REPO_CONFIG.checkpoints)["demo_stages-sft"] == {
-        "family": STAGED, "variant": "sft", "chat_from": f"{STAGED}-instruct"}
+        "family": STAGED, "variant": "sft"}
 
 
 @pytest.mark.parametrize("stages, message", [

@@ -44,11 +44,11 @@ class Source:
 
 
 ENGLISH: tuple[Source, ...] = (
-    Source(FAM + r"n_layers$", "metrics", "data/entropy/<checkpoint>/<format>.parquet: layer",
+    Source(FAM + r"n_layers$", "metrics", "data/entropy/<family>/<checkpoint>/<format>.parquet: layer",
            "analysis.statistics.layers:family_arrays", (), "stats", "layers of the family's checkpoints"),
-    Source(FAM + r"n_heads$", "metrics", "data/entropy/<checkpoint>/<format>.parquet: head",
+    Source(FAM + r"n_heads$", "metrics", "data/entropy/<family>/<checkpoint>/<format>.parquet: head",
            "analysis.statistics.layers:family_arrays", (), "stats", "query heads per layer"),
-    Source(FAM + r"n_prompts\.(?P<category>\w+)$", "metrics", "data/entropy/<checkpoint>/<format>.parquet: category",
+    Source(FAM + r"n_prompts\.(?P<category>\w+)$", "metrics", "data/entropy/<family>/<checkpoint>/<format>.parquet: category",
            "analysis.statistics.layers:family_metrics", (), "stats", "prompts of the category"),
     Source(FAM + r"mean_delta_rfc(_lo|_hi)?$", "metrics", "data/stats/deltas.parquet: delta_rfc (mean over layers)",
            "analysis.statistics.layers:family_metrics", HEADLINE + BOOT, "stats",
@@ -125,7 +125,7 @@ def in_language(source: Source) -> Source:
 # A family of a single checkpoint (metrics.json `checkpoints`): its profile within the one model.
 SINGLE: tuple[Source, ...] = (
     Source(CKPT + r"(variant|n_layers|n_heads|n_prompts\.\w+)$", "metrics",
-           "data/entropy/<checkpoint>/raw.parquet: variant, layer, head, category",
+           "data/entropy/<family>/<checkpoint>/raw.parquet: variant, layer, head, category",
            "analysis.statistics.layers:checkpoint_metrics", (), "stats", "the checkpoint, its shape and prompts"),
     Source(CKPT + r"mean_(?P<stat>rfc|rsi)(_lo|_hi)?$", "metrics", "data/stats/layers.parquet: {stat} (mean over layers)",
            "analysis.statistics.layers:checkpoint_metrics", HEADLINE + BOOT, "stats",

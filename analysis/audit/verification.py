@@ -31,7 +31,7 @@ ID_COLUMNS = ("definition", "format", "family", "family_a", "family_b", "variant
 NOT_CHECKED = ("The entropy tables (data/entropy/**) and the per-prompt patching effects "
                "(data/patching/<family>.prompts.parquet) are the input of this check and need the models to "
                "recompute: run `dvc repro` (it re-extracts every table whose inputs changed; `dvc repro --force "
-               "extract@<checkpoint>` re-extracts one) and compare the new tables with the old ones at tolerance, "
+               "extract@<family>` re-extracts one family) and compare the new tables with the old ones at tolerance, "
                "e.g. `selfref verify` again afterwards, never by file hash (md5s in dvc.lock change between CPUs).")
 
 

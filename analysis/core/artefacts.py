@@ -201,12 +201,18 @@ def read_parquet(path: Path, columns: tuple[str, ...] = ()) -> pd.DataFrame:
     return frame
 
 
+METADATA_KEY = "selfref"  # the one safetensors metadata entry of write_safetensors: a JSON object
+
+
 def write_safetensors(tensors: dict[str, Any], metadata: dict[str, str], path: Path) -> None:
-    """Write numpy arrays as safetensors (no pickle: plain arrays and a text header), atomically."""
+    """Write numpy arrays as safetensors (no pickle: plain arrays and a text header), atomically. The metadata go in
+    as one sorted JSON entry: safetensors writes several entries in a random order, and a file whose bytes change
+    with equal content would make DVC re-run every stage that reads it."""
     from safetensors.numpy import save_file
 
     with atomic_path(path) as tmp:
-        save_file({k: v for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v for k, v in tensors.items()}, str(tmp),
+                  metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -216,7 +222,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
     try:
         with safe_open(str(path), framework="numpy") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+            header = dict(fh.metadata() or {})
+            metadata = json.loads(header[METADATA_KEY]) if METADATA_KEY in header else header
+            return {k: fh.get_tensor(k) for k in fh.keys()}, metadata
     except FileNotFoundError:
         raise UserError(f"{path}: missing; run `dvc repro` to rebuild it") from None
     except (SafetensorError, OSError) as err:

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from analysis.core.errors import UserError
-from analysis.core.layout import ProjectPaths, project_paths
+from analysis.core.layout import ProjectPaths, checkpoint_name, project_paths
 from analysis.core.quantities import DEFINITIONS, LANGUAGES, POOLS, PROMPT_FORMATS, SOURCE_LANGUAGE, VARIANTS
 
 FAMILY_NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -45,7 +45,7 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return f"{self.family}-{self.variant}"
+        return checkpoint_name(self.family, self.variant)
 
     @property
     def source(self) -> str:
@@ -128,6 +128,7 @@ class ProbeSettings:
     max_iter: int                # lbfgs iterations per fit
     n_resamples: int             # bootstrap resamples of matching units
     n_permutations: int          # base/instruct swaps per matching unit
+    workers: int | str           # processes probing families side by side: a number, or "auto" (one per idle core)
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,15 @@ def _cpu_threads(value: Any) -> int | str | None:
     return _integer(value, "extract.cpu_threads", 1, 1024)
 
 
+def _workers(value: Any) -> int | str:
+    """probe.workers: "auto" (one per idle core) or a number of processes."""
+    if value == "auto":
+        return value
+    if isinstance(value, str) or value is None:
+        raise UserError(f"{_where('probe.workers')}: {value!r} is not allowed; use auto or a number of processes")
+    return _integer(value, "probe.workers", 1, 1024)
+
+
 def _preflight_settings(params: dict[str, Any]) -> PreflightSettings:
     s = _section(params, "preflight", PreflightSettings)
     flops = s["flops"]
@@ -357,6 +367,7 @@ def _probe_settings(params: dict[str, Any]) -> ProbeSettings:
         max_iter=_integer(s["max_iter"], "probe.max_iter", 10),
         n_resamples=_integer(s["n_resamples"], "probe.n_resamples", 100),
         n_permutations=_integer(s["n_permutations"], "probe.n_permutations", 100),
+        workers=_workers(s["workers"]),
     )
 
 
@@ -521,22 +532,21 @@ def staged_families(stages: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, 
 def chat_template_source(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint], ckpt: Checkpoint) -> str | None:
     """Name of the checkpoint whose chat template the chat format of `ckpt` uses: the family's instruct checkpoint
     (for base and instruct alike, so both see the same tokens), or None when the family has none."""
-    instruct = f"{ckpt.family}-{VARIANTS[-1]}"
+    instruct = checkpoint_name(ckpt.family, VARIANTS[-1])
     return instruct if any(c.name == instruct for c in checkpoints) else None
 
 
 def checkpoint_entries(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> dict[str, dict[str, str]]:
-    """The `checkpoints:` mapping that dvc.yaml iterates over (stage names `extract@<checkpoint>`). `chat_from`
-    names the manifest the chat format reads (the family's instruct checkpoint; the checkpoint itself in a family
-    without one, which then has no chat format), so each extract stage depends on exactly that manifest."""
-    return {c.name: {"family": c.family, "variant": c.variant,
-                     "chat_from": chat_template_source(checkpoints, c) or c.name} for c in checkpoints}
+    """The `checkpoints:` mapping of params.yaml: every checkpoint of the active suite with its family and variant
+    (what the stages' tables are keyed by; dvc.yaml iterates over `families`)."""
+    return {c.name: {"family": c.family, "variant": c.variant} for c in checkpoints}
 
 
 # --- reading ---------------------------------------------------------------------------------------
 
 def family_names(checkpoints: tuple[Checkpoint, ...] | list[Checkpoint]) -> list[str]:
-    """The suite's families in params order: the `families:` list of params.yaml (one patch@<family> stage each)."""
+    """The suite's families in params order: the `families:` list of params.yaml (one extract@<family> and one
+    patch@<family> stage each)."""
     return list(dict.fromkeys(c.family for c in checkpoints))
 
 

@@ -25,6 +25,19 @@ STATS_TABLES = ("layers", "deltas", "cross_family", "heads", "token_lengths", "r
 PROBE_TABLES = ("probes", "probe_changes", "probe_correlations")
 
 
+def checkpoint_name(family: str, variant: str) -> str:
+    """A checkpoint's name, `<family>-<variant>`: family names have no `-` (letters, digits, _), so it splits back."""
+    return f"{family}-{variant}"
+
+
+def family_of(checkpoint: str) -> str:
+    """The family of a checkpoint name (`<family>-<variant>`), the folder its per-family files live in."""
+    family, dash, variant = checkpoint.partition("-")
+    if not (family and dash and variant):
+        raise ValueError(f"{checkpoint!r} is not a checkpoint name (<family>-<variant>)")
+    return family
+
+
 @dataclass(frozen=True)
 class ProjectPaths:
     """Every file location of one project root."""
@@ -167,13 +180,21 @@ class ProjectPaths:
         """The family's headline patching numbers (a DVC metrics file)."""
         return self.patching / f"{family}.json"
 
+    def family_manifests(self, family: str) -> Path:
+        """data/models/<family>: the manifests of one family's checkpoints (an output of its extract stage)."""
+        return self.manifests / family
+
     def manifest(self, checkpoint: str) -> Path:
         """Tracked manifest of one checkpoint (`<family>-<variant>`)."""
-        return self.manifests / f"{checkpoint}.json"
+        return self.family_manifests(family_of(checkpoint)) / f"{checkpoint}.json"
+
+    def family_entropy(self, family: str) -> Path:
+        """data/entropy/<family>: the entropy tables of one family's checkpoints (an output of its extract stage)."""
+        return self.entropy / family
 
     def entropy_tables(self, checkpoint: str) -> Path:
-        """The folder of one checkpoint's entropy tables, one per prompt format (the output of its extract stage)."""
-        return self.entropy / checkpoint
+        """The folder of one checkpoint's entropy tables, one per prompt format."""
+        return self.family_entropy(family_of(checkpoint)) / checkpoint
 
     @property
     def bos_trap(self) -> Path:
@@ -188,9 +209,13 @@ class ProjectPaths:
     def residuals(self) -> Path:
         return self.data / "residuals"
 
+    def family_residuals(self, family: str) -> Path:
+        """data/residuals/<family>: the pooled residual streams of one family's checkpoints."""
+        return self.residuals / family
+
     def residual_file(self, checkpoint: str) -> Path:
         """Pooled residual stream of one checkpoint over the raw-format prompts (extraction's second output)."""
-        return self.residuals / f"{checkpoint}.safetensors"
+        return self.family_residuals(family_of(checkpoint)) / f"{checkpoint}.safetensors"
 
     @property
     def probes(self) -> Path:

@@ -21,6 +21,7 @@ import torch
 from scipy import stats
 
 from analysis.core.errors import UserError
+from analysis.core.layout import checkpoint_name
 from analysis.extraction.runner import EncodedPrompt, EntropyRunner
 from analysis.core.quantities import NEUTRAL, SELF, head_label, rfc
 from analysis.statistics.resampling import (
@@ -228,7 +229,7 @@ def intervened_runs(runners: dict[str, EntropyRunner], encoded: list[EncodedProm
     """The clean runs of both variants and, per intervention, the intervened runs of every selected head:
     entropies [n_sel, n_prompts, layer, head] and KL from the clean run [n_sel, n_prompts]. Each intervention
     is one pass over the prompt list replicated once per head (`batch_size` rows per forward pass)."""
-    clean = {v: clean_run(runners[v], encoded, unique, batch_size, definition, f"{family}-{v}") for v in runners}
+    clean = {v: clean_run(runners[v], encoded, unique, batch_size, definition, checkpoint_name(family, v)) for v in runners}
     lengths = np.array([len(e.input_ids) for e in encoded])
     n, n_sel = len(encoded), len(unique)
     replicated = [e for _ in unique for e in encoded]

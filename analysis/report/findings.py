@@ -9,6 +9,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.core.config import Config
+from analysis.core.layout import checkpoint_name
 from analysis.core.quantities import LANGUAGES, SOURCE_LANGUAGE, choice_rows, head_label, words
 
 MASS_COLUMNS = ["family", "layer", "head", "role", "marker_base", "marker_instruct", "marker_delta", "marker_delta_lo",
@@ -200,7 +201,7 @@ def single_checkpoints(config: Config, attention_mass: pd.DataFrame, format_cont
         chat = format_contrasts[(format_contrasts["family"] == family)
                                 & (format_contrasts["definition"] == stats.headline_definition)
                                 & (format_contrasts["language"] == SOURCE_LANGUAGE)]
-        rows.append({"family": family, "checkpoint": f"{family}-{stages[0]}",
+        rows.append({"family": family, "checkpoint": checkpoint_name(family, stages[0]),
                      "first_token_mass": float(level.mean()) if len(level) else None,
                      "chat_mean_delta_rfc": float(chat["delta_rfc"].mean()) if len(chat) else None,
                      "chat_n_layers_significant": int((chat["q_value"] < stats.alpha).sum()) if len(chat) else None,

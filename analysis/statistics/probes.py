@@ -22,6 +22,7 @@ import pandas as pd
 from scipy import sparse
 
 from analysis.core.config import ProbeSettings, StatsSettings
+from analysis.core.layout import checkpoint_name
 from analysis.core.quantities import CATEGORIES, NEUTRAL, SELF, relative_depth
 from analysis.statistics.correlation import compare_profiles
 from analysis.statistics.layers import metric_value
@@ -310,7 +311,7 @@ def change_table(outcomes: dict[str, dict], stages: dict[str, tuple[str, ...]], 
     for family, order in stages.items():
         if len(order) < 2:
             continue
-        base, instruct = outcomes[f"{family}-{order[0]}"], outcomes[f"{family}-{order[-1]}"]
+        base, instruct = outcomes[checkpoint_name(family, order[0])], outcomes[checkpoint_name(family, order[-1])]
         for task in TASKS:
             for pool in settings.pools:
                 layers = range(n_layers[family])

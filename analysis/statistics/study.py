@@ -172,7 +172,7 @@ def entropy_tables(config: Config) -> dict[str, pd.DataFrame]:
                 continue  # a family without an instruct checkpoint has no chat format
             path = paths.entropy_table(ckpt.name, prompt_format)
             if not path.exists():
-                raise UserError(f"{paths.relative(path)}: missing; run `selfref extract {ckpt.name}` (or `dvc repro`)")
+                raise UserError(f"{paths.relative(path)}: missing; run `selfref extract {ckpt.family}` (or `dvc repro`)")
             frames.append(read_parquet(path, columns))
         out[prompt_format] = pd.concat(frames, ignore_index=True)
     return out

@@ -1,9 +1,16 @@
-"""Stage `extract@<checkpoint>`: the entropy tables of one checkpoint, one per prompt format, in
-data/entropy/<checkpoint>/ (raw always; chat where the family has an instruct checkpoint whose template wraps
-the prompts), from one load of the model."""
+"""Stage `extract@<family>`: pull every checkpoint of one family (writing its manifest in data/models/<family>/) and
+write its entropy tables, one per prompt format, in data/entropy/<family>/<checkpoint>/ (raw always; chat where
+the family has an instruct checkpoint whose template wraps the prompts) and its pooled residual stream in
+data/residuals/<family>/. One process per family: importing torch and TransformerLens costs more than pulling and
+running a small checkpoint. `selfref extract <checkpoint>` extracts one checkpoint that was pulled before."""
 
 from __future__ import annotations
 
+import gc
+import shutil
+from dataclasses import dataclass
+
+import pandas as pd
 import typer
 
 from analysis.core.artefacts import write_parquet
@@ -11,9 +18,20 @@ from analysis.core.config import Config
 from analysis.core.errors import UserError
 from analysis.core.prompts import load_prompts, token_lengths
 from analysis.core.quantities import PROMPT_FORMATS
-from analysis.extraction.residuals import write_residuals
+from analysis.extraction.residuals import ResidualSet, write_residuals
 from analysis.extraction.runner import checkpoint_tables
 from analysis.models import checkpoints
+from analysis.models.sources import manifest_line, pull_checkpoint
+
+
+@dataclass
+class Extracted:
+    """One checkpoint's outputs, held until every checkpoint of the stage has run."""
+
+    name: str
+    tables: dict[str, pd.DataFrame]
+    residuals: ResidualSet | None
+    dropped_formats: tuple[str, ...]  # formats the checkpoint no longer has (its family lost its instruct)
 
 
 def formats_of(config: Config, name: str) -> tuple[str, ...]:
@@ -23,7 +41,23 @@ def formats_of(config: Config, name: str) -> tuple[str, ...]:
 
 
 def run(config: Config, name: str, prompt_format: str | None = None) -> None:
-    """Run every prompt through checkpoint `name` and write its entropy table in each format (or in one)."""
+    """`name` a family: pull and extract each of its checkpoints (the stage); a checkpoint: extract it alone."""
+    if name in config.families:
+        members = [c.name for c in config.checkpoints if c.family == name]
+        for member in members:
+            typer.echo(manifest_line(pull_checkpoint(config.checkpoint(member), config.paths,
+                                                     config.prompts.min_per_category)))
+        done = [extract_checkpoint(config, member, prompt_format) for member in members]
+    else:
+        done = [extract_checkpoint(config, name, prompt_format)]
+    for result in done:  # every output written only once every checkpoint has run
+        write_outputs(config, result)
+    if name in config.families:
+        remove_former_members(config, name)
+
+
+def extract_checkpoint(config: Config, name: str, prompt_format: str | None = None) -> Extracted:
+    """Run every prompt through checkpoint `name` (pulled before) in each of its formats (or in one)."""
     paths = config.paths
     ckpt = config.checkpoint(name)
     available = formats_of(config, name)
@@ -44,6 +78,7 @@ def run(config: Config, name: str, prompt_format: str | None = None) -> None:
                                           settings=config.extract, formats=formats, chat_dir=chat_dir,
                                           expected_shape=(manifest["n_layers"], manifest["n_heads"]),
                                           residuals="raw" in formats)
+    gc.collect()  # the model is released before the family's next checkpoint loads
     for fmt, frame in tables.items():
         lengths = frame.drop_duplicates("prompt_id").set_index("prompt_id")["n_tokens"]
         for language, part in prompts.groupby("language", sort=False):
@@ -51,14 +86,34 @@ def run(config: Config, name: str, prompt_format: str | None = None) -> None:
                                   config.prompts.max_token_gap)
             if check.warning:
                 typer.secho("warning: " + check.warning, fg="yellow", err=True)
-    if residuals is not None:  # every output written only once every format has run
-        write_residuals(residuals, paths.residual_file(name))
-        size = paths.residual_file(name).stat().st_size
-        typer.echo(f"{name}: pooled residual stream {size / 1e6:.1f} MB -> {paths.relative(paths.residual_file(name))}")
-    for fmt, frame in tables.items():
-        target = paths.entropy_table(name, fmt)
+    dropped = tuple(sorted(set(PROMPT_FORMATS) - set(available))) if prompt_format is None else ()
+    return Extracted(name, tables, residuals, dropped)
+
+
+def write_outputs(config: Config, result: Extracted) -> None:
+    """Write one checkpoint's residual file and entropy tables; remove the tables of formats it no longer has."""
+    paths = config.paths
+    if result.residuals is not None:
+        target = paths.residual_file(result.name)
+        write_residuals(result.residuals, target)
+        typer.echo(f"{result.name}: pooled residual stream {target.stat().st_size / 1e6:.1f} MB -> "
+                   f"{paths.relative(target)}")
+    for fmt, frame in result.tables.items():
+        target = paths.entropy_table(result.name, fmt)
         write_parquet(frame, target)
-        typer.echo(f"{name}: {len(frame):,} rows -> {paths.relative(target)}")
-    if prompt_format is None:  # a format the checkpoint no longer has (its family lost its instruct) goes
-        for fmt in set(PROMPT_FORMATS) - set(available):
-            paths.entropy_table(name, fmt).unlink(missing_ok=True)
+        typer.echo(f"{result.name}: {len(frame):,} rows -> {paths.relative(target)}")
+    for fmt in result.dropped_formats:
+        paths.entropy_table(result.name, fmt).unlink(missing_ok=True)
+
+
+def remove_former_members(config: Config, family: str) -> None:
+    """Remove the manifests, tables and residuals of checkpoints the family no longer has (the stage's outputs are
+    its folders, so a checkpoint taken out of the suite must not linger in them)."""
+    paths = config.paths
+    members = {c.name for c in config.checkpoints if c.family == family}
+    leftovers = [p for p in paths.family_manifests(family).glob("*.json") if p.stem not in members]
+    leftovers += [p for p in paths.family_residuals(family).glob("*.safetensors") if p.stem not in members]
+    leftovers += [p for p in paths.family_entropy(family).glob("*") if p.name not in members]
+    for path in leftovers:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        typer.echo(f"{family}: removed {paths.relative(path)} (no longer a checkpoint of the family)")

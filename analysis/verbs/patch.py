@@ -11,6 +11,7 @@ from analysis.models import checkpoints
 from analysis.core.artefacts import read_parquet, write_json, write_parquet
 from analysis.core.config import Config
 from analysis.core.errors import UserError
+from analysis.core.layout import checkpoint_name
 from analysis.extraction.runner import encode_prompts, open_checkpoint
 from analysis.interventions.patching import PATCH_CATEGORIES, check_identical_ids, interventions_for, run_interventions
 from analysis.interventions.summary import HEADS_COLUMNS, heads_table, selection_for, summaries
@@ -35,7 +36,7 @@ def run(config: Config, family: str) -> None:
     prompts = prompts.reset_index(drop=True)
     local = {}
     for variant in variants:
-        ckpt = config.checkpoint(f"{family}-{variant}")
+        ckpt = config.checkpoint(checkpoint_name(family, variant))
         local[variant] = (ckpt, checkpoints.read_manifest(paths, ckpt.name))
     dirs = {v: checkpoints.local_dir(m, c.demo, corpus, paths) for v, (c, m) in local.items()}
     if stats.headline_format == "chat" and "instruct" not in dirs:
