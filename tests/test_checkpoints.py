@@ -62,7 +62,7 @@ def test_pull_writes_a_pinned_manifest_and_reuses_its_sha(hub_project, demo_dir)
     root, cache = hub_project
     result = _selfref(root, cache, "pull", "tiny-base")
     assert result.returncode == 0, result.stderr
-    manifest = json.loads((root / "data" / "models" / "tiny-base.json").read_text())
+    manifest = json.loads((root / "data" / "models" / "tiny" / "tiny-base.json").read_text())
     assert manifest["revision"] == SHA_1 and manifest["repo"] == "selfref-test/tiny"
     assert (manifest["n_layers"], manifest["n_heads"], manifest["n_kv_heads"]) == (6, 8, 2)
     assert manifest["n_params"] > 0
@@ -72,9 +72,9 @@ def test_pull_writes_a_pinned_manifest_and_reuses_its_sha(hub_project, demo_dir)
     # A newer commit appears on main: the pinned SHA is kept until the user asks for --update.
     _add_snapshot(cache, "selfref-test/tiny", SHA_2, demo_dir("demo_llama", "base"))
     assert _selfref(root, cache, "pull", "tiny-base").returncode == 0
-    assert json.loads((root / "data" / "models" / "tiny-base.json").read_text())["revision"] == SHA_1
+    assert json.loads((root / "data" / "models" / "tiny" / "tiny-base.json").read_text())["revision"] == SHA_1
     assert _selfref(root, cache, "pull", "tiny-base", "--update").returncode == 0
-    assert json.loads((root / "data" / "models" / "tiny-base.json").read_text())["revision"] == SHA_2
+    assert json.loads((root / "data" / "models" / "tiny" / "tiny-base.json").read_text())["revision"] == SHA_2
 
 
 @pytest.mark.slow  # runs selfref in a subprocess
@@ -96,7 +96,7 @@ def test_missing_repo_is_a_clear_error_and_writes_nothing(hub_project):
     assert result.returncode == 2
     assert "tiny-instruct" in result.stderr and "selfref-test/tiny-instruct" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (root / "data" / "models" / "tiny-instruct.json").exists()
+    assert not (root / "data" / "models" / "tiny" / "tiny-instruct.json").exists()
 
 
 @pytest.mark.slow  # runs selfref in a subprocess
@@ -142,7 +142,7 @@ def test_extract_verifies_hub_files_against_the_manifest(hub_project):
     root, cache = hub_project
     assert _selfref(root, cache, "pull", "tiny-base").returncode == 0
     weights = next((cache / "models--selfref-test--tiny" / "snapshots" / SHA_1).glob("*.safetensors"))
-    manifest_path = root / "data" / "models" / "tiny-base.json"
+    manifest_path = root / "data" / "models" / "tiny" / "tiny-base.json"
     cfg = config.load(project_paths(root))
 
     checkpoints.verify_files(weights.parent, json.loads(manifest_path.read_text()), cfg.paths)
