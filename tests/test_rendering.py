@@ -247,3 +247,37 @@ def test_quarto_is_preferred_and_its_outputs_land_in_report_output(tmp_path, mon
     assert result.renderer == "quarto"
     assert result.html == root / "report" / "_output" / "index.html" and result.pdf.read_text() == "pdf\n"
     assert result.html.read_text().strip() == sys.executable
+
+
+def test_quarto_renders_each_format_side_by_side_in_its_own_copy_of_the_sources(tmp_path, monkeypatch):
+    """Quarto writes its intermediate notebook beside the .qmd, so each format of _quarto.yml renders in its own
+    copy of the sources (concurrent renders of one folder collide); the outputs land in report/_output and the
+    copies are gone afterwards. A format that fails is named in the error."""
+    root = tmp_path / "project"
+    (root / "report" / "figures").mkdir(parents=True)
+    (root / "report" / "figures" / "a.svg").write_text("<svg/>")
+    qmd = root / "report" / "index.qmd"
+    qmd.write_text("---\ntitle: x\n---\n")
+    (root / "_quarto.yml").write_text("format:\n  html: {}\n  typst: {output-file: index.pdf}\n"
+                                      "  gfm: {output-file: index.md}\n")
+    log = tmp_path / "runs.txt"
+    fake = tmp_path / "quarto"
+    fake.write_text('#!/bin/sh\nset -e\ntest "$1" = render && test "$2" = report/index.qmd && test "$3" = --to\n'
+                    'test -f report/figures/a.svg && test -f _quarto.yml\n'
+                    f'echo "$4 $PWD" >> {log}\n'
+                    'case "$4" in html) ext=html;; typst) ext=pdf;; gfm) ext=md;; esac\n'
+                    'test "$4" != "${FAIL_FORMAT:-}" || { echo "typst: boom" >&2; exit 1; }\n'
+                    'mkdir -p "$6/report" && echo "$4" > "$6/report/index.$ext"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(rendering.shutil, "which", lambda name: str(fake) if name == "quarto" else None)
+    result = rendering.render_report(qmd, root / "report" / "_output", root=root)
+    runs = dict(line.split(" ", 1) for line in log.read_text().splitlines())
+    assert sorted(runs) == ["gfm", "html", "typst"]
+    assert len(set(runs.values())) == 3 and str(root) not in {r.strip() for r in runs.values()}
+    assert result.html.read_text() == "html\n" and result.pdf.read_text() == "typst\n"
+    assert (root / "report" / "_output" / "index.md").read_text() == "gfm\n"
+    assert not any((root / ".selfref-tmp").iterdir())
+    assert not list((root / "report").glob("*.quarto_ipynb*"))
+    monkeypatch.setenv("FAIL_FORMAT", "typst")
+    with pytest.raises(UserError, match=r"render report/index.qmd --to typst .*failed:\s+typst: boom"):
+        rendering.render_report(qmd, root / "report" / "_output", root=root)

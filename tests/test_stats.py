@@ -43,7 +43,7 @@ def settings(**overrides) -> StatsSettings:
     out = {"seed": 7, "n_resamples": 200, "n_permutations": 200, "confidence": 0.95, "alpha": 0.05,
            "near_zero": 0.01, "neutral_floor": 0.05, "noise_floor": {"delta_rfc": 1e-5, "delta_diff": 1e-5},
            "depth_grid": 8, "top_k_heads": 3, "rank_decimals": 4, "split_half_splits": 50,
-           "definitions": ("raw",), "headline_definition": "raw", "headline_format": "raw"}
+           "definitions": ("raw",), "headline_definition": "raw", "headline_format": "raw", "workers": 1}
     out.update(overrides)
     out["definitions"] = tuple(out["definitions"])
     return StatsSettings(**out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.extraction import threads
+from analysis.core import threads
 
 # user nice system idle iowait irq softirq steal, per core; the aggregate `cpu` line is ignored
 BEFORE = """cpu  900 0 0 900 0 0 0 0 0 0

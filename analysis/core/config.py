@@ -104,6 +104,7 @@ class StatsSettings:
     definitions: tuple[str, ...]
     headline_definition: str
     headline_format: str
+    workers: int | str           # processes computing the prompt languages side by side: a number, or "auto"
 
 
 @dataclass(frozen=True)
@@ -295,13 +296,13 @@ def _cpu_threads(value: Any) -> int | str | None:
     return _integer(value, "extract.cpu_threads", 1, 1024)
 
 
-def _workers(value: Any) -> int | str:
-    """probe.workers: "auto" (one per idle core) or a number of processes."""
+def _workers(value: Any, key: str) -> int | str:
+    """probe.workers, stats.workers: "auto" (one per idle core) or a number of processes."""
     if value == "auto":
         return value
     if isinstance(value, str) or value is None:
-        raise UserError(f"{_where('probe.workers')}: {value!r} is not allowed; use auto or a number of processes")
-    return _integer(value, "probe.workers", 1, 1024)
+        raise UserError(f"{_where(key)}: {value!r} is not allowed; use auto or a number of processes")
+    return _integer(value, key, 1, 1024)
 
 
 def _preflight_settings(params: dict[str, Any]) -> PreflightSettings:
@@ -346,6 +347,7 @@ def _stats_settings(params: dict[str, Any]) -> StatsSettings:
         definitions=tuple(definitions),
         headline_definition=headline,
         headline_format=_choice(s["headline_format"], "stats.headline_format", PROMPT_FORMATS),
+        workers=_workers(s["workers"], "stats.workers"),
     )
 
 
@@ -367,7 +369,7 @@ def _probe_settings(params: dict[str, Any]) -> ProbeSettings:
         max_iter=_integer(s["max_iter"], "probe.max_iter", 10),
         n_resamples=_integer(s["n_resamples"], "probe.n_resamples", 100),
         n_permutations=_integer(s["n_permutations"], "probe.n_permutations", 100),
-        workers=_workers(s["workers"]),
+        workers=_workers(s["workers"], "probe.workers"),
     )
 
 

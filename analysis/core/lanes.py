@@ -45,27 +45,44 @@ def _run_lane(work: Callable[[Sequence[str], Path], None], keys: Sequence[str], 
         raise SystemExit(1) from None
 
 
-def run_lanes(lanes: list[list[str]], work: Callable[[Sequence[str], Path], None], scratch: Path) -> list[Path]:
-    """Call `work(keys, folder)` for each lane, in forked processes when there is more than one lane and the
-    platform can fork (else one after the other in this process); returns each lane's folder, in lane order."""
+class StartedLanes:
+    """Lanes that were started: `join()` waits for them and returns each lane's folder, in lane order."""
+
+    def __init__(self, lanes: list[list[str]], folders: list[Path], processes: list) -> None:
+        self.lanes, self.folders, self.processes = lanes, folders, processes
+
+    def join(self) -> list[Path]:
+        for process in self.processes:
+            process.join()
+        for keys, folder, process in zip(self.lanes, self.folders, self.processes):
+            if process.exitcode == 0:
+                continue
+            if (folder / ERROR_FILE).exists():
+                raise UserError((folder / ERROR_FILE).read_text(encoding="utf-8"))
+            crash = folder / CRASH_FILE
+            detail = crash.read_text(encoding="utf-8") if crash.exists() else f"exit status {process.exitcode}"
+            raise RuntimeError(f"the lane of {', '.join(keys)} failed:\n{detail}")
+        return self.folders
+
+
+def start_lanes(lanes: list[list[str]], work: Callable[[Sequence[str], Path], None], scratch: Path,
+                fork: bool = True) -> StartedLanes:
+    """Start `work(keys, folder)` for each lane in a forked process, so that the caller can work meanwhile; where
+    `fork` is off or the platform cannot fork, run each lane here, one after the other, before returning."""
     scratch.mkdir(parents=True, exist_ok=True)
     folders = [Path(tempfile.mkdtemp(prefix=f"lane{i}-", dir=scratch)) for i in range(len(lanes))]
-    if len(lanes) == 1 or not _fork_available():
+    if not (fork and _fork_available()):
         for keys, folder in zip(lanes, folders):
             work(keys, folder)
-        return folders
+        return StartedLanes(lanes, folders, [])
     context = multiprocessing.get_context("fork")  # the child inherits the work and its inputs: nothing pickled
     processes = [context.Process(target=_run_lane, args=(work, keys, folder)) for keys, folder in zip(lanes, folders)]
     for process in processes:
         process.start()
-    for process in processes:
-        process.join()
-    for keys, folder, process in zip(lanes, folders, processes):
-        if process.exitcode == 0:
-            continue
-        if (folder / ERROR_FILE).exists():
-            raise UserError((folder / ERROR_FILE).read_text(encoding="utf-8"))
-        crash = folder / CRASH_FILE
-        detail = crash.read_text(encoding="utf-8") if crash.exists() else f"exit status {process.exitcode}"
-        raise RuntimeError(f"the lane of {', '.join(keys)} failed:\n{detail}")
-    return folders
+    return StartedLanes(lanes, folders, processes)
+
+
+def run_lanes(lanes: list[list[str]], work: Callable[[Sequence[str], Path], None], scratch: Path) -> list[Path]:
+    """Call `work(keys, folder)` for each lane, in forked processes when there is more than one lane (else in this
+    process); returns each lane's folder, in lane order."""
+    return start_lanes(lanes, work, scratch, fork=len(lanes) > 1).join()

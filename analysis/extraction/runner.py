@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from analysis.extraction.attention_mass import MASSES, pattern_masses
 from analysis.core.config import ExtractSettings
 from analysis.extraction.entropy import pattern_entropies
-from analysis.extraction.threads import cpu_threads
+from analysis.core.threads import cpu_threads
 from analysis.extraction.residuals import (ResidualSet, compress, pooled_arrays, pooled_residual_hooks,
                                            user_token_masks)
 from analysis.core.errors import UserError

@@ -564,16 +564,42 @@ def copy_images(markdown: Path, source: Path, outdir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------
 # Quarto, the primary renderer.
 
+def _quarto_runs(qmd: Path, outdir: Path, quarto: str, root: Path, scratch: Path) -> list[tuple[list[str], Path]]:
+    """The `quarto render` commands of the report and where each runs: one per format of _quarto.yml, each in its
+    own copy of the project's Quarto sources (Quarto writes its intermediate notebook beside the .qmd, so two
+    renders of one folder collide), writing into `outdir`; a project of one format renders in place."""
+    formats = list(project_formats(root))
+    source = qmd.relative_to(root)
+    if len(formats) < 2:
+        return [([quarto, "render", str(source), "--output-dir", str(outdir)], root)]
+    runs = []
+    for fmt in formats:
+        copy = scratch / fmt
+        copy.mkdir(parents=True)
+        shutil.copy2(root / "_quarto.yml", copy / "_quarto.yml")
+        shutil.copytree(qmd.parent, copy / source.parent,
+                        ignore=shutil.ignore_patterns("_output", ".quarto", "*_files", "*.quarto_ipynb*"))
+        runs.append(([quarto, "render", str(source), "--to", fmt, "--output-dir", str(outdir)], copy))
+    return runs
+
+
 def render_quarto(qmd: Path, outdir: Path, quarto: str, root: Path) -> RenderResult:
-    """`quarto render` of the project (formats from _quarto.yml); outputs are moved to `outdir`."""
+    """`quarto render` of the project, its formats (from _quarto.yml) side by side; outputs are moved to `outdir`.
+    Each format executes the document's cells anew (as one `quarto render` of several formats also does)."""
     env = {**kernel_env(root), "QUARTO_PYTHON": sys.executable}  # this environment's kernel
-    done = subprocess.run([quarto, "render", str(qmd.relative_to(root)), "--output-dir", str(outdir)], cwd=root, env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise UserError(f"quarto render failed:\n{done.stderr.strip()[-4000:]}")
-    for line in ANSI.sub("", done.stderr).splitlines():
-        if line.startswith(("WARN", "ERROR")):
-            log.warning("quarto: %s", line)
+    scratch = project_paths(root).scratch
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="quarto-", dir=scratch) as tmp:
+        runs = _quarto_runs(qmd, outdir, quarto, root, Path(tmp))
+        started = [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for cmd, cwd in runs]
+        finished = [(process.args, *process.communicate(), process.returncode) for process in started]
+    for cmd, _, stderr, returncode in finished:
+        if returncode != 0:
+            raise UserError(f"{' '.join(map(str, cmd[1:]))} failed:\n{stderr.strip()[-4000:]}")
+        for line in ANSI.sub("", stderr).splitlines():
+            if line.startswith(("WARN", "ERROR")):
+                log.warning("quarto: %s", line)
     outdir.mkdir(parents=True, exist_ok=True)
     for suffix in ("html", "pdf", "md"):
         target = outdir / f"index.{suffix}"

@@ -16,7 +16,7 @@ from analysis.statistics import robustness
 from analysis.statistics import training_stages as stage_statistics
 from analysis.core.config import StatsSettings, staged_families
 from analysis.statistics.mass_summary import mass_changes
-from analysis.core.artefacts import read_parquet, write_json, write_parquet
+from analysis.core.artefacts import read_json, read_parquet, write_json, write_parquet
 from analysis.core.config import Config
 from analysis.core.errors import UserError
 from analysis.core.layout import STATS_TABLES, ProjectPaths
@@ -53,13 +53,16 @@ def languages_of(entropy: pd.DataFrame) -> list[str]:
 
 
 def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSettings,
-                stages: dict[str, tuple[str, ...]] | None = None) -> dict:
+                stages: dict[str, tuple[str, ...]] | None = None, workers: int = 1,
+                scratch: Path | None = None) -> dict:
     """Everything the stats stage writes, per prompt language (docs/method.md, "Languages").
 
     The English study (`study_of_language`) gives every table and the headline metrics unchanged; each other
     language's layers, deltas, cross_family, heads, token_lengths and stage tables join them with a `language`
     column, its family metrics go to metrics["languages"][language]; language_contrasts holds ΔRFC_L − ΔRFC_en
     per family and layer (analysis.statistics.languages) and language_summary the family × language table.
+    With `workers` > 1 the other languages are computed in forked processes (lanes under `scratch`) while this
+    one computes English; each hands back its tables and metrics as files, and the result is the same.
     """
     languages = sorted({x for e in entropy_by_format.values() for x in languages_of(e)}, key=LANGUAGES.index)
     if SOURCE_LANGUAGE not in languages:
@@ -70,7 +73,11 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
             return entropy_by_format
         return {f: e[e["language"] == language].reset_index(drop=True) for f, e in entropy_by_format.items()}
 
-    studies = {language: study_of_language(part(language), settings, stages) for language in languages}
+    others = [x for x in languages if x != SOURCE_LANGUAGE]
+    if workers > 1 and others and scratch is not None:
+        studies = _studies_in_lanes(part, others, settings, stages, workers - 1, scratch)
+    else:
+        studies = {x: study_of_language(part(x), settings, stages) for x in languages}
     out = studies[SOURCE_LANGUAGE]
     for key in LANGUAGE_TABLES:
         out[key] = pd.concat([studies[x][key].assign(language=x) for x in languages], ignore_index=True)
@@ -96,6 +103,39 @@ def build_study(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSetti
     if len(headline):
         out["metrics"]["language_contrasts"] = language_statistics.contrast_metrics(headline)
     return out
+
+
+LANGUAGE_METRICS = ("families", "pairs", "checkpoints")  # what build_study keeps of another language's metrics
+
+
+def _studies_in_lanes(part, others: list[str], settings: StatsSettings, stages: dict[str, tuple[str, ...]] | None,
+                      n_lanes: int, scratch: Path) -> dict[str, dict]:
+    """Every language's study: the `others` in forked lanes while this process computes English. Each lane writes
+    what build_study keeps of its languages (LANGUAGE_TABLES and LANGUAGE_METRICS) as files, read back here."""
+    import tempfile
+
+    from analysis.core.lanes import plan_lanes, start_lanes
+
+    def work(keys, folder: Path) -> None:
+        for language in keys:
+            study = study_of_language(part(language), settings, stages)
+            for key in LANGUAGE_TABLES:
+                write_parquet(study[key], folder / f"{language}.{key}.parquet")
+            write_json({k: study["metrics"][k] for k in LANGUAGE_METRICS}, folder / f"{language}.metrics.json")
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="stats-", dir=scratch) as tmp:
+        lanes = plan_lanes({x: 1.0 for x in others}, n_lanes)
+        started = start_lanes(lanes, work, Path(tmp))
+        try:
+            studies = {SOURCE_LANGUAGE: study_of_language(part(SOURCE_LANGUAGE), settings, stages)}
+        finally:
+            folders = started.join()  # a lane's failure is raised here, after every lane has ended
+        for lane, folder in zip(lanes, folders):
+            for x in lane:
+                studies[x] = {key: read_parquet(folder / f"{x}.{key}.parquet") for key in LANGUAGE_TABLES}
+                studies[x]["metrics"] = read_json(folder / f"{x}.metrics.json")
+    return studies
 
 
 def study_of_language(entropy_by_format: dict[str, pd.DataFrame], settings: StatsSettings,

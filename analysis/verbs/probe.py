@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pandas as pd
 import typer
+from threadpoolctl import threadpool_limits
 
 from analysis.core.artefacts import atomic_dir, read_parquet, write_json, write_parquet
 from analysis.core.config import Config
 from analysis.core.lanes import plan_lanes, run_lanes
 from analysis.core.prompts import load_prompts
 from analysis.extraction.residuals import read_residuals
-from analysis.extraction.threads import cpu_threads
+from analysis.core.threads import cpu_threads
 from analysis.statistics import probes
 
 PARTS = ("probes", "probe_changes")  # what each family's probing writes: its rows of these two tables
@@ -35,8 +36,6 @@ def run(config: Config) -> dict:
 
     def probe_families(families: Sequence[str], folder: Path) -> None:
         """Probe each family of one lane and write its rows of both tables in `folder`."""
-        from threadpoolctl import threadpool_limits
-
         with threadpool_limits(limits=1):  # one BLAS thread per process: faster for these small fits, and the
             for family in families:        # same arithmetic whichever number of lanes runs
                 tables, outcomes, n_layers = [], {}, {}

@@ -1,4 +1,5 @@
-"""How many torch threads a forward pass on the CPU gets: `extract.cpu_threads` of params.yaml.
+"""How many threads or processes a stage gets on the CPU: `extract.cpu_threads` (torch threads of a forward pass),
+`probe.workers` and `stats.workers` (processes side by side, analysis/core/lanes.py).
 
 More threads than free cores make every operation wait for the thread that lost its core (on a 2-core machine
 that another job kept busy, 2 threads ran SmolLM2 7x slower than 1); on idle cores, 2 threads ran it 1.6x faster
