@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from threadpoolctl import threadpool_limits
+
 from analysis.core import config as config_mod
 from analysis.core.errors import UserError
 from analysis.core.prompts import load_prompts
@@ -28,7 +30,8 @@ def measure(log: Callable[[str], None] = print) -> dict[str, Any]:
                             "the residual files of the extract stages)")
         residuals = read_residuals(path)
         started = time.perf_counter()
-        probe_checkpoint(residuals, prompts, config.probe, config.stats, ckpt.family, ckpt.variant)
+        with threadpool_limits(limits=1):  # as the probe stage runs it (analysis/verbs/probe.py)
+            probe_checkpoint(residuals, prompts, config.probe, config.stats, ckpt.family, ckpt.variant)
         elapsed = time.perf_counter() - started
         total += elapsed
         rows.append({"checkpoint": ckpt.name, "layers": residuals.n_layers,
