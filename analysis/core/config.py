@@ -163,6 +163,10 @@ class Config:
         """Family names of the active suite, in params order."""
         return family_names(self.checkpoints)
 
+    def family_checkpoints(self, family: str) -> list[Checkpoint]:
+        """The checkpoints of one family of the active suite, in training order (base first)."""
+        return [c for c in self.checkpoints if c.family == family]
+
     @property
     def stages(self) -> dict[str, tuple[str, ...]]:
         """Each family of the active suite -> its training stages in order (base first, instruct last)."""

@@ -1,6 +1,6 @@
 """Checkpoints on disk: pulling them (hub download or demo generation), their manifests, their local folders.
 
-The manifest `data/models/<family>-<variant>.json` pins what was analysed: the resolved revision SHA,
+The manifest `data/models/<family>/<family>-<variant>.json` pins what was analysed: the resolved revision SHA,
 every file with its size and hash, and the shape read from the checkpoint's own config.
 """
 

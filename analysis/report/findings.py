@@ -47,7 +47,7 @@ def planted_effects(config: Config) -> dict[str, dict]:
     each head changes, and the prompt languages the planted heads hear."""
     out = {}
     for family, stages in config.stages.items():
-        specs = {c.variant: c.demo for c in config.checkpoints if c.family == family}
+        specs = {c.variant: c.demo for c in config.family_checkpoints(family)}
         if not all(specs.get(s) for s in stages):
             continue
         focus = {s: {tuple(h) for h in specs[s].get("self_focus", [])} for s in stages}

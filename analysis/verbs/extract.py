@@ -43,7 +43,7 @@ def formats_of(config: Config, name: str) -> tuple[str, ...]:
 def run(config: Config, name: str, prompt_format: str | None = None) -> None:
     """`name` a family: pull and extract each of its checkpoints (the stage); a checkpoint: extract it alone."""
     if name in config.families:
-        members = [c.name for c in config.checkpoints if c.family == name]
+        members = [c.name for c in config.family_checkpoints(name)]
         for member in members:
             typer.echo(manifest_line(pull_checkpoint(config.checkpoint(member), config.paths,
                                                      config.prompts.min_per_category)))
@@ -110,7 +110,7 @@ def remove_former_members(config: Config, family: str) -> None:
     """Remove the manifests, tables and residuals of checkpoints the family no longer has (the stage's outputs are
     its folders, so a checkpoint taken out of the suite must not linger in them)."""
     paths = config.paths
-    members = {c.name for c in config.checkpoints if c.family == family}
+    members = {c.name for c in config.family_checkpoints(family)}
     leftovers = [p for p in paths.family_manifests(family).glob("*.json") if p.stem not in members]
     leftovers += [p for p in paths.family_residuals(family).glob("*.safetensors") if p.stem not in members]
     leftovers += [p for p in paths.family_entropy(family).glob("*") if p.name not in members]

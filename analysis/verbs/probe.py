@@ -17,8 +17,8 @@ from analysis.core.artefacts import atomic_dir, read_parquet, write_json, write_
 from analysis.core.config import Config
 from analysis.core.lanes import plan_lanes, run_lanes
 from analysis.core.prompts import load_prompts
-from analysis.extraction.residuals import read_residuals
 from analysis.core.threads import cpu_threads
+from analysis.extraction.residuals import read_residuals
 from analysis.statistics import probes
 
 PARTS = ("probes", "probe_changes")  # what each family's probing writes: its rows of these two tables
@@ -29,7 +29,7 @@ def run(config: Config) -> dict:
     paths = config.paths
     started = time.perf_counter()
     prompts = load_prompts(paths.prompts, config.prompts.min_per_category)
-    members = {f: [c for c in config.checkpoints if c.family == f] for f in config.families}
+    members = {f: config.family_checkpoints(f) for f in config.families}
     # a family's cost is about the size of its residual files (layers x prompts x width)
     costs = {f: float(sum(_size(paths.residual_file(c.name)) for c in cs)) for f, cs in members.items()}
     lanes = plan_lanes(costs, cpu_threads(config.probe.workers) or 1)
