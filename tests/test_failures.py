@@ -116,7 +116,7 @@ def test_a_stats_run_killed_between_two_writes_leaves_the_old_set(stats_project,
     cfg = config.load()
     before = _digests(stats_project / "data" / "stats")
     monkeypatch.setattr(stage, "entropy_tables", lambda cfg: {})
-    monkeypatch.setattr(stage, "build_study", lambda entropy, settings, stages: _tracked_study())
+    monkeypatch.setattr(stage, "build_study", lambda entropy, settings, stages, **lanes: _tracked_study())
     from analysis.statistics import study as library  # write_study writes through its write_parquet
 
     writes = {"n": 0}
